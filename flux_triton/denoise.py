@@ -1,0 +1,68 @@
+"""The FLUX denoising loop around any transformer step function, as FluxPipeline runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from flux_triton.reference import PipelineStep
+
+# FlowMatchEulerDiscreteScheduler configs of the FLUX.1 releases.
+SCHEDULER_PRESETS: dict[str, dict] = {
+    "dev": dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+}
+
+
+def make_scheduler(preset: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**SCHEDULER_PRESETS[preset])
+
+
+def timesteps_for(scheduler, num_steps: int, image_seq_len: int, device="cpu") -> torch.Tensor:
+    """``FluxPipeline``'s timesteps: linear sigmas, shifted by ``mu`` from the image length."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    config = scheduler.config
+    mu = calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+    return timesteps
+
+
+def denoise(
+    step_fn: Callable[[PipelineStep], torch.Tensor],
+    scheduler,
+    first: PipelineStep,
+    num_steps: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> torch.Tensor:
+    """Run ``num_steps`` steps from ``first`` (its latents, embeddings and ids; its ``t`` is
+    replaced by each scheduler timestep) and return the final packed latents."""
+    step = first
+    scheduler.set_begin_index(0)
+    for index, t in enumerate(timesteps_for(scheduler, num_steps, first.latents.shape[1], first.latents.device)):
+        step = PipelineStep(**{**vars(step), "t": t})
+        noise_pred = step_fn(step)
+        latents = scheduler.step(noise_pred, t, step.latents, return_dict=False)[0]
+        step = PipelineStep(**{**vars(step), "latents": latents})
+        if on_step:
+            on_step(index, float(t))
+    return step.latents

@@ -1,0 +1,86 @@
+"""Runs validated steps through a FluxTransformer2DModel exactly as FluxPipeline calls it,
+merging compatible requests into one forward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from flux_triton.validation import StepInputs
+
+
+def pipeline_call(transformer, step: StepInputs) -> torch.Tensor:
+    """The transformer call of ``FluxPipeline.__call__`` (diffusers 0.42.1), byte for byte:
+    the raw fp32 timestep is cast to the latents' dtype, then divided by 1000."""
+    timestep = step.timestep.to(step.hidden_states.dtype)
+    return transformer(
+        hidden_states=step.hidden_states,
+        timestep=timestep / 1000,
+        guidance=step.guidance,
+        pooled_projections=step.pooled_projections,
+        encoder_hidden_states=step.encoder_hidden_states,
+        txt_ids=step.txt_ids,
+        img_ids=step.img_ids,
+        joint_attention_kwargs={},
+        return_dict=False,
+    )[0]
+
+
+def _mergeable(a: StepInputs, b: StepInputs) -> bool:
+    return (
+        a.hidden_states.shape[1:] == b.hidden_states.shape[1:]
+        and a.encoder_hidden_states.shape[1:] == b.encoder_hidden_states.shape[1:]
+        and (a.guidance is None) == (b.guidance is None)
+        and torch.equal(a.img_ids, b.img_ids)
+        and torch.equal(a.txt_ids, b.txt_ids)
+    )
+
+
+def group_mergeable(steps: Sequence[StepInputs], max_batch: int) -> list[list[int]]:
+    """Indices of ``steps`` in groups that can share one forward (same N, S and ids), in order,
+    each group at most ``max_batch`` samples."""
+    groups: list[list[int]] = []
+    for index, step in enumerate(steps):
+        for group in groups:
+            size = sum(steps[i].batch_size for i in group)
+            if _mergeable(steps[group[0]], step) and size + step.batch_size <= max_batch:
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups
+
+
+def merge(steps: Sequence[StepInputs]) -> StepInputs:
+    if len(steps) == 1:
+        return steps[0]
+    first = steps[0]
+    return StepInputs(
+        hidden_states=torch.cat([s.hidden_states for s in steps]),
+        timestep=torch.cat([s.timestep for s in steps]),
+        guidance=None if first.guidance is None else torch.cat([s.guidance for s in steps]),
+        pooled_projections=torch.cat([s.pooled_projections for s in steps]),
+        encoder_hidden_states=torch.cat([s.encoder_hidden_states for s in steps]),
+        txt_ids=first.txt_ids,
+        img_ids=first.img_ids,
+    )
+
+
+def run_merged(
+    forward: Callable[[StepInputs], torch.Tensor], steps: Sequence[StepInputs], max_batch: int
+) -> list[torch.Tensor | Exception]:
+    """One result per step, in order: ``noise_pred`` or the exception its forward raised.
+    A failing forward fails only the requests merged into it."""
+    results: list[torch.Tensor | Exception] = [None] * len(steps)  # type: ignore[list-item]
+    for group in group_mergeable(steps, max_batch):
+        try:
+            noise_pred = forward(merge([steps[i] for i in group]))
+        except Exception as exc:
+            for i in group:
+                results[i] = exc
+            continue
+        sizes = [steps[i].batch_size for i in group]
+        for i, part in zip(group, noise_pred.split(sizes), strict=True):
+            results[i] = part
+    return results

@@ -1,0 +1,162 @@
+"""Launch the ``tritonserver`` that PyPI's ``nvidia-pytriton`` wheel bundles (2.51, Python backend).
+
+The wheel ships the server, the Python backend and one backend stub per Python version; the stub
+matching this interpreter is copied beside the backend in a private folder, and the server is
+started from inside this virtualenv so that the stub imports its packages. In NVIDIA's Triton
+container use its own ``tritonserver`` instead (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def bundled_triton() -> Path:
+    import pytriton
+
+    home = Path(pytriton.__file__).parent / "tritonserver"
+    if not (home / "bin" / "tritonserver").is_file():
+        raise FileNotFoundError(f"no tritonserver binary under {home}; is nvidia-pytriton installed?")
+    return home
+
+
+def backend_directory(cache: Path) -> Path:
+    """A backend folder holding the Python backend and the stub for this interpreter."""
+    home = bundled_triton()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    python_dir = cache / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    sources = [
+        *(home / "backends" / "python").iterdir(),
+        home / "python_backend_stubs" / version / "triton_python_backend_stub",
+    ]
+    for source in sources:
+        target = python_dir / source.name
+        if not target.exists() or target.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, target)
+    return python_dir.parent
+
+
+def server_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    import pytriton
+
+    libs = [str(Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    env["VIRTUAL_ENV"] = sys.prefix
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def free_port(address: str = LOOPBACK) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A running ``tritonserver``; bound to loopback unless ``address`` says otherwise."""
+
+    model_repository: Path
+    address: str = LOOPBACK
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    cache: Path = Path(".triton")
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = LOOPBACK if self.address in ("0.0.0.0", "") else self.address
+        return f"{host}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(bundled_triton() / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_directory(self.cache)}",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=false",
+            *self.args,
+        ]
+
+    def start(self, timeout_s: float = 180.0) -> TritonServer:
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            if not getattr(self, name):
+                setattr(self, name, free_port(LOOPBACK))
+        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(self.command(), env=server_environment(self.env), stdout=log, stderr=log)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; log: {self.log_path}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s; log: {self.log_path}")
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve a model repository with the bundled tritonserver.")
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--address", default=LOOPBACK, help="bind address (default: loopback only)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    args, extra = parser.parse_known_args()
+    server = TritonServer(
+        args.model_repository.resolve(), args.address, args.http_port, args.grpc_port, args.metrics_port, args=extra
+    )
+    os.execve(server.command()[0], server.command(), server_environment())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The serving core of ``dit_transformer``: settings, model loading and request execution on
+torch tensors. The Triton glue in ``model_repository/dit_transformer/1/model.py`` only converts
+tensors; the same object runs standalone."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from flux_triton import model_store
+from flux_triton.contract import DitSignature
+from flux_triton.runner import pipeline_call, run_merged
+from flux_triton.validation import Limits, StepInputs, validate
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``dit_transformer``'s settings: Triton config parameters of the same names."""
+
+    model_dir: str = model_store.DEFAULT_MODEL
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    max_batch: int = 16
+    max_image_tokens: int = 16384
+    max_text_tokens: int = 512
+
+    @classmethod
+    def from_model_config(cls, model_config: Mapping) -> ServeSettings:
+        """Settings from a Triton model config: its parameters and ``max_batch_size``;
+        ``FLUX_DIT_MODEL_DIR`` overrides ``model_dir``."""
+        parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+        if model_config.get("max_batch_size"):
+            parameters["max_batch"] = str(model_config["max_batch_size"])
+        values = {}
+        for field in fields(cls):
+            raw = parameters.get(field.name)
+            if raw is not None and raw != "":
+                values[field.name] = type(getattr(cls, field.name))(raw)
+        if os.environ.get(model_store.MODEL_DIR_ENV):
+            values["model_dir"] = os.environ[model_store.MODEL_DIR_ENV]
+        settings = cls(**values)
+        if settings.dtype != "auto" and settings.dtype not in _DTYPES:
+            raise ValueError(f"dtype parameter: expected auto or one of {sorted(_DTYPES)}, got {settings.dtype!r}")
+        return settings
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        return model_store.default_dtype(device) if self.dtype == "auto" else _DTYPES[self.dtype]
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_batch, self.max_image_tokens, self.max_text_tokens)
+
+
+def pick_device(device_id: int | None = None) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", device_id or 0)
+    return torch.device("cpu")
+
+
+def signature_for(settings: ServeSettings, model_root: Path, device: torch.device) -> tuple[Path, DitSignature]:
+    """The model folder and its concrete contract, from config.json alone (no weights)."""
+    model_dir = model_store.resolve_model_dir(settings.model_dir, model_root)
+    config = model_store.read_config(model_dir)
+    return model_dir, DitSignature.from_config(config, settings.torch_dtype(device))
+
+
+class DitService:
+    def __init__(self, settings: ServeSettings, model_root: Path, device: torch.device):
+        self.settings = settings
+        self.device = device
+        self.model_dir, self.signature = signature_for(settings, model_root, device)
+        self.transformer = model_store.load_transformer(self.model_dir, self.signature.torch_dtype, device)
+
+    def prepare(self, tensors: Mapping[str, torch.Tensor]) -> StepInputs:
+        """Validate one request, moving its tensors to the model's device."""
+        moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
+        return validate(moved, self.signature, self.settings.limits)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        try:
+            return pipeline_call(self.transformer, step)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise
+
+    def execute(self, steps: Sequence[StepInputs]) -> list[torch.Tensor | Exception]:
+        return run_merged(self.forward, steps, self.settings.max_batch)

@@ -1,0 +1,138 @@
+"""Request validation against the IO contract: every error names the input and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from flux_triton.contract import INPUT_BY_NAME, TIMESTEP_RANGE, TRITON_TO_TORCH, DitSignature, TensorSpec
+
+_ORIGIN = {
+    "B": "the batch size of hidden_states",
+    "N": "hidden_states",
+    "S": "encoder_hidden_states",
+    "C": "the model config's in_channels",
+    "P": "the model config's pooled_projection_dim",
+    "D": "the model config's joint_attention_dim",
+}
+
+
+class InputError(ValueError):
+    """A request that does not fit the contract; the message names the input."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the model (a compiled engine's profile, or memory)."""
+
+    max_batch: int = 64
+    max_image_tokens: int = 16384
+    max_text_tokens: int = 512
+
+
+@dataclass
+class StepInputs:
+    """One validated request (or a merged batch): batched tensors, 2-D ids as the pipeline has them."""
+
+    hidden_states: torch.Tensor  # [B, N, C]
+    timestep: torch.Tensor  # [B] fp32, raw scheduler timestep
+    guidance: torch.Tensor | None  # [B] fp32 or None
+    pooled_projections: torch.Tensor  # [B, P]
+    encoder_hidden_states: torch.Tensor  # [B, S, D]
+    txt_ids: torch.Tensor  # [S, 3]
+    img_ids: torch.Tensor  # [N, 3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+
+def _check_shape(spec: TensorSpec, tensor: torch.Tensor, signature: DitSignature, sizes: dict[str, int]) -> None:
+    if tensor.dtype != TRITON_TO_TORCH[spec.wire_dtype(signature.dtype)]:
+        raise InputError(f"{spec.name}: expected dtype {spec.wire_dtype(signature.dtype)}, got {tensor.dtype}")
+    wanted = ("B", *spec.dims)
+    if tensor.ndim != len(wanted):
+        raise InputError(
+            f"{spec.name}: expected rank {len(wanted)} with shape [{', '.join(map(str, wanted))}], "
+            f"got shape {list(tensor.shape)}"
+        )
+    for symbol, size in zip(wanted, tensor.shape, strict=True):
+        if size == 0:
+            raise InputError(f"{spec.name}: dimension {symbol} is zero in shape {list(tensor.shape)}")
+        known = symbol if isinstance(symbol, int) else sizes.get(symbol)
+        if known is None:
+            sizes[symbol] = size
+        elif known != size:
+            raise InputError(
+                f"{spec.name}: expected {symbol}={known} (from {_ORIGIN.get(symbol, 'the contract')}), "
+                f"got shape {list(tensor.shape)}"
+            )
+
+
+def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits = Limits()) -> StepInputs:
+    """Check one request's tensors and return them as the transformer call expects them."""
+    if "guidance" in tensors and not signature.guidance_embeds:
+        raise InputError("guidance: this model has no guidance embeddings (schnell-like); do not send guidance")
+    if "guidance" not in tensors and signature.guidance_embeds:
+        raise InputError("guidance: required, this model has guidance embeddings (dev-like); send the guidance scale")
+    sizes: dict[str, int] = dict(signature.sizes)
+    # Checked in this order so that B, N and S are taken from the main tensors first.
+    order = (
+        "hidden_states",
+        "encoder_hidden_states",
+        "timestep",
+        "guidance",
+        "pooled_projections",
+        "img_ids",
+        "txt_ids",
+    )
+    for name in order:
+        spec = INPUT_BY_NAME[name]
+        if name not in tensors:
+            if spec.optional:
+                continue
+            raise InputError(f"{name}: missing required input")
+        _check_shape(spec, tensors[name], signature, sizes)
+    _check_limits(sizes, limits)
+    _check_values(tensors)
+    txt_ids, img_ids = tensors["txt_ids"], tensors["img_ids"]
+    return StepInputs(
+        hidden_states=tensors["hidden_states"],
+        timestep=tensors["timestep"].reshape(-1),
+        guidance=tensors["guidance"].reshape(-1) if "guidance" in tensors else None,
+        pooled_projections=tensors["pooled_projections"],
+        encoder_hidden_states=tensors["encoder_hidden_states"],
+        txt_ids=txt_ids[0],
+        img_ids=img_ids[0],
+    )
+
+
+def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
+    for symbol, name, limit in (
+        ("B", "hidden_states", limits.max_batch),
+        ("N", "hidden_states", limits.max_image_tokens),
+        ("S", "encoder_hidden_states", limits.max_text_tokens),
+    ):
+        if sizes[symbol] > limit:
+            raise InputError(f"{name}: {symbol}={sizes[symbol]} exceeds this server's limit of {limit}")
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Value checks, gathered into one device-to-host transfer."""
+    names, flags = [], []
+    for name, tensor in tensors.items():
+        names.append(f"{name}: contains NaN or Inf")
+        flags.append(~torch.isfinite(tensor).all())
+    low, high = TIMESTEP_RANGE
+    timestep = tensors["timestep"]
+    names.append(f"timestep: expected raw scheduler timesteps in [{low:g}, {high:g}]")
+    flags.append(((timestep < low) | (timestep > high)).any())
+    for name in ("txt_ids", "img_ids"):
+        ids = tensors[name]
+        names.append(f"{name}: rows differ within the request; expected the same ids for every sample")
+        flags.append((ids != ids[:1]).any())
+    failed = [message for message, bad in zip(names, torch.stack(flags).tolist(), strict=True) if bad]
+    if failed:
+        raise InputError("; ".join(failed))

@@ -1,0 +1,95 @@
+"""Shared fixtures: the embedded tiny models and real tritonserver processes on loopback."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+
+from flux_triton import model_store
+from flux_triton.server import TritonServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = REPO_ROOT / "model_repository"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    """The tiny models, written once per session through save_pretrained."""
+    root = tmp_path_factory.mktemp("models")
+    model_store.write_tiny_models(root)
+    return root
+
+
+def load_tiny(model_root: Path, name: str):
+    return model_store.load_transformer(model_store.resolve_model_dir(name, model_root), torch.float32, "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dev(model_root):
+    return load_tiny(model_root, "tiny-flux-dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell(model_root):
+    return load_tiny(model_root, "tiny-flux-schnell")
+
+
+def start_server(
+    tmp_path: Path, model_root: Path, models: list[str], env: dict[str, str] | None = None
+) -> TritonServer:
+    """A tritonserver over a copy of the listed repository models, bound to loopback."""
+    repository = tmp_path / "model_repository"
+    for name in models:
+        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    server = TritonServer(
+        repository,
+        env={model_store.MODEL_ROOT_ENV: str(model_root), **(env or {})},
+        log_path=tmp_path / "tritonserver.log",
+        cache=REPO_ROOT / ".triton",
+        args=["--exit-timeout-secs=5"],
+    )
+    return server.start()
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
+    """dit_transformer serving tiny-flux-dev (guidance embeddings)."""
+    server = start_server(tmp_path_factory.mktemp("dev"), model_root, ["dit_transformer"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def schnell_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
+    """dit_transformer serving tiny-flux-schnell (no guidance)."""
+    env = {model_store.MODEL_DIR_ENV: "tiny-flux-schnell"}
+    server = start_server(tmp_path_factory.mktemp("schnell"), model_root, ["dit_transformer"], env)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http_client():
+    clients = []
+
+    def connect(server: TritonServer, **kwargs) -> httpclient.InferenceServerClient:
+        clients.append(httpclient.InferenceServerClient(server.url, **kwargs))
+        return clients[-1]
+
+    yield connect
+    for client in clients:
+        client.close()

@@ -1,0 +1,129 @@
+"""dit_transformer through a real tritonserver against diffusers (CPU, fp32)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from client.wire import infer_step
+from flux_triton import denoise, reference
+from flux_triton.contract import DitSignature
+
+pytestmark = pytest.mark.server
+
+DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
+SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
+
+
+def test_single_latent_is_bitwise_equal_to_the_pipeline_call(dev_server, http_client, tiny_dev):
+    step = reference.random_step(DEV, batch=1, seed=1)
+    served = infer_step(http_client(dev_server), "dit_transformer", step.wire())
+    expected = reference.diffusers_call(tiny_dev, step)
+    assert served.shape == expected.shape == step.latents.shape
+    assert torch.equal(served, expected)
+
+
+@pytest.mark.parametrize("timestep", [0.0, 1.0, 137.25, 500.0, 999.5, 1000.0])
+def test_timesteps_across_the_range(dev_server, http_client, tiny_dev, timestep):
+    step = reference.random_step(DEV, timestep=timestep, seed=2)
+    served = infer_step(http_client(dev_server), "dit_transformer", step.wire())
+    assert torch.equal(served, reference.diffusers_call(tiny_dev, step))
+    # The scaling is t / 1000 exactly: the raw timestep fed unscaled would not match.
+    wrong = reference.PipelineStep(**{**vars(step), "t": step.t / 1000})
+    if timestep > 0:
+        assert not torch.allclose(served, reference.diffusers_call(tiny_dev, wrong), atol=1e-4)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.5, 7.0])
+def test_guidance_scales(dev_server, http_client, tiny_dev, guidance_scale):
+    step = reference.random_step(DEV, guidance_scale=guidance_scale, seed=3)
+    served = infer_step(http_client(dev_server), "dit_transformer", step.wire())
+    assert torch.equal(served, reference.diffusers_call(tiny_dev, step))
+    other = reference.random_step(DEV, guidance_scale=guidance_scale + 1.0, seed=3)
+    assert not torch.allclose(served, reference.diffusers_call(tiny_dev, other), atol=1e-4)
+
+
+def test_batch_in_one_request_matches_single_requests(dev_server, http_client, tiny_dev):
+    client = http_client(dev_server)
+    step = reference.random_step(DEV, batch=3, seed=4)
+    step.t = torch.tensor(400.0)
+    wire = step.wire()
+    wire["timestep"] = torch.tensor([[10.0], [400.0], [900.0]])  # per-sample timesteps
+    wire["guidance"] = torch.tensor([[1.0], [3.5], [7.0]])  # per-sample guidance
+    served = infer_step(client, "dit_transformer", wire)
+    for row in range(3):
+        single = {name: tensor[row : row + 1] for name, tensor in wire.items()}
+        alone = infer_step(client, "dit_transformer", single)
+        torch.testing.assert_close(served[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    # rows must not be swapped: each differs from its neighbours
+    assert not torch.allclose(served[0], served[1], atol=1e-3)
+
+
+def test_concurrent_requests_are_merged_and_split_in_order(dev_server, http_client):
+    client = http_client(dev_server)
+    steps = [reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i) for i in range(8)]
+    singles = [infer_step(client, "dit_transformer", s.wire()) for s in steps]
+    before = _counts(client)
+    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+        futures = [pool.submit(_infer_fresh, dev_server.url, s.wire()) for s in steps]
+        merged = [f.result() for f in futures]
+    inferences, executions = (after - prior for after, prior in zip(_counts(client), before, strict=True))
+    assert inferences == len(steps)
+    assert executions < inferences, "the dynamic batcher did not merge any requests"
+    for single, result in zip(singles, merged, strict=True):
+        torch.testing.assert_close(result, single, rtol=1e-5, atol=1e-5)
+
+
+def _infer_fresh(url, wire):
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(url) as client:
+        return infer_step(client, "dit_transformer", wire)
+
+
+def _counts(client) -> tuple[int, int]:
+    stats = client.get_inference_statistics("dit_transformer")["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+def _pipeline(transformer, preset):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(
+        scheduler=denoise.make_scheduler(preset),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+@pytest.mark.parametrize(
+    ("preset", "steps", "guidance_scale"), [("schnell", 4, None), ("dev", 28, 3.5)], ids=["schnell-4", "dev-28"]
+)
+def test_denoising_loop_matches_flux_pipeline(
+    request, http_client, tiny_dev, tiny_schnell, preset, steps, guidance_scale
+):
+    signature, transformer = (SCHNELL, tiny_schnell) if preset == "schnell" else (DEV, tiny_dev)
+    server = request.getfixturevalue(f"{preset}_server")
+    client = http_client(server)
+    first = reference.random_step(signature, batch=1, height=64, width=48, guidance_scale=guidance_scale or 0, seed=5)
+    served = denoise.denoise(
+        lambda step: infer_step(client, "dit_transformer", step.wire()), denoise.make_scheduler(preset), first, steps
+    )
+    expected = _pipeline(transformer, preset)(
+        prompt_embeds=first.prompt_embeds,
+        pooled_prompt_embeds=first.pooled_prompt_embeds,
+        latents=first.latents,
+        height=64,
+        width=48,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale or 3.5,
+        output_type="latent",
+    ).images
+    assert torch.equal(served, expected)
+    assert not torch.allclose(served, first.latents, atol=1e-2)
