@@ -1,0 +1,44 @@
+# Every target installs what it needs: uv (pinned), the locked virtualenv, the tiny models.
+UV_VERSION := 0.13.9
+UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
+RUN := $(UV) run --locked
+
+.PHONY: help setup tiny run serve standalone test test-gpu lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+.tools/bin/uv:
+	python3 -m venv .tools && .tools/bin/pip install -q uv==$(UV_VERSION)
+
+setup: $(UV)  ## create .venv from uv.lock
+	$(UV) sync --locked
+
+tiny: setup  ## write the embedded tiny FLUX transformers to models/
+	$(RUN) python -m flux_triton.model_store
+
+run: tiny  ## start tritonserver, run a 4-step denoising loop through it, compare with diffusers
+	$(RUN) python -m flux_triton.demo
+
+serve: tiny  ## serve model_repository/ on loopback (ports 8000/8001/8002)
+	$(RUN) python -m flux_triton.server --model-repository model_repository
+
+standalone: tiny  ## one denoising step outside Triton
+	$(RUN) python model_repository/dit_transformer/1/model.py
+
+test: tiny lint  ## lint, then every test (GPU tests skip without CUDA)
+	$(RUN) pytest -q -rs
+
+test-gpu: tiny  ## the GPU tests only
+	$(RUN) pytest -q -m gpu
+
+lint: setup  ## ruff check and format check
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format: setup
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+clean:
+	rm -rf .triton .pytest_cache .ruff_cache
