@@ -66,3 +66,34 @@ def denoise(
         if on_step:
             on_step(index, float(t))
     return step.latents
+
+
+def flux_pipeline(transformer, preset: str):
+    """diffusers' FluxPipeline around ``transformer``, without text encoders or VAE (callers pass
+    prompt embeddings and ask for ``output_type="latent"``)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(
+        scheduler=make_scheduler(preset),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+def pipeline_latents(transformer, preset: str, first: PipelineStep, num_steps: int, height: int, width: int):
+    """Final packed latents of ``FluxPipeline(..., output_type="latent")`` from ``first``'s inputs."""
+    guidance_scale = float(first.guidance[0]) if first.guidance is not None else 3.5
+    return flux_pipeline(transformer, preset)(
+        prompt_embeds=first.prompt_embeds,
+        pooled_prompt_embeds=first.pooled_prompt_embeds,
+        latents=first.latents,
+        height=height,
+        width=width,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        output_type="latent",
+    ).images
