@@ -1,0 +1,199 @@
+"""Every GPU path side by side, in one invocation on one GPU, on the full-size FLUX.1-dev
+transformer with random weights (bf16, built on the GPU from its config: no download).
+
+Per path and shape: step latency (CUDA events; median, min, max over the timed steps after
+warm-up), effective TFLOP/s from the analytic FLOP count, peak GPU memory, time to ready; and
+per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the final latents of a
+28-step dev-like loop against an fp32 reference of the same weights.
+
+    python benchmarks/gpu_bench.py --paths eager,compile,regional,fp8 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flux_triton import denoise, model_store, reference, speedups
+from flux_triton.contract import DitSignature
+from flux_triton.runner import pipeline_call
+
+SHAPES = {
+    "1024x1024-b1": (1024, 1024, 1),
+    "1024x1024-b4": (1024, 1024, 4),
+    "512x512-b1": (512, 512, 1),
+    "512x512-b8": (512, 512, 8),
+}
+TEXT_TOKENS = 512
+
+
+def forward_tflop(image_tokens: int, batch: int, text_tokens: int = TEXT_TOKENS) -> float:
+    """Analytic FLOPs of one forward (perf-anchors.md §2): 57 blocks of linears + joint attention."""
+    d, tokens = 3072, image_tokens + text_tokens
+    linears = 57 * 2 * tokens * d * 36864
+    attention = 57 * 4 * tokens * tokens * d
+    embed = 2 * image_tokens * 64 * d * 2 + 2 * text_tokens * 4096 * d
+    return batch * (linears + attention + embed) / 1e12
+
+
+def build_model() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = FluxTransformer2DModel(**model_store.FLUX_DEV_CONFIG)
+    torch.set_default_dtype(torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def step_for(shape: str, seed: int = 0) -> reference.PipelineStep:
+    height, width, batch = SHAPES[shape]
+    signature = DitSignature.from_config(model_store.FLUX_DEV_CONFIG, torch.bfloat16)
+    return reference.random_step(signature, batch, height, width, TEXT_TOKENS, timestep=700.0, seed=seed, device="cuda")
+
+
+def time_steps(fn, step, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn(step)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(step)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def rel_l2(value: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((value.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def fp32_reference(model, accuracy_step, loop_steps: int):
+    """noise_pred and 28-step latents in fp32; bf16 -> fp32 -> bf16 round-trips exactly."""
+    model.float()
+    step32 = reference.PipelineStep(**{**vars(accuracy_step)})
+    for name in ("latents", "pooled_prompt_embeds", "prompt_embeds"):
+        setattr(step32, name, getattr(step32, name).float())
+    with torch.inference_mode():
+        noise = reference.diffusers_call(model, step32)
+        latents = denoise.denoise(
+            lambda s: reference.diffusers_call(model, s), denoise.make_scheduler("dev"), step32, loop_steps
+        )
+    model.to(torch.bfloat16)
+    torch.cuda.empty_cache()
+    return noise, latents
+
+
+def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
+    entry = {"path": name, "ready_s": ready_s, "shapes": {}}
+    with torch.inference_mode():
+        noise = fn(accuracy_step)
+        entry["noise_pred_rel_l2_vs_fp32"] = rel_l2(noise, refs[0])
+        if args.loop_steps:
+            latents = denoise.denoise(fn, denoise.make_scheduler("dev"), accuracy_step, args.loop_steps)
+            entry["latents_rel_l2_vs_fp32"] = rel_l2(latents, refs[1])
+        for shape in args.shapes.split(","):
+            if name == "compile" and shape != "1024x1024-b1":
+                continue  # whole-model compile recompiles per shape; the anchor shape is enough
+            step = step_for(shape, seed=1)
+            torch.cuda.reset_peak_memory_stats()
+            times = time_steps(fn, step, args.warmup, args.iters)
+            height, width, batch = SHAPES[shape]
+            median = statistics.median(times)
+            entry["shapes"][shape] = {
+                "median_ms": median,
+                "min_ms": min(times),
+                "max_ms": max(times),
+                "tflops": forward_tflop(height * width // 256, batch) / (median / 1e3),
+                "images_per_s": batch / (median / 1e3),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+            print(f"{name:<12} {shape:<14} {median:8.1f} ms (min {min(times):.1f}, max {max(times):.1f})", flush=True)
+    results["paths"].append(entry)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", default="eager,compile,regional,fp8")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--loop-steps", type=int, default=28)
+    parser.add_argument("--aoti-dir", type=Path, default=Path("engines"))
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = parser.parse_args()
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "paths": []}
+    started = time.perf_counter()
+    model = build_model()
+    build_s = time.perf_counter() - started
+    results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    accuracy_step = step_for("1024x1024-b1")
+    refs = fp32_reference(model, accuracy_step, args.loop_steps)
+
+    def call(transformer):
+        return lambda step: pipeline_call(transformer, reference_to_inputs(step))
+
+    for name in args.paths.split(","):
+        torch._dynamo.reset()
+        started = time.perf_counter()
+        if name == "eager":
+            fn = call(model)
+        elif name == "compile":
+            fn = call(torch.compile(model, fullgraph=True))
+        elif name == "regional":  # dit_transformer's optimized bf16 path
+            fn = call(speedups.apply(model, speedups.Speedups(attention_backend="_native_cudnn", compile="regional")))
+        elif name == "fp8":  # last: replaces the bf16 block weights in place
+            fn = call(
+                speedups.apply(
+                    model, speedups.Speedups(attention_backend="_native_cudnn", fp8=True, compile="regional")
+                )
+            )
+        else:
+            raise ValueError(f"unknown path {name}")
+        with torch.inference_mode():
+            fn(accuracy_step)
+        torch.cuda.synchronize()
+        ready_s = time.perf_counter() - started + (build_s if name == "eager" else 0.0)
+        measure_path(name, fn, ready_s, args, accuracy_step, refs, results)
+        args.out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def reference_to_inputs(step: reference.PipelineStep):
+    from flux_triton.validation import StepInputs
+
+    return StepInputs(
+        hidden_states=step.latents,
+        timestep=step.t.expand(step.latents.shape[0]).float(),
+        guidance=step.guidance,
+        pooled_projections=step.pooled_prompt_embeds,
+        encoder_hidden_states=step.prompt_embeds,
+        txt_ids=step.text_ids,
+        img_ids=step.latent_image_ids,
+    )
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['gpu']}, torch {results['torch']}, bf16 weights {results['weights_gib']:.1f} GiB")
+    columns = ("median", "min", "max", "TFLOP/s", "img/s", "peak GiB", "ready s", "relL2 np", "relL2 lat")
+    print(f"{'path':<10} {'shape':<14} " + " ".join(f"{c:>8}" for c in columns))
+    for entry in results["paths"]:
+        for shape, row in entry["shapes"].items():
+            print(
+                f"{entry['path']:<10} {shape:<14} {row['median_ms']:8.1f} {row['min_ms']:8.1f} {row['max_ms']:8.1f} "
+                f"{row['tflops']:8.0f} {row['images_per_s']:7.2f} {row['peak_gib']:9.1f} {entry['ready_s']:8.1f} "
+                f"{entry['noise_pred_rel_l2_vs_fp32']:9.2e} {entry.get('latents_rel_l2_vs_fp32', float('nan')):9.2e}"
+            )
+
+
+if __name__ == "__main__":
+    main()
