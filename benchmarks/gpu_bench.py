@@ -15,10 +15,12 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from export import aoti
 from flux_triton import denoise, model_store, reference, speedups
 from flux_triton.contract import DitSignature
 from flux_triton.runner import pipeline_call
@@ -84,9 +86,11 @@ def fp32_reference(model, accuracy_step, loop_steps: int):
         setattr(step32, name, getattr(step32, name).float())
     with torch.inference_mode():
         noise = reference.diffusers_call(model, step32)
-        latents = denoise.denoise(
-            lambda s: reference.diffusers_call(model, s), denoise.make_scheduler("dev"), step32, loop_steps
-        )
+        latents = None
+        if loop_steps:
+            latents = denoise.denoise(
+                lambda s: reference.diffusers_call(model, s), denoise.make_scheduler("dev"), step32, loop_steps
+            )
     model.to(torch.bfloat16)
     torch.cuda.empty_cache()
     return noise, latents
@@ -151,6 +155,14 @@ def main() -> None:
             fn = call(torch.compile(model, fullgraph=True))
         elif name == "regional":  # dit_transformer's optimized bf16 path
             fn = call(speedups.apply(model, speedups.Speedups(attention_backend="_native_cudnn", compile="regional")))
+        elif name in ("aoti", "aoti-fp8"):
+            if name == "aoti-fp8":
+                speedups.apply(model, speedups.Speedups(fp8=True))
+            build = aoti.build(model, args.aoti_dir / f"flux-dev-{name}.pt2")
+            results.setdefault("aoti_build", {})[name] = build
+            started = time.perf_counter()  # ready = loading the prebuilt package
+            engine = aoti.load(build["package"], model)
+            fn = partial(engine_call, engine)
         elif name == "fp8":  # last: replaces the bf16 block weights in place
             fn = call(
                 speedups.apply(
@@ -166,6 +178,22 @@ def main() -> None:
         measure_path(name, fn, ready_s, args, accuracy_step, refs, results)
         args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
+
+
+def engine_call(engine, step: reference.PipelineStep) -> torch.Tensor:
+    """The AOTI engine's signature: batched ids, the timestep scaled as the preprocessor does."""
+    batch = step.latents.shape[0]
+    inputs = dict(
+        hidden_states=step.latents,
+        timestep=step.t.expand(batch).to(step.latents.dtype) / 1000,
+        pooled_projections=step.pooled_prompt_embeds,
+        encoder_hidden_states=step.prompt_embeds,
+        txt_ids=step.text_ids.expand(batch, -1, -1).contiguous(),
+        img_ids=step.latent_image_ids.expand(batch, -1, -1).contiguous(),
+    )
+    if step.guidance is not None:
+        inputs["guidance"] = step.guidance
+    return engine(**inputs)
 
 
 def reference_to_inputs(step: reference.PipelineStep):

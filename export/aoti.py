@@ -84,10 +84,23 @@ def build(transformer, package_path: Path, profile: AotiProfile = AotiProfile())
     with torch.inference_mode():
         exported = torch.export.export(module, (), inputs, dynamic_shapes=dynamic_shapes(inputs, profile), strict=False)
     export_s = time.perf_counter() - started
-    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path))
+    # The package holds code only: the weights stay in the model's safetensors and are handed
+    # to the engine at load time, so neither disk nor GPU memory holds a second copy.
+    path = torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(package_path), inductor_configs={"aot_inductor.package_constants_in_so": False}
+    )
     return {"package": path, "export_s": export_s, "compile_s": time.perf_counter() - started - export_s}
 
 
-def load(package_path: Path):
-    """The compiled engine: call it with the engine inputs as keyword arguments."""
-    return torch._inductor.aoti_load_package(str(package_path))
+def load(package_path: Path, transformer: nn.Module):
+    """The compiled engine bound to ``transformer``'s weights (shared, not copied): call it with
+    the engine inputs as keyword arguments."""
+    engine = torch._inductor.aoti_load_package(str(package_path))
+    module = EngineModule(transformer)
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    wanted = engine.get_constant_fqns()
+    missing = [name for name in wanted if name not in tensors]
+    if missing:
+        raise ValueError(f"engine {package_path} needs weights the model lacks: {missing[:5]}")
+    engine.load_constants({name: tensors[name] for name in wanted}, check_full_update=True, user_managed=True)
+    return engine
