@@ -68,6 +68,10 @@ def free_port(address: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
+class ModelLoadError(RuntimeError):
+    """A model of the repository failed to load; the message says which and why."""
+
+
 @dataclass
 class TritonServer:
     """A running ``tritonserver``; bound to loopback unless ``address`` says otherwise."""
@@ -113,19 +117,25 @@ class TritonServer:
                 setattr(self, name, free_port(LOOPBACK))
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(self.command(), env=server_environment(self.env), stdout=log, stderr=log)
-        self.wait_ready(timeout_s, wait_for)
+        try:
+            self.wait_ready(timeout_s, wait_for)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout_s: float, wait_for: str = "ready") -> None:
+        """Wait for the health state; a model that failed to load ends the wait at once, with its reason."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; log: {self.log_path}")
             if self._health(wait_for):
                 return
+            if wait_for == "ready" and (failed := self.load_failures()):
+                raise ModelLoadError(f"tritonserver is not ready: {failed}; log: {self.log_path}")
             time.sleep(0.25)
-        reasons = "; ".join(f"{name}: {why}" for name, why in self.model_states().items() if why) or "none given"
-        raise TimeoutError(f"tritonserver not {wait_for} after {timeout_s:.0f} s ({reasons}); log: {self.log_path}")
+        raise TimeoutError(f"tritonserver not {wait_for} after {timeout_s:.0f} s; log: {self.log_path}")
 
     def is_ready(self) -> bool:
         return self._health("ready")
@@ -137,18 +147,20 @@ class TritonServer:
         except OSError:
             return False
 
-    def model_states(self) -> dict[str, str]:
-        """Each model of the repository index: ``""`` when ready, else why not (the load error)."""
+    def model_states(self) -> dict[str, tuple[str, str]]:
+        """Each model of the repository index: ``(state, reason)``, the reason being a load error."""
         request = urllib.request.Request(f"http://{self.url}/v2/repository/index", data=b"{}", method="POST")
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 index = json.load(response)
         except OSError:
             return {}
-        return {
-            entry["name"]: "" if entry.get("state") == "READY" else entry.get("reason") or entry.get("state", "UNKNOWN")
-            for entry in index
-        }
+        return {entry["name"]: (entry.get("state", ""), entry.get("reason", "")) for entry in index}
+
+    def load_failures(self) -> str:
+        """Why models failed to load (``name: reason; ...``), or ``""``."""
+        states = self.model_states().items()
+        return "; ".join(f"{name}: {reason}" for name, (state, reason) in states if state == "UNAVAILABLE" and reason)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
