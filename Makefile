@@ -3,7 +3,7 @@ UV_VERSION := 0.13.9
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --locked
 
-.PHONY: help setup tiny run serve standalone test test-gpu lint format clean
+.PHONY: help setup tiny run serve standalone test test-gpu load lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,6 +31,9 @@ test: tiny lint  ## lint, then every test (GPU tests skip without CUDA)
 
 test-gpu: tiny  ## the GPU tests only
 	$(RUN) pytest -q -m gpu
+
+load: tiny  ## bounded load test on its own loopback server: 16 clients, 800 mixed requests, cross-talk checked
+	$(RUN) python -m flux_triton.loadtest --clients 16 --requests 800
 
 lint: setup  ## ruff check and format check
 	$(RUN) ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -35,12 +36,26 @@ def infer_inputs(tensors: Mapping[str, torch.Tensor]) -> list[httpclient.InferIn
     return inputs
 
 
+class ServerUnavailable(ConnectionError):
+    """The server could not be reached, or the connection was lost before the response came."""
+
+
 def infer_step(
     client: httpclient.InferenceServerClient, model_name: str, tensors: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Send one step's tensors and return ``noise_pred``; server errors raise
-    ``tritonclient.utils.InferenceServerException`` with the server's message."""
-    result = client.infer(
-        model_name, infer_inputs(tensors), outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
-    )
+    """Send one step's tensors and return ``noise_pred``. Server errors raise
+    ``tritonclient.utils.InferenceServerException`` with the server's message; a server that is
+    down, or dies mid-request, raises ``ServerUnavailable`` (set the client's ``network_timeout``
+    to bound the wait for a server that hangs)."""
+    inputs = infer_inputs(tensors)
+    try:
+        result = client.infer(
+            model_name, inputs, outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+        )
+    except (OSError, http.client.HTTPException) as exc:  # geventhttpclient's errors derive from these
+        url = getattr(client, "_parsed_url", "the server")
+        raise ServerUnavailable(
+            f"{model_name} at {url}: connection lost or refused before a response "
+            f"({type(exc).__name__}: {exc}); is tritonserver running?"
+        ) from exc
     return from_numpy(result.as_numpy(OUTPUT_NAME))

@@ -9,6 +9,7 @@ container use its own ``tritonserver`` instead (README).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -67,6 +68,10 @@ def free_port(address: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
+class ModelLoadError(RuntimeError):
+    """A model of the repository failed to load; the message says which and why."""
+
+
 @dataclass
 class TritonServer:
     """A running ``tritonserver``; bound to loopback unless ``address`` says otherwise."""
@@ -102,31 +107,60 @@ class TritonServer:
             *self.args,
         ]
 
-    def start(self, timeout_s: float = 180.0) -> TritonServer:
+    def start(self, timeout_s: float = 180.0, wait_for: str = "ready") -> TritonServer:
+        """Start the server and wait until it is ``ready`` (every model loaded) or only ``live``
+        (up and answering, e.g. to ask ``model_states`` why a model did not load)."""
+        if wait_for not in ("ready", "live"):
+            raise ValueError(f"wait_for: expected 'ready' or 'live', got {wait_for!r}")
         for name in ("http_port", "grpc_port", "metrics_port"):
             if not getattr(self, name):
                 setattr(self, name, free_port(LOOPBACK))
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(self.command(), env=server_environment(self.env), stdout=log, stderr=log)
-        self.wait_ready(timeout_s)
+        try:
+            self.wait_ready(timeout_s, wait_for)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, wait_for: str = "ready") -> None:
+        """Wait for the health state; a model that failed to load ends the wait at once, with its reason."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; log: {self.log_path}")
-            if self.is_ready():
+            if self._health(wait_for):
                 return
+            if wait_for == "ready" and (failed := self.load_failures()):
+                raise ModelLoadError(f"tritonserver is not ready: {failed}; log: {self.log_path}")
             time.sleep(0.25)
-        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s; log: {self.log_path}")
+        raise TimeoutError(f"tritonserver not {wait_for} after {timeout_s:.0f} s; log: {self.log_path}")
 
     def is_ready(self) -> bool:
+        return self._health("ready")
+
+    def _health(self, state: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{self.url}/v2/health/{state}", timeout=2) as response:
                 return response.status == 200
         except OSError:
             return False
+
+    def model_states(self) -> dict[str, tuple[str, str]]:
+        """Each model of the repository index: ``(state, reason)``, the reason being a load error."""
+        request = urllib.request.Request(f"http://{self.url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                index = json.load(response)
+        except OSError:
+            return {}
+        return {entry["name"]: (entry.get("state", ""), entry.get("reason", "")) for entry in index}
+
+    def load_failures(self) -> str:
+        """Why models failed to load (``name: reason; ...``), or ``""``."""
+        states = self.model_states().items()
+        return "; ".join(f"{name}: {reason}" for name, (state, reason) in states if state == "UNAVAILABLE" and reason)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flux_triton import model_store
+from flux_triton import faults, model_store
 from flux_triton.contract import DitSignature
 from flux_triton.runner import pipeline_call, run_merged
 from flux_triton.validation import Limits, StepInputs, validate
@@ -28,11 +28,12 @@ class ServeSettings:
     max_batch: int = 16
     max_image_tokens: int = 16384
     max_text_tokens: int = 512
+    fault_forward_bytes: int = 0  # test-only fault injection (flux_triton/faults.py); 0: off
 
     @classmethod
     def from_model_config(cls, model_config: Mapping) -> ServeSettings:
         """Settings from a Triton model config: its parameters and ``max_batch_size``;
-        ``FLUX_DIT_MODEL_DIR`` overrides ``model_dir``."""
+        ``FLUX_DIT_MODEL_DIR`` overrides ``model_dir``, ``FLUX_DIT_FAULT_FORWARD_BYTES`` ``fault_forward_bytes``."""
         parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
         if model_config.get("max_batch_size"):
             parameters["max_batch"] = str(model_config["max_batch_size"])
@@ -43,6 +44,8 @@ class ServeSettings:
                 values[field.name] = type(getattr(cls, field.name))(raw)
         if os.environ.get(model_store.MODEL_DIR_ENV):
             values["model_dir"] = os.environ[model_store.MODEL_DIR_ENV]
+        if os.environ.get(faults.FAULT_FORWARD_BYTES_ENV):
+            values["fault_forward_bytes"] = int(os.environ[faults.FAULT_FORWARD_BYTES_ENV])
         settings = cls(**values)
         if settings.dtype != "auto" and settings.dtype not in _DTYPES:
             raise ValueError(f"dtype parameter: expected auto or one of {sorted(_DTYPES)}, got {settings.dtype!r}")
@@ -69,6 +72,10 @@ def signature_for(settings: ServeSettings, model_root: Path, device: torch.devic
     return model_dir, DitSignature.from_config(config, settings.torch_dtype(device))
 
 
+class ForwardOutOfMemory(RuntimeError):
+    """A forward ran out of memory; its memory has been released and the model keeps serving."""
+
+
 class DitService:
     def __init__(self, settings: ServeSettings, model_root: Path, device: torch.device):
         self.settings = settings
@@ -83,11 +90,21 @@ class DitService:
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
+        budget = faults.forward_budget(self.settings.fault_forward_bytes)
+        before = faults.memory_in_use(self.device, budget)
         try:
-            return pipeline_call(self.transformer, step)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise
+            with budget:
+                return pipeline_call(self.transformer, step)
+        except torch.OutOfMemoryError as exc:
+            message = str(exc)
+        # Out of the except block the error and its traceback, which holds the failed forward's
+        # frames and so its activations, are gone: now the memory can really be released.
+        faults.release_after_oom(self.device)
+        held = max(0, faults.memory_in_use(self.device, budget) - before)
+        raise ForwardOutOfMemory(
+            f"{message}; the failed forward's memory was released ({held} bytes still held); "
+            f"retry with fewer samples or image tokens"
+        )
 
     def execute(self, steps: Sequence[StepInputs]) -> list[torch.Tensor | Exception]:
         return run_merged(self.forward, steps, self.settings.max_batch)

@@ -123,16 +123,26 @@ def _check_values(tensors: Mapping[str, torch.Tensor]) -> None:
     """Value checks, gathered into one device-to-host transfer."""
     names, flags = [], []
     for name, tensor in tensors.items():
-        names.append(f"{name}: contains NaN or Inf")
+        names.append(f"{name}: expected finite values, got NaN or Inf")
         flags.append(~torch.isfinite(tensor).all())
     low, high = TIMESTEP_RANGE
     timestep = tensors["timestep"]
-    names.append(f"timestep: expected raw scheduler timesteps in [{low:g}, {high:g}]")
-    flags.append(((timestep < low) | (timestep > high)).any())
+    out_of_range = (timestep < low) | (timestep > high)
+    names.append(f"timestep: expected raw scheduler timesteps (sigma * 1000) in [{low:g}, {high:g}]")
+    flags.append(out_of_range.any())
     for name in ("txt_ids", "img_ids"):
         ids = tensors[name]
         names.append(f"{name}: rows differ within the request; expected the same ids for every sample")
         flags.append((ids != ids[:1]).any())
     failed = [message for message, bad in zip(names, torch.stack(flags).tolist(), strict=True) if bad]
     if failed:
+        failed = [_with_values(message, timestep[out_of_range]) for message in failed]
         raise InputError("; ".join(failed))
+
+
+def _with_values(message: str, bad_timesteps: torch.Tensor) -> str:
+    """The timestep message with the offending values (only on the error path: one more transfer)."""
+    if not message.startswith("timestep: expected raw"):
+        return message
+    values = ", ".join(f"{value:g}" for value in bad_timesteps.flatten()[:4].tolist())
+    return f"{message}, got {values}{', ...' if bad_timesteps.numel() > 4 else ''}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,12 +51,21 @@ def tiny_schnell(model_root):
 
 
 def start_server(
-    tmp_path: Path, model_root: Path, models: list[str], env: dict[str, str] | None = None
+    tmp_path: Path,
+    model_root: Path,
+    models: list[str],
+    env: dict[str, str] | None = None,
+    wait_for: str = "ready",
+    parameters: dict[str, dict[str, str]] | None = None,
 ) -> TritonServer:
-    """A tritonserver over a copy of the listed repository models, bound to loopback."""
+    """A tritonserver over a copy of the listed repository models, bound to loopback.
+    ``parameters`` sets config parameters per model; ``wait_for="live"`` returns before the
+    models are loaded (to check why one does not load)."""
     repository = tmp_path / "model_repository"
     for name in models:
         shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for key, value in (parameters or {}).get(name, {}).items():
+            set_parameter(repository / name / "config.pbtxt", key, value)
     server = TritonServer(
         repository,
         env={model_store.MODEL_ROOT_ENV: str(model_root), **(env or {})},
@@ -62,7 +73,16 @@ def start_server(
         cache=REPO_ROOT / ".triton",
         args=["--exit-timeout-secs=5"],
     )
-    return server.start()
+    return server.start(wait_for=wait_for)
+
+
+def set_parameter(config: Path, key: str, value: str) -> None:
+    """Set (or add) one string parameter of a config.pbtxt."""
+    entry = f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+    text, count = re.subn(
+        rf'parameters: {{ key: "{key}" value: {{ string_value: "[^"]*" }} }}', entry, config.read_text()
+    )
+    config.write_text(text if count else f"{text.rstrip()}\n{entry}\n")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +100,41 @@ def schnell_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
     server = start_server(tmp_path_factory.mktemp("schnell"), model_root, ["dit_transformer"], env)
     yield server
     server.stop()
+
+
+# The public models: what a client may call. The bad-input and load tests run against each.
+# flux_dit (ensemble -> dit_preprocess -> dit_engine, branch `engine`) joins here once merged:
+#     "flux_dit": ["flux_dit", "dit_preprocess", "dit_engine"],
+PUBLIC_MODELS: dict[str, list[str]] = {
+    "dit_transformer": ["dit_transformer"],
+}
+
+
+@dataclass
+class Served:
+    """A public model behind a running server."""
+
+    server: TritonServer
+    model: str
+
+
+def _serve_public(request, tmp_path_factory, model_root, preset: str) -> Iterator[Served]:
+    env = {model_store.MODEL_DIR_ENV: preset}
+    server = start_server(tmp_path_factory.mktemp(request.param), model_root, PUBLIC_MODELS[request.param], env)
+    yield Served(server, request.param)
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=list(PUBLIC_MODELS))
+def public_dev(request, tmp_path_factory, model_root) -> Iterator[Served]:
+    """Each public model serving tiny-flux-dev (guidance embeddings)."""
+    yield from _serve_public(request, tmp_path_factory, model_root, "tiny-flux-dev")
+
+
+@pytest.fixture(scope="module", params=list(PUBLIC_MODELS))
+def public_schnell(request, tmp_path_factory, model_root) -> Iterator[Served]:
+    """Each public model serving tiny-flux-schnell (no guidance)."""
+    yield from _serve_public(request, tmp_path_factory, model_root, "tiny-flux-schnell")
 
 
 @pytest.fixture

@@ -1,0 +1,197 @@
+"""Every bad input to a public model gets an error naming the input and what was expected; the
+server stays ready and answers the next valid request exactly as before. Through a real server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from client.wire import infer_step
+from flux_triton import reference
+from flux_triton.contract import DitSignature
+
+pytestmark = pytest.mark.server
+
+DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
+SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
+FLOAT_INPUTS = (
+    "hidden_states",
+    "timestep",
+    "guidance",
+    "pooled_projections",
+    "encoder_hidden_states",
+    "txt_ids",
+    "img_ids",
+)
+LIMITS = {"B": 16, "N": 16384, "S": 512}  # max_batch_size and the max_*_tokens parameters
+
+
+def valid(batch: int = 1, **kwargs) -> dict[str, torch.Tensor]:
+    return reference.random_step(DEV, batch=batch, seed=7, **kwargs).wire()
+
+
+@pytest.fixture(scope="module")
+def client(public_dev):
+    with httpclient.InferenceServerClient(public_dev.server.url, network_timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def baseline(public_dev, client):
+    """A valid request and the server's answer to it before any bad input."""
+    wire = valid()
+    return wire, infer_step(client, public_dev.model, wire)
+
+
+def assert_rejected(served, client, baseline, wire, name: str, *expected: str) -> None:
+    """``wire`` fails with a 400 whose message names ``name`` and holds one of ``expected``;
+    then the server is ready and answers the baseline request exactly as before."""
+    with pytest.raises(InferenceServerException) as info:
+        infer_step(client, served.model, wire)
+    message = info.value.message()
+    assert info.value.status() == "400", message
+    assert name in message, message
+    assert any(text in message for text in expected), message
+    assert client.is_server_ready() and client.is_model_ready(served.model)
+    good, expected_result = baseline
+    assert torch.equal(infer_step(client, served.model, good), expected_result)
+
+
+def test_wrong_rank(public_dev, client, baseline):
+    wire = {**valid(), "hidden_states": valid()["hidden_states"][None]}  # [1, 1, N, C]
+    assert_rejected(public_dev, client, baseline, wire, "hidden_states", "[-1,-1,4]", "expected rank 3")
+
+
+def test_batch_sizes_disagree(public_dev, client, baseline):
+    wire = {**valid(), "pooled_projections": valid(batch=2)["pooled_projections"]}
+    assert_rejected(public_dev, client, baseline, wire, "pooled_projections", "batch size does not match", "B=1")
+
+
+def test_img_ids_rows_do_not_match_n(public_dev, client, baseline):
+    wire = {**valid(), "img_ids": valid(height=64, width=80)["img_ids"]}  # N=20 against N=16
+    assert_rejected(public_dev, client, baseline, wire, "img_ids", "expected N=16")
+
+
+def test_txt_ids_do_not_match_s(public_dev, client, baseline):
+    wire = {**valid(), "txt_ids": valid(text_tokens=9)["txt_ids"]}
+    assert_rejected(public_dev, client, baseline, wire, "txt_ids", "expected S=8")
+
+
+@pytest.mark.parametrize(
+    ("name", "symbol", "shape", "expected"),
+    [
+        ("hidden_states", "C", (1, 16, 8), "[-1,-1,4]"),
+        ("pooled_projections", "P", (1, 16), "[-1,32]"),
+        ("encoder_hidden_states", "D", (1, 8, 64), "[-1,-1,32]"),
+    ],
+)
+def test_channel_dim_does_not_match_the_model(public_dev, client, baseline, name, symbol, shape, expected):
+    wire = {**valid(), name: torch.randn(shape)}
+    assert_rejected(public_dev, client, baseline, wire, name, expected, f"expected {symbol}=")
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("hidden_states", torch.float16), ("timestep", torch.bfloat16)])
+def test_wrong_dtype(public_dev, client, baseline, name, dtype):
+    wire = {**valid(), name: valid()[name].to(dtype)}
+    assert_rejected(public_dev, client, baseline, wire, name, "expects 'FP32'", "expected dtype FP32")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", FLOAT_INPUTS)
+def test_nan_or_inf(public_dev, client, baseline, name, value):
+    wire = valid()
+    wire[name] = wire[name].clone()
+    wire[name].view(-1)[-1] = value
+    assert_rejected(public_dev, client, baseline, wire, name, "expected finite values")
+
+
+@pytest.mark.parametrize("timestep", [-0.5, 1000.5, 1e9])
+def test_timestep_outside_the_scheduler_range(public_dev, client, baseline, timestep):
+    wire = {**valid(), "timestep": torch.tensor([[timestep]])}
+    assert_rejected(public_dev, client, baseline, wire, "timestep", "in [0, 1000]")
+
+
+def test_guidance_missing_for_a_guidance_model(public_dev, client, baseline):
+    wire = {name: tensor for name, tensor in valid().items() if name != "guidance"}
+    assert_rejected(public_dev, client, baseline, wire, "guidance", "required")
+
+
+def test_guidance_given_to_a_model_without_it(public_schnell):
+    wire = reference.random_step(SCHNELL, seed=7).wire()
+    with httpclient.InferenceServerClient(public_schnell.server.url, network_timeout=60) as client:
+        before = infer_step(client, public_schnell.model, wire)
+        baseline = (wire, before)
+        with_guidance = {**wire, "guidance": torch.tensor([[3.5]])}
+        assert_rejected(public_schnell, client, baseline, with_guidance, "guidance", "no guidance embeddings")
+
+
+@pytest.mark.parametrize("name", ["txt_ids", "img_ids"])
+def test_ids_rows_differ_inside_one_request(public_dev, client, baseline, name):
+    wire = valid(batch=2)
+    wire[name] = wire[name].clone()
+    wire[name][1, 0, 1] += 1.0
+    assert_rejected(public_dev, client, baseline, wire, name, "rows differ within the request")
+
+
+@pytest.mark.parametrize("symbol", ["B", "N", "S"])
+def test_zero_size_dims(public_dev, client, baseline, symbol):
+    wire = valid()
+    if symbol == "B":
+        wire = {name: tensor[:0] for name, tensor in wire.items()}
+        name, expected = "txt_ids", ("byte size", "B is zero")
+    elif symbol == "N":
+        wire.update(hidden_states=wire["hidden_states"][:, :0], img_ids=wire["img_ids"][:, :0])
+        name, expected = "hidden_states", ("dimension N is zero",)
+    else:
+        wire.update(encoder_hidden_states=wire["encoder_hidden_states"][:, :0], txt_ids=wire["txt_ids"][:, :0])
+        name, expected = "encoder_hidden_states", ("dimension S is zero",)
+    assert_rejected(public_dev, client, baseline, wire, name, *expected)
+
+
+def test_batch_beyond_the_server_limit(public_dev, client, baseline):
+    # Triton's own check, before the model: it names the request's batch size and the limit.
+    limit = LIMITS["B"]
+    with pytest.raises(InferenceServerException, match=f"batch-size must be <= {limit}"):
+        infer_step(client, public_dev.model, valid(batch=limit + 1))
+    assert client.is_server_ready() and client.is_model_ready(public_dev.model)
+    assert torch.equal(infer_step(client, public_dev.model, baseline[0]), baseline[1])
+
+
+@pytest.mark.parametrize(("symbol", "name"), [("N", "hidden_states"), ("S", "encoder_hidden_states")])
+def test_tokens_beyond_the_server_limits(public_dev, client, baseline, symbol, name):
+    limit = LIMITS[symbol]
+    wire = valid(height=16, width=16 * (limit + 1)) if symbol == "N" else valid(text_tokens=limit + 1)
+    assert_rejected(
+        public_dev, client, baseline, wire, name, f"{symbol}={limit + 1} exceeds this server's limit of {limit}"
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["hidden_states", "timestep", "pooled_projections", "encoder_hidden_states", "txt_ids", "img_ids"]
+)
+def test_missing_required_input(public_dev, client, baseline, name):
+    wire = {key: tensor for key, tensor in valid().items() if key != name}
+    assert_rejected(public_dev, client, baseline, wire, name, "missing required input", "expected")
+
+
+def test_a_bad_request_merged_with_good_ones_fails_alone(public_dev, client):
+    """Requests arriving together are batched; the bad one fails, the others are answered."""
+    goods = [reference.random_step(DEV, timestep=100.0 * i, seed=20 + i).wire() for i in range(1, 6)]
+    singles = [infer_step(client, public_dev.model, wire) for wire in goods]
+    bad = {**goods[0], "timestep": torch.tensor([[math.nan]])}
+
+    def send(wire):
+        with httpclient.InferenceServerClient(public_dev.server.url, network_timeout=60) as own:
+            return infer_step(own, public_dev.model, wire)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(send, wire) for wire in [*goods[:3], bad, *goods[3:]]]
+    results = [future.exception() or future.result() for future in futures]
+    assert isinstance(results[3], InferenceServerException) and "timestep" in results[3].message()
+    for served, single in zip(results[:3] + results[4:], singles, strict=True):
+        torch.testing.assert_close(served, single, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,105 @@
+"""A dit_transformer whose model directory is missing, corrupt, unsafe or outside the model root
+does not load, and the server says why (repository index, launcher error); nothing outside the
+root is read and no pickle is ever unpickled."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPOSITORY, start_server
+
+from flux_triton.server import ModelLoadError, TritonServer
+
+pytestmark = pytest.mark.server
+
+
+class _Exploit:
+    """Unpickling this creates ``marker``: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, model_root) -> dict:
+    """One server over copies of dit_transformer, each pointed at a bad model directory."""
+    tmp = tmp_path_factory.mktemp("broken")
+    root, outside = tmp / "models", tmp / "outside"
+    good = model_root / "tiny-flux-dev"
+    shutil.copytree(good, outside / "tiny-flux-dev")
+    shutil.copytree(good, root / "corrupt-config")
+    (root / "corrupt-config" / "config.json").write_text('{"in_channels": 4, ')
+    shutil.copytree(good, root / "corrupt-weights")
+    weights = next((root / "corrupt-weights").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (root / "pickle-only").mkdir()
+    shutil.copy(good / "config.json", root / "pickle-only" / "config.json")
+    marker = tmp / "unpickled"
+    (root / "pickle-only" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    (root / "escape-link").symlink_to(outside / "tiny-flux-dev")
+    cases = {
+        "missing": "no-such-model",
+        "corrupt_config": "corrupt-config",
+        "corrupt_weights": "corrupt-weights",
+        "pickle_only": "pickle-only",
+        "dotdot": "../outside/tiny-flux-dev",
+        "absolute": str(outside / "tiny-flux-dev"),
+        "symlink": "escape-link",
+    }
+    repository = tmp / "model_repository"
+    for case, model_dir in cases.items():
+        target = repository / f"dit_{case}"
+        shutil.copytree(REPOSITORY / "dit_transformer", target, ignore=shutil.ignore_patterns("__pycache__"))
+        config = target / "config.pbtxt"
+        text = config.read_text().replace('name: "dit_transformer"', f'name: "dit_{case}"')
+        config.write_text(text.replace('string_value: "tiny-flux-dev"', f'string_value: "{model_dir}"'))
+    server = TritonServer(
+        repository,
+        env={"FLUX_MODEL_ROOT": str(root)},
+        log_path=tmp / "tritonserver.log",
+        cache=Path(REPOSITORY).parent / ".triton",
+        args=["--exit-timeout-secs=5"],
+    ).start(wait_for="live")
+    yield {"server": server, "marker": marker, "outside": outside}
+    server.stop()
+
+
+def reason(broken, case: str) -> str:
+    """The load error of one model, once the server has finished trying to load it."""
+    state, why = broken["server"].model_states()[f"dit_{case}"]
+    assert state == "UNAVAILABLE", (state, why)
+    assert not broken["server"].is_ready()
+    return why
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", "no FluxTransformer2DModel config.json in"),
+        ("corrupt_config", "corrupt config.json in"),
+        ("corrupt_weights", "cannot load FluxTransformer2DModel from"),
+        ("pickle_only", "only safetensors are loaded"),
+        ("dotdot", "outside the model root"),
+        ("absolute", "outside the model root"),
+        ("symlink", "outside the model root"),
+    ],
+)
+def test_server_reports_why_a_model_directory_does_not_load(broken, case, expected):
+    assert expected in reason(broken, case)
+
+
+def test_pickle_weights_are_never_unpickled(broken):
+    assert "only safetensors" in reason(broken, "pickle_only")
+    assert not broken["marker"].exists()
+
+
+def test_launcher_fails_fast_with_the_reason(tmp_path, model_root):
+    with pytest.raises(ModelLoadError, match=r"dit_transformer: .*no FluxTransformer2DModel config.json in"):
+        start_server(tmp_path, model_root, ["dit_transformer"], parameters={"dit_transformer": {"model_dir": "gone"}})
