@@ -36,11 +36,17 @@ def infer_inputs(tensors: Mapping[str, torch.Tensor]) -> list[httpclient.InferIn
 
 
 def infer_step(
-    client: httpclient.InferenceServerClient, model_name: str, tensors: Mapping[str, torch.Tensor]
+    client: httpclient.InferenceServerClient,
+    model_name: str,
+    tensors: Mapping[str, torch.Tensor],
+    model_version: str = "",
 ) -> torch.Tensor:
     """Send one step's tensors and return ``noise_pred``; server errors raise
     ``tritonclient.utils.InferenceServerException`` with the server's message."""
     result = client.infer(
-        model_name, infer_inputs(tensors), outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+        model_name,
+        infer_inputs(tensors),
+        model_version=model_version,
+        outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)],
     )
     return from_numpy(result.as_numpy(OUTPUT_NAME))
