@@ -93,8 +93,10 @@ class RemoteFluxTransformer:
         tensors = {
             "hidden_states": hidden_states.to(model_dtype),
             "timestep": raw_timestep(timestep.expand(batch), model_dtype),
-            "pooled_projections": pooled_projections.to(model_dtype),
-            "encoder_hidden_states": encoder_hidden_states.to(model_dtype),
+            # Embeddings of batch 1 broadcast over the latents, as in the local transformer (FluxPipeline
+            # with num_images_per_prompt > 1 and prompt_embeds passed in does not repeat them).
+            "pooled_projections": _batched("pooled_projections", pooled_projections, batch).to(model_dtype),
+            "encoder_hidden_states": _batched("encoder_hidden_states", encoder_hidden_states, batch).to(model_dtype),
             # 2-D ids as the pipeline has them (3-D, deprecated in diffusers: the first row).
             "txt_ids": _rows(txt_ids).float().expand(batch, -1, -1),
             "img_ids": _rows(img_ids).float().expand(batch, -1, -1),
@@ -142,6 +144,14 @@ class RemoteFluxTransformer:
             raise RemoteDitError(f"{where} is not reachable: {type(exc).__name__}: {exc}") from exc
         self.latencies_s.append(time.perf_counter() - start)
         return result
+
+
+def _batched(name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise ValueError(f"{name}: batch {tensor.shape[0]} does not match the {batch} latents")
 
 
 def _rows(ids: torch.Tensor) -> torch.Tensor:
