@@ -73,6 +73,10 @@ def test_the_remote_describes_the_served_model(remote_dev, remote_schnell):
     assert remote_dev.config.guidance_embeds is True
     assert remote_schnell.config.guidance_embeds is False
     assert remote_dev.dtype == remote_schnell.dtype == torch.float32
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(denoise.make_scheduler("dev"), None, None, None, None, None, remote_dev).to("cpu")
+    assert pipe.transformer is remote_dev and pipe._execution_device == torch.device("cpu")
 
 
 def test_schnell_like_4_steps(remote_schnell, tiny_schnell):
