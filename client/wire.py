@@ -41,7 +41,10 @@ class ServerUnavailable(ConnectionError):
 
 
 def infer_step(
-    client: httpclient.InferenceServerClient, model_name: str, tensors: Mapping[str, torch.Tensor]
+    client: httpclient.InferenceServerClient,
+    model_name: str,
+    tensors: Mapping[str, torch.Tensor],
+    model_version: str = "",
 ) -> torch.Tensor:
     """Send one step's tensors and return ``noise_pred``. Server errors raise
     ``tritonclient.utils.InferenceServerException`` with the server's message; a server that is
@@ -50,7 +53,10 @@ def infer_step(
     inputs = infer_inputs(tensors)
     try:
         result = client.infer(
-            model_name, inputs, outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+            model_name,
+            inputs,
+            model_version=model_version,
+            outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)],
         )
     except (OSError, http.client.HTTPException) as exc:  # geventhttpclient's errors derive from these
         url = getattr(client, "_parsed_url", "the server")
