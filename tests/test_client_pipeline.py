@@ -145,7 +145,7 @@ def test_a_server_error_carries_the_servers_message(remote_dev):
     with pytest.raises(RemoteDitError, match=r"dit_transformer.*S=513 exceeds this server's limit of 512"):
         remote_dev(encoder_hidden_states=torch.randn(1, 513, 32), txt_ids=torch.zeros(513, 3), **call)
     nan = torch.full((1, 8, 32), float("nan"))
-    with pytest.raises(RemoteDitError, match="encoder_hidden_states: contains NaN or Inf"):
+    with pytest.raises(RemoteDitError, match="encoder_hidden_states: expected finite values, got NaN or Inf"):
         remote_dev(encoder_hidden_states=nan, txt_ids=torch.zeros(8, 3), **call)
     # and the same call with finite inputs goes through
     (noise_pred,) = remote_dev(encoder_hidden_states=torch.randn(1, 8, 32), txt_ids=torch.zeros(8, 3), **call)
