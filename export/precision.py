@@ -31,7 +31,7 @@ class Precision:
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", torch.float32, ("onnxruntime", "tensorrt"), tf32=False),
-    "fp16": Precision("fp16", torch.float16, ("tensorrt", "onnxruntime"), min_compute_capability=(7, 0)),
+    "fp16": Precision("fp16", torch.float16, ("tensorrt",), min_compute_capability=(7, 0)),
     "bf16": Precision("bf16", torch.bfloat16, ("tensorrt",), min_compute_capability=(8, 0)),
     "fp8": Precision("fp8", torch.bfloat16, ("tensorrt",), quantization="fp8", min_compute_capability=(8, 9)),
 }
