@@ -59,8 +59,9 @@ class ProfileConfig:
         return shapes
 
     def describe(self) -> dict:
+        """JSON-ready (lists): the sizes and the min/opt/max of every named axis."""
         named = {AXIS_NAMES[symbol]: list(r) for symbol, r in self.ranges().items()}
-        return {**asdict(self), "axes": named}
+        return {**{key: list(value) for key, value in asdict(self).items()}, "axes": named}
 
 
 PROFILE_PRESETS: dict[str, ProfileConfig] = {
