@@ -10,6 +10,7 @@ sidecar, into ``engines/``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 from dataclasses import asdict
@@ -53,6 +54,8 @@ def build_engine(
         require_tensorrt()  # fail before the (long) export
     profile = profile or PROFILE_PRESETS[preset_for(model)]
     export_config = export_config or ExportConfig()
+    if precision.quantization:
+        export_config = dataclasses.replace(export_config, full_check=False)
     model_dir = model_store.resolve_model_dir(model, model_root or model_store.model_root())
     config = model_store.read_config(model_dir)
     signature = DitSignature.from_config(config, precision.onnx_dtype)

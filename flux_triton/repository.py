@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
 
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature, TensorSpec
 from flux_triton.engine_io import ENGINE_OUTPUTS, engine_inputs
@@ -111,13 +110,31 @@ def ensemble_config(sidecar: EngineSidecar) -> dict:
     }
 
 
+def model_config_pb2():
+    """Triton's ``ModelConfig`` protobuf module, shipped in tritonclient; loaded by path because
+    ``tritonclient.grpc``'s package import needs grpcio, which the HTTP client does not."""
+    import importlib.util
+    import sys
+
+    import tritonclient
+
+    name = "flux_triton._model_config_pb2"
+    if name not in sys.modules:
+        path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def to_pbtxt(config: dict, header: str = "") -> str:
-    message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    message = json_format.ParseDict(config, model_config_pb2().ModelConfig())
     return header + text_format.MessageToString(message)
 
 
-def parse_pbtxt(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+def parse_pbtxt(path: Path):
+    return text_format.Parse(Path(path).read_text(), model_config_pb2().ModelConfig())
 
 
 def engine_reference(sidecar_path: Path) -> str:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature
 from flux_triton.engine_io import ENGINE_OUTPUTS, engine_inputs
-from flux_triton.repository import ENGINE, ENGINES_DIR_ENV, ENSEMBLE, PREPROCESS, engine_name, parse_pbtxt
+from flux_triton.repository import (
+    ENGINE,
+    ENGINES_DIR_ENV,
+    ENSEMBLE,
+    PREPROCESS,
+    engine_name,
+    model_config_pb2,
+    parse_pbtxt,
+)
 from flux_triton.sidecar import EngineSidecar
 
 
@@ -77,9 +85,7 @@ def contract_problems(repository: Path, signature: DitSignature) -> list[str]:
 
 
 def _dtype_enum(name: str) -> int:
-    from tritonclient.grpc import model_config_pb2
-
-    return model_config_pb2.DataType.Value(name)
+    return model_config_pb2().DataType.Value(name)
 
 
 def resolve_engine(parameter: str, repository: Path, engines_dir: Path | None = None) -> Path:

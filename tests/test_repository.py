@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tritonclient.grpc.model_config_pb2 import DataType
 
 from export.engine import build_engine
 from export.profiles import PROFILE_PRESETS
@@ -22,6 +21,7 @@ from flux_triton.repository import (
     REPOSITORY,
     engine_config,
     ensemble_config,
+    model_config_pb2,
     parse_pbtxt,
     preprocess_config,
     to_pbtxt,
@@ -57,9 +57,8 @@ def test_committed_repository_is_the_generated_default(ort_sidecar):
 
 def parse_pbtxt_text(text: str):
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
+    return text_format.Parse(text, model_config_pb2().ModelConfig())
 
 
 def test_generated_repository_passes_the_static_checks(ort_repository, ort_sidecar):
@@ -123,6 +122,7 @@ def test_tensorrt_plan_config_follows_the_contract(tmp_path, precision, dtype):
     ).resolve() == tmp_path / engine.default_model_filename
     assert not (repository / ENGINE / "1" / "model.py").exists()
     assert engine.max_batch_size == 4 and engine.HasField("dynamic_batching")
+    DataType = model_config_pb2().DataType
     io = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in [*engine.input, *engine.output]}
     floats = {"bf16": "TYPE_BF16", "fp16": "TYPE_FP16"}[precision]
     assert io == {
