@@ -123,3 +123,38 @@ def test_make_engine_tensorrt_fails_at_once_without_tensorrt(tmp_path):
     assert "needs TensorRT" in result.stderr and "nvcr.io/nvidia/tritonserver" in result.stderr
     assert list(tmp_path.iterdir()) == [], "nothing may be exported before the TensorRT check"
     assert time.monotonic() - start < 60
+
+
+def test_runner_loaders_are_chosen_by_the_sidecar_kind(tmp_path):
+    from flux_triton.engines import LOADERS, load_engine, register
+
+    profile = PROFILE_PRESETS["tiny"]
+    signature = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
+    (tmp_path / "tiny.pt2").write_bytes(b"compiled")
+    sidecar = EngineSidecar(
+        kind="example-kind",
+        precision="fp32",
+        engine_file="tiny.pt2",
+        source_model="tiny-flux-schnell",
+        signature=asdict(signature),
+        profile=profile.describe(),
+        shapes={},
+        onnx_file="tiny.onnx",
+        onnx_sha256="0" * 64,
+    )
+    path = sidecar.write(tmp_path / "tiny.example-kind.json")
+    with pytest.raises(ValueError, match="engine kind 'example-kind' has no loader"):
+        load_engine(path, torch.device("cpu"))
+
+    @register("example-kind")
+    def load_scaled(engine_path, device):
+        scale = len(engine_path.read_bytes())
+        return lambda tensors: tensors["hidden_states"] * scale
+
+    try:
+        loaded, run = load_engine(path, torch.device("cpu"))
+        assert loaded.kind == "example-kind"
+        assert torch.equal(run({"hidden_states": torch.ones(1, 2, 4)}), torch.full((1, 2, 4), 8.0))
+    finally:
+        del LOADERS["example-kind"]
+    assert "onnxruntime" in LOADERS

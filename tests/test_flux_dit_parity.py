@@ -176,3 +176,26 @@ def test_denoising_loop_matches_flux_pipeline(
     ).images
     torch.testing.assert_close(served, expected, **LOOP_TOL)
     assert not torch.allclose(served, first.latents, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("server", "change", "message"),
+    [
+        ("dev_engine_server", "drop-guidance", "guidance: required"),
+        ("schnell_engine_server", "add-guidance", "guidance: this model has no guidance embeddings"),
+        ("dev_engine_server", "timestep-x5", "timestep: expected raw scheduler timesteps"),
+    ],
+)
+def test_bad_input_gets_the_validation_error(request, http_client, server, change, message):
+    from tritonclient.utils import InferenceServerException
+
+    signature = DEV if server.startswith("dev") else SCHNELL
+    wire = reference.random_step(signature, seed=6, **SIZE).wire()
+    if change == "drop-guidance":
+        del wire["guidance"]
+    elif change == "add-guidance":
+        wire["guidance"] = torch.full((1, 1), 3.5)
+    else:
+        wire["timestep"] = wire["timestep"] * 5
+    with pytest.raises(InferenceServerException, match=message):
+        infer_step(http_client(request.getfixturevalue(server)), "flux_dit", wire)
