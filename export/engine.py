@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="max pixels")
     parser.add_argument("--text-tokens", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"))
     parser.add_argument("--engines-dir", type=Path, default=ENGINES_DIR)
-    parser.add_argument("--rope-dtype", choices=("float32", "float64"), default=ExportConfig.rope_dtype)
     parser.add_argument("--opset", type=int, default=ExportConfig.opset)
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs diffusers check")
     args = parser.parse_args(argv)
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             args.precision,
             ProfileConfig(**{**asdict(profile), **overrides}),
             args.engines_dir,
-            export_config=ExportConfig(opset=args.opset, rope_dtype=args.rope_dtype),
+            export_config=ExportConfig(opset=args.opset),
             verify=not args.no_verify,
         )
     except (RuntimeError, ValueError) as exc:  # TensorRTMissing, ModelOptMissing, bad arguments

@@ -25,20 +25,18 @@ from flux_triton.reference import random_step
 from flux_triton.validation import validate
 
 PROTOBUF_LIMIT = 2**31 - 1
-_ROPE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 19
-    rope_dtype: str = "float32"  # float64 is eager's dtype, exact on ONNX Runtime; TensorRT casts it down
     trace_batch: int = 2  # not 1, so that no batch dim is specialised away
     trace_size: tuple[int, int] = (256, 320)  # non-square, N != S
     external_data: bool | None = None  # None: only when the graph exceeds 2 GB
     full_check: bool = True  # onnx.checker with shape inference (off for ModelOpt's custom FP8 Q/DQ ops)
 
     def describe(self) -> dict:
-        return {"exporter": "torch.onnx.export(dynamo=False)", "opset": self.opset, "rope_dtype": self.rope_dtype}
+        return {"exporter": "torch.onnx.export(dynamo=False)", "opset": self.opset, "rope": "float32"}
 
 
 def sample_inputs(signature: DitSignature, config: ExportConfig, profile: ProfileConfig) -> dict[str, torch.Tensor]:
@@ -59,7 +57,7 @@ def export_onnx(
 ) -> Path:
     """Write ``path`` (plus ``path.data`` when external) and check it with ``onnx.checker``."""
     config, profile = config or ExportConfig(), profile or ProfileConfig()
-    graph = EngineGraph(transformer, _ROPE_DTYPES[config.rope_dtype]).eval()
+    graph = EngineGraph(transformer).eval()
     inputs = sample_inputs(signature, config, profile)
     specs = engine_inputs(signature.guidance_embeds)
     axes = {spec.name: dynamic_axes(spec) for spec in (*specs, *ENGINE_OUTPUTS)}

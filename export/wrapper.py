@@ -2,7 +2,7 @@
 
 Handles the export traps of FLUX (flux-facts.md 4c): ids travel batched and one row is used;
 ``timestep`` is already ``t / 1000`` in the model dtype and the transformer multiplies by 1000 in
-the model dtype, as in eager; RoPE frequencies are computed in ``rope_dtype`` (eager uses float64,
+the model dtype, as in eager; RoPE frequencies are computed in float32 (eager uses float64,
 which TensorRT's ONNX parser only casts down to float32); ``nn.RMSNorm`` becomes plain ops.
 The wrapper patches the transformer it is given: export from a freshly loaded one.
 """
@@ -69,14 +69,13 @@ def replace_rms_norms(module: nn.Module) -> int:
 class EngineGraph(nn.Module):
     """Positional inputs in ``engine_inputs`` order; returns ``noise_pred``."""
 
-    def __init__(self, transformer, rope_dtype: torch.dtype = torch.float32):
+    def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
         self.names = [spec.name for spec in engine_inputs(bool(transformer.config.guidance_embeds))]
         replace_rms_norms(transformer)
-        if rope_dtype != torch.float64:
-            pos = transformer.pos_embed
-            transformer.pos_embed = RopePosEmbed(pos.theta, list(pos.axes_dim), rope_dtype)
+        pos = transformer.pos_embed
+        transformer.pos_embed = RopePosEmbed(pos.theta, list(pos.axes_dim), torch.float32)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         inputs = dict(zip(self.names, tensors, strict=True))
