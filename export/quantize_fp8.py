@@ -37,8 +37,9 @@ def quantize_fp8(transformer, signature: DitSignature, profile: ProfileConfig, s
     mtq = _modelopt()
     config = {
         "quant_cfg": {
-            "*weight_quantizer": {"num_bits": (4, 3), "axis": None},
-            "*input_quantizer": {"num_bits": (4, 3), "axis": None},
+            # BF16 around the Q/DQ pairs, matching the BF16 graph (NVIDIA's demo does the same)
+            "*weight_quantizer": {"num_bits": (4, 3), "axis": None, "trt_high_precision_dtype": "BFloat16"},
+            "*input_quantizer": {"num_bits": (4, 3), "axis": None, "trt_high_precision_dtype": "BFloat16"},
             "default": {"enable": False},
         },
         "algorithm": "max",
