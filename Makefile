@@ -3,7 +3,14 @@ UV_VERSION := 0.13.9
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --locked
 
-.PHONY: help setup tiny run serve standalone test test-gpu load lint format clean
+.PHONY: help setup tiny run serve standalone engine repo test test-gpu load lint format clean
+
+# make engine / make repo: which engine (docs/engines.md).
+ENGINE ?= onnxruntime
+MODEL ?= tiny-flux-dev
+PRECISION ?= $(if $(filter tensorrt,$(ENGINE)),bf16,fp32)
+ENGINE_ARGS ?=
+SIDECAR := engines/$(notdir $(MODEL))-$(PRECISION).$(ENGINE).json
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,7 +27,17 @@ tiny: setup  ## write the embedded tiny FLUX transformers to models/
 run: tiny  ## start tritonserver, run a 4-step denoising loop through it, compare with diffusers
 	$(RUN) python -m flux_triton.demo
 
-serve: tiny  ## serve model_repository/ on loopback (ports 8000/8001/8002)
+engines/tiny-flux-dev-fp32.onnxruntime.json: | tiny
+	$(RUN) python -m export.engine
+
+engine: tiny  ## export the DiT to ONNX, build ENGINE=onnxruntime|tensorrt (PRECISION, MODEL) into engines/, then make repo
+	$(RUN) python -m export.engine --kind $(ENGINE) --model $(MODEL) --precision $(PRECISION) $(ENGINE_ARGS)
+	$(MAKE) --no-print-directory repo ENGINE=$(ENGINE) MODEL=$(MODEL) PRECISION=$(PRECISION)
+
+repo: setup  ## generate and validate the flux_dit repository for the engine in engines/ (same variables)
+	$(RUN) python -m flux_triton.repository --engine $(SIDECAR)
+
+serve: tiny engines/tiny-flux-dev-fp32.onnxruntime.json  ## serve model_repository/ on loopback (ports 8000/8001/8002)
 	$(RUN) python -m flux_triton.server --model-repository model_repository
 
 standalone: tiny  ## one denoising step outside Triton
@@ -44,4 +61,4 @@ format: setup
 	$(RUN) ruff check --fix .
 
 clean:
-	rm -rf .triton .pytest_cache .ruff_cache
+	rm -rf .triton .pytest_cache .ruff_cache out

@@ -1,0 +1,67 @@
+"""The JSON sidecar written beside every engine in ``engines/``: what the engine is and how it was
+built. Runners pick their loader from ``kind``; the repository generator sizes configs from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from flux_triton.contract import DitSignature
+from flux_triton.validation import Limits
+
+
+@dataclass
+class EngineSidecar:
+    kind: str  # loader key: onnxruntime, tensorrt (later: aoti, aoti-fp8)
+    precision: str  # fp32, fp16, bf16, fp8
+    engine_file: str  # relative to the sidecar's folder
+    source_model: str  # model name under the model root
+    signature: dict  # DitSignature fields (io dtype included)
+    profile: dict  # ProfileConfig.describe()
+    shapes: dict  # {input: {min, opt, max}}
+    onnx_file: str
+    onnx_sha256: str
+    source_config: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)  # exporter, opset, rope dtype
+    tensorrt_version: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    created: str = ""
+
+    @property
+    def dit_signature(self) -> DitSignature:
+        return DitSignature(**self.signature)
+
+    @property
+    def limits(self) -> Limits:
+        batch, tokens, text = (self.profile["axes"][name][2] for name in ("batch", "image_tokens", "text_tokens"))
+        return Limits(max_batch=batch, max_image_tokens=tokens, max_text_tokens=text)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> EngineSidecar:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read engine sidecar {path}: {exc}") from exc
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(data)
+        if missing:
+            raise ValueError(f"engine sidecar {path} lacks {sorted(missing)}")
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def sha256_files(*paths: Path, chunk: int = 1 << 20) -> str:
+    """One digest over the files in order (an ONNX graph and its external data, if any)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,201 @@
+"""flux_dit (ensemble -> dit_preprocess -> dit_engine on ONNX Runtime) through a real tritonserver
+against diffusers, with the same scenarios as dit_transformer.
+
+Tolerance (FP32 ONNX Runtime engine vs eager diffusers, CPU): one step within rtol 1e-5 and
+atol 1e-5 (measured: ~5e-7 relative, see test_onnx_export); the denoising loops within 1e-4. The
+engine is a different program (ONNX Runtime kernels, RoPE in float32), so results are close, not
+bitwise equal. FP16/BF16/FP8 TensorRT engines are not run here (docs/engines.md states theirs).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+
+from client.wire import infer_step
+from export.engine import build_engine
+from flux_triton import denoise, reference
+from flux_triton.contract import DitSignature
+from flux_triton.repository import write_repository
+from flux_triton.repository_check import check_repository
+from flux_triton.server import TritonServer
+
+pytestmark = pytest.mark.server
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
+DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
+SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
+SIZE = {"height": 256, "width": 256}  # the profiles' minimum: 256 image tokens
+
+
+def _serve(tmp_path_factory, model_root, model: str) -> Iterator[TritonServer]:
+    folder = tmp_path_factory.mktemp(model)
+    sidecar = build_engine("onnxruntime", model, engines_dir=folder / "engines", model_root=model_root, verify=False)
+    repository = folder / "model_repository"
+    write_repository(sidecar, repository)
+    check_repository(repository)
+    server = TritonServer(
+        repository,
+        log_path=folder / "tritonserver.log",
+        cache=REPO_ROOT / ".triton",
+        args=["--exit-timeout-secs=5"],
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_engine_server(tmp_path_factory, model_root):
+    yield from _serve(tmp_path_factory, model_root, "tiny-flux-dev")
+
+
+@pytest.fixture(scope="module")
+def schnell_engine_server(tmp_path_factory, model_root):
+    yield from _serve(tmp_path_factory, model_root, "tiny-flux-schnell")
+
+
+def test_single_latent_matches_the_pipeline_call(dev_engine_server, http_client, tiny_dev):
+    step = reference.random_step(DEV, batch=1, seed=1, **SIZE)
+    served = infer_step(http_client(dev_engine_server), "flux_dit", step.wire())
+    expected = reference.diffusers_call(tiny_dev, step)
+    assert served.shape == expected.shape == step.latents.shape
+    torch.testing.assert_close(served, expected, **TOL)
+
+
+@pytest.mark.parametrize("timestep", [0.0, 1.0, 137.25, 500.0, 999.5, 1000.0])
+def test_timesteps_across_the_range(dev_engine_server, http_client, tiny_dev, timestep):
+    step = reference.random_step(DEV, timestep=timestep, seed=2, **SIZE)
+    served = infer_step(http_client(dev_engine_server), "flux_dit", step.wire())
+    torch.testing.assert_close(served, reference.diffusers_call(tiny_dev, step), **TOL)
+    # dit_preprocess scales by 1/1000: the timestep fed unscaled (or scaled twice) would not match.
+    wrong = reference.PipelineStep(**{**vars(step), "t": step.t / 1000})
+    if timestep > 0:
+        assert not torch.allclose(served, reference.diffusers_call(tiny_dev, wrong), atol=1e-4)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.5, 7.0])
+def test_guidance_scales(dev_engine_server, http_client, tiny_dev, guidance_scale):
+    step = reference.random_step(DEV, guidance_scale=guidance_scale, seed=3, **SIZE)
+    served = infer_step(http_client(dev_engine_server), "flux_dit", step.wire())
+    torch.testing.assert_close(served, reference.diffusers_call(tiny_dev, step), **TOL)
+    other = reference.random_step(DEV, guidance_scale=guidance_scale + 1.0, seed=3, **SIZE)
+    assert not torch.allclose(served, reference.diffusers_call(tiny_dev, other), atol=1e-4)
+
+
+def test_batch_in_one_request_matches_diffusers_per_row(dev_engine_server, http_client, tiny_dev):
+    client = http_client(dev_engine_server)
+    step = reference.random_step(DEV, batch=3, seed=4, height=256, width=384)
+    wire = step.wire()
+    wire["timestep"] = torch.tensor([[10.0], [400.0], [900.0]])  # per-sample timesteps
+    wire["guidance"] = torch.tensor([[1.0], [3.5], [7.0]])  # per-sample guidance
+    served = infer_step(client, "flux_dit", wire)
+    for row in range(3):
+        single = reference.PipelineStep(
+            **{
+                **vars(step),
+                "latents": step.latents[row : row + 1],
+                "t": wire["timestep"][row, 0],
+                "guidance": wire["guidance"][row],
+                "pooled_prompt_embeds": step.pooled_prompt_embeds[row : row + 1],
+                "prompt_embeds": step.prompt_embeds[row : row + 1],
+            }
+        )
+        torch.testing.assert_close(served[row : row + 1], reference.diffusers_call(tiny_dev, single), **TOL)
+    assert not torch.allclose(served[0], served[1], atol=1e-3)
+
+
+def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_engine_server, http_client, tiny_dev):
+    client = http_client(dev_engine_server)
+    steps = [
+        reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i, **SIZE)
+        for i in range(8)
+    ]
+    before = _counts(client)
+    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+        merged = list(pool.map(lambda s: _infer_fresh(dev_engine_server.url, s.wire()), steps))
+    inferences, executions = (after - prior for after, prior in zip(_counts(client), before, strict=True))
+    assert inferences == len(steps)
+    assert executions < inferences, "the dynamic batcher did not merge any requests for dit_engine"
+    for step, result in zip(steps, merged, strict=True):
+        torch.testing.assert_close(result, reference.diffusers_call(tiny_dev, step), **TOL)
+
+
+def _infer_fresh(url, wire):
+    with httpclient.InferenceServerClient(url) as client:
+        return infer_step(client, "flux_dit", wire)
+
+
+def _counts(client) -> tuple[int, int]:
+    stats = client.get_inference_statistics("dit_engine")["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+def _pipeline(transformer, preset):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(
+        scheduler=denoise.make_scheduler(preset),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+@pytest.mark.parametrize(
+    ("preset", "steps", "guidance_scale"), [("schnell", 4, None), ("dev", 28, 3.5)], ids=["schnell-4", "dev-28"]
+)
+def test_denoising_loop_matches_flux_pipeline(
+    request, http_client, tiny_dev, tiny_schnell, preset, steps, guidance_scale
+):
+    signature, transformer = (SCHNELL, tiny_schnell) if preset == "schnell" else (DEV, tiny_dev)
+    client = http_client(request.getfixturevalue(f"{preset}_engine_server"))
+    first = reference.random_step(signature, height=256, width=320, guidance_scale=guidance_scale or 0, seed=5)
+    served = denoise.denoise(
+        lambda step: infer_step(client, "flux_dit", step.wire()), denoise.make_scheduler(preset), first, steps
+    )
+    expected = _pipeline(transformer, preset)(
+        prompt_embeds=first.prompt_embeds,
+        pooled_prompt_embeds=first.pooled_prompt_embeds,
+        latents=first.latents,
+        height=256,
+        width=320,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale or 3.5,
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(served, expected, **LOOP_TOL)
+    assert not torch.allclose(served, first.latents, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("server", "change", "message"),
+    [
+        ("dev_engine_server", "drop-guidance", "guidance: required"),
+        ("schnell_engine_server", "add-guidance", "guidance: this model has no guidance embeddings"),
+        ("dev_engine_server", "timestep-x5", "timestep: expected raw scheduler timesteps"),
+    ],
+)
+def test_bad_input_gets_the_validation_error(request, http_client, server, change, message):
+    from tritonclient.utils import InferenceServerException
+
+    signature = DEV if server.startswith("dev") else SCHNELL
+    wire = reference.random_step(signature, seed=6, **SIZE).wire()
+    if change == "drop-guidance":
+        del wire["guidance"]
+    elif change == "add-guidance":
+        wire["guidance"] = torch.full((1, 1), 3.5)
+    else:
+        wire["timestep"] = wire["timestep"] * 5
+    with pytest.raises(InferenceServerException, match=message):
+        infer_step(http_client(request.getfixturevalue(server)), "flux_dit", wire)

@@ -1,0 +1,140 @@
+"""The generated flux_dit repository: ensemble maps against the composing models, every config
+against the IO contract, the tensorrt_plan config, and the committed default repository."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.engine import build_engine
+from export.profiles import PROFILE_PRESETS
+from flux_triton.contract import DitSignature
+from flux_triton.engine_io import engine_inputs
+from flux_triton.model_store import FLUX_DEV_CONFIG
+from flux_triton.repository import (
+    ENGINE,
+    ENSEMBLE,
+    PREPROCESS,
+    REPOSITORY,
+    engine_config,
+    ensemble_config,
+    model_config_pb2,
+    parse_pbtxt,
+    preprocess_config,
+    to_pbtxt,
+    write_repository,
+)
+from flux_triton.repository_check import RepositoryError, check_repository
+from flux_triton.sidecar import EngineSidecar
+
+
+@pytest.fixture(scope="module")
+def ort_sidecar(tmp_path_factory, model_root) -> Path:
+    engines = tmp_path_factory.mktemp("engines")
+    return build_engine("onnxruntime", "tiny-flux-dev", engines_dir=engines, model_root=model_root, verify=False)
+
+
+@pytest.fixture
+def ort_repository(tmp_path, ort_sidecar) -> Path:
+    write_repository(ort_sidecar, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def test_committed_repository_is_the_generated_default(ort_sidecar):
+    sidecar = EngineSidecar.read(ort_sidecar)
+    generated = {
+        ENSEMBLE: ensemble_config(sidecar),
+        PREPROCESS: preprocess_config(sidecar),
+        ENGINE: engine_config(sidecar, "tiny-flux-dev-fp32.onnxruntime.json"),
+    }
+    for name, config in generated.items():
+        committed = parse_pbtxt(REPOSITORY / name / "config.pbtxt")
+        assert str(committed) == str(parse_pbtxt_text(to_pbtxt(config))), f"{name}: run `make repo`"
+
+
+def parse_pbtxt_text(text: str):
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, model_config_pb2().ModelConfig())
+
+
+def test_generated_repository_passes_the_static_checks(ort_repository, ort_sidecar):
+    sidecar = check_repository(ort_repository)
+    assert sidecar.kind == "onnxruntime"
+    engine = parse_pbtxt(ort_repository / ENGINE / "config.pbtxt")
+    assert engine.backend == "python" and engine.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [t.name for t in engine.input] == [s.name for s in engine_inputs(True)]
+    assert (ort_repository / ENGINE / "1" / "model.py").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "old", "new", "message"),
+    [
+        (ENGINE, 'name: "timestep"\n  data_type: TYPE_FP32', 'name: "timestep"\n  data_type: TYPE_FP16', "timestep"),
+        (ENSEMBLE, 'value: "engine_img_ids"', 'value: "engine_txt_ids"', "img_ids"),
+        (PREPROCESS, 'name: "engine_hidden_states"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: 4',
+         'name: "engine_hidden_states"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: 8', "engine_hidden_states"),
+        (ENSEMBLE, 'key: "guidance"\n      value: "guidance"', 'key: "guidance"\n      value: "guidanse"', "guidanse"),
+    ],
+    ids=["engine-dtype", "swapped-map", "dims", "unknown-tensor"],
+)  # fmt: skip
+def test_static_checks_catch_mismatches(ort_repository, model, old, new, message):
+    path = ort_repository / model / "config.pbtxt"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(RepositoryError, match=message):
+        check_repository(ort_repository)
+
+
+def _tensorrt_sidecar(folder: Path, precision: str, dtype: torch.dtype) -> Path:
+    signature = DitSignature.from_config(FLUX_DEV_CONFIG, dtype)
+    profile = PROFILE_PRESETS["default"]
+    (folder / f"flux-dev-{precision}.plan").write_bytes(b"plan built by TensorRT")
+    sidecar = EngineSidecar(
+        kind="tensorrt",
+        precision=precision,
+        engine_file=f"flux-dev-{precision}.plan",
+        source_model="flux-dev",
+        signature=asdict(signature),
+        profile=profile.describe(),
+        shapes={k: {lvl: list(s) for lvl, s in v.items()} for k, v in profile.shapes(signature).items()},
+        onnx_file=f"flux-dev-{precision}.onnx",
+        onnx_sha256="0" * 64,
+    )
+    return sidecar.write(folder / f"flux-dev-{precision}.tensorrt.json")
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_tensorrt_plan_config_follows_the_contract(tmp_path, precision, dtype):
+    sidecar_path = _tensorrt_sidecar(tmp_path, precision, dtype)
+    repository = tmp_path / "repo"
+    write_repository(sidecar_path, repository)
+    check_repository(repository)
+    engine = parse_pbtxt(repository / ENGINE / "config.pbtxt")
+    assert engine.platform == "tensorrt_plan" and not engine.backend
+    assert engine.default_model_filename == f"flux-dev-{precision}.plan"
+    assert (
+        repository / ENGINE / "1" / engine.default_model_filename
+    ).resolve() == tmp_path / engine.default_model_filename
+    assert not (repository / ENGINE / "1" / "model.py").exists()
+    assert engine.max_batch_size == 4 and engine.HasField("dynamic_batching")
+    DataType = model_config_pb2().DataType
+    io = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in [*engine.input, *engine.output]}
+    floats = {"bf16": "TYPE_BF16", "fp16": "TYPE_FP16"}[precision]
+    assert io == {
+        "hidden_states": (floats, [-1, 64]),
+        "timestep": (floats, [1]),  # already t / 1000 in the engine dtype
+        "guidance": ("TYPE_FP32", [1]),
+        "pooled_projections": (floats, [768]),
+        "encoder_hidden_states": (floats, [-1, 4096]),
+        "txt_ids": ("TYPE_FP32", [-1, 3]),
+        "img_ids": ("TYPE_FP32", [-1, 3]),
+        "noise_pred": (floats, [-1, 64]),
+    }
+    ensemble = parse_pbtxt(repository / ENSEMBLE / "config.pbtxt")
+    public = {t.name: DataType.Name(t.data_type) for t in ensemble.input}
+    assert public["timestep"] == "TYPE_FP32" and public["hidden_states"] == floats  # raw timestep on the wire
