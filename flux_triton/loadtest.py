@@ -98,6 +98,9 @@ def signature_of(client: httpclient.InferenceServerClient, model: str, guidance:
 
 
 def _executions(client: httpclient.InferenceServerClient, model: str) -> int:
+    """Executions of the model that batches: an ensemble's last step (its engine)."""
+    steps = client.get_model_config(model).get("ensemble_scheduling", {}).get("step", [])
+    model = steps[-1]["model_name"] if steps else model
     return sum(stats["execution_count"] for stats in client.get_inference_statistics(model)["model_stats"])
 
 

@@ -38,6 +38,13 @@ def _tensor(spec: TensorSpec, signature: DitSignature, name: str | None = None) 
     return entry
 
 
+def _public_inputs(signature: DitSignature) -> list[dict]:
+    """The public inputs of flux_dit and dit_preprocess, all declared optional: Triton's ensemble
+    scheduler does not reject a request that lacks a required input (the step never becomes ready
+    and the request fails as a "deadlock"), so dit_preprocess's validation names what is missing."""
+    return [{**_tensor(spec, signature), "optional": True} for spec in INPUTS]
+
+
 def _params(**values) -> dict:
     return {key: {"string_value": str(value)} for key, value in values.items()}
 
@@ -67,7 +74,7 @@ def preprocess_config(sidecar: EngineSidecar) -> dict:
         "name": PREPROCESS,
         "backend": "python",
         "max_batch_size": limits.max_batch,
-        "input": [_tensor(spec, signature) for spec in INPUTS],
+        "input": _public_inputs(signature),
         "output": [_tensor(s, signature, engine_name(s.name)) for s in engine_inputs(signature.guidance_embeds)],
         "parameters": _params(
             in_channels=signature.in_channels,
@@ -104,7 +111,7 @@ def ensemble_config(sidecar: EngineSidecar) -> dict:
         "name": ENSEMBLE,
         "platform": "ensemble",
         "max_batch_size": limits.max_batch,
-        "input": [_tensor(spec, signature) for spec in INPUTS],
+        "input": _public_inputs(signature),
         "output": [_tensor(spec, signature) for spec in OUTPUTS],
         "ensemble_scheduling": {"step": steps},
     }

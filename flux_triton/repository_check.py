@@ -64,11 +64,13 @@ def ensemble_problems(repository: Path) -> list[str]:
 def contract_problems(repository: Path, signature: DitSignature) -> list[str]:
     """Names, dtypes and dims of every config against the contract made concrete."""
     guidance = signature.guidance_embeds
+    # The public inputs are all optional in config; dit_preprocess's validation enforces the contract.
     expected = {
         ENSEMBLE: (INPUTS, OUTPUTS, {}),
         PREPROCESS: (INPUTS, engine_inputs(guidance), {s.name: engine_name(s.name) for s in engine_inputs(guidance)}),
         ENGINE: (engine_inputs(guidance), ENGINE_OUTPUTS, {}),
     }
+    public = {ENSEMBLE, PREPROCESS}
     problems = []
     for model, (inputs, outputs, renamed) in expected.items():
         config = parse_pbtxt(repository / model / "config.pbtxt")
@@ -78,7 +80,8 @@ def contract_problems(repository: Path, signature: DitSignature) -> list[str]:
             for spec in specs:
                 entry = signature.tensor_config(spec)
                 dtype = _dtype_enum(entry["data_type"])
-                wanted[rename.get(spec.name, spec.name)] = (dtype, tuple(entry["dims"]), spec.optional)
+                optional = spec.optional or (kind == "input" and model in public)
+                wanted[rename.get(spec.name, spec.name)] = (dtype, tuple(entry["dims"]), optional)
             if _tensors(entries) != wanted:
                 problems.append(f"{model}: {kind}s {_tensors(entries)} differ from the contract's {wanted}")
     return problems

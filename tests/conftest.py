@@ -102,12 +102,25 @@ def schnell_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
     server.stop()
 
 
+def start_engine_server(folder: Path, model_root: Path, preset: str) -> TritonServer:
+    """flux_dit over an ONNX Runtime engine of ``preset``, built with ``make engine``'s code, in
+    a repository generated and checked like ``make repo``."""
+    from export.engine import build_engine
+    from flux_triton.repository import write_repository
+    from flux_triton.repository_check import check_repository
+
+    sidecar = build_engine("onnxruntime", preset, engines_dir=folder / "engines", model_root=model_root, verify=False)
+    repository = folder / "model_repository"
+    write_repository(sidecar, repository)
+    check_repository(repository)
+    server = TritonServer(
+        repository, log_path=folder / "tritonserver.log", cache=REPO_ROOT / ".triton", args=["--exit-timeout-secs=5"]
+    )
+    return server.start()
+
+
 # The public models: what a client may call. The bad-input and load tests run against each.
-# flux_dit (ensemble -> dit_preprocess -> dit_engine, branch `engine`) joins here once merged:
-#     "flux_dit": ["flux_dit", "dit_preprocess", "dit_engine"],
-PUBLIC_MODELS: dict[str, list[str]] = {
-    "dit_transformer": ["dit_transformer"],
-}
+PUBLIC_MODELS = ("dit_transformer", "flux_dit")
 
 
 @dataclass
@@ -119,8 +132,11 @@ class Served:
 
 
 def _serve_public(request, tmp_path_factory, model_root, preset: str) -> Iterator[Served]:
-    env = {model_store.MODEL_DIR_ENV: preset}
-    server = start_server(tmp_path_factory.mktemp(request.param), model_root, PUBLIC_MODELS[request.param], env)
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "flux_dit":
+        server = start_engine_server(folder, model_root, preset)
+    else:
+        server = start_server(folder, model_root, ["dit_transformer"], {model_store.MODEL_DIR_ENV: preset})
     yield Served(server, request.param)
     server.stop()
 

@@ -28,7 +28,17 @@ FLOAT_INPUTS = (
     "txt_ids",
     "img_ids",
 )
-LIMITS = {"B": 16, "N": 16384, "S": 512}  # max_batch_size and the max_*_tokens parameters
+
+
+def server_limits(client, model: str) -> dict[str, int]:
+    """B, N and S limits as the server's configs state them (an ensemble's in its preprocessor)."""
+    config = client.get_model_config(model)
+    parameters = client.get_model_config("dit_preprocess" if config["platform"] == "ensemble" else model)["parameters"]
+    return {
+        "B": config["max_batch_size"],
+        "N": int(parameters["max_image_tokens"]["string_value"]),
+        "S": int(parameters["max_text_tokens"]["string_value"]),
+    }
 
 
 def valid(batch: int = 1, **kwargs) -> dict[str, torch.Tensor]:
@@ -155,7 +165,7 @@ def test_zero_size_dims(public_dev, client, baseline, symbol):
 
 def test_batch_beyond_the_server_limit(public_dev, client, baseline):
     # Triton's own check, before the model: it names the request's batch size and the limit.
-    limit = LIMITS["B"]
+    limit = server_limits(client, public_dev.model)["B"]
     with pytest.raises(InferenceServerException, match=f"batch-size must be <= {limit}"):
         infer_step(client, public_dev.model, valid(batch=limit + 1))
     assert client.is_server_ready() and client.is_model_ready(public_dev.model)
@@ -164,7 +174,7 @@ def test_batch_beyond_the_server_limit(public_dev, client, baseline):
 
 @pytest.mark.parametrize(("symbol", "name"), [("N", "hidden_states"), ("S", "encoder_hidden_states")])
 def test_tokens_beyond_the_server_limits(public_dev, client, baseline, symbol, name):
-    limit = LIMITS[symbol]
+    limit = server_limits(client, public_dev.model)[symbol]
     wire = valid(height=16, width=16 * (limit + 1)) if symbol == "N" else valid(text_tokens=limit + 1)
     assert_rejected(
         public_dev, client, baseline, wire, name, f"{symbol}={limit + 1} exceeds this server's limit of {limit}"

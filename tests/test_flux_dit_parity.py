@@ -10,24 +10,18 @@ bitwise equal. FP16/BF16/FP8 TensorRT engines are not run here (docs/engines.md 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 import tritonclient.http as httpclient
+from conftest import start_engine_server
 
 from client.wire import infer_step
-from export.engine import build_engine
 from flux_triton import denoise, reference
 from flux_triton.contract import DitSignature
-from flux_triton.repository import write_repository
-from flux_triton.repository_check import check_repository
-from flux_triton.server import TritonServer
 
 pytestmark = pytest.mark.server
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
 DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
@@ -35,31 +29,18 @@ SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embed
 SIZE = {"height": 256, "width": 256}  # the profiles' minimum: 256 image tokens
 
 
-def _serve(tmp_path_factory, model_root, model: str) -> Iterator[TritonServer]:
-    folder = tmp_path_factory.mktemp(model)
-    sidecar = build_engine("onnxruntime", model, engines_dir=folder / "engines", model_root=model_root, verify=False)
-    repository = folder / "model_repository"
-    write_repository(sidecar, repository)
-    check_repository(repository)
-    server = TritonServer(
-        repository,
-        log_path=folder / "tritonserver.log",
-        cache=REPO_ROOT / ".triton",
-        args=["--exit-timeout-secs=5"],
-    )
-    server.start()
+@pytest.fixture(scope="module")
+def dev_engine_server(tmp_path_factory, model_root):
+    server = start_engine_server(tmp_path_factory.mktemp("dev-engine"), model_root, "tiny-flux-dev")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def dev_engine_server(tmp_path_factory, model_root):
-    yield from _serve(tmp_path_factory, model_root, "tiny-flux-dev")
-
-
-@pytest.fixture(scope="module")
 def schnell_engine_server(tmp_path_factory, model_root):
-    yield from _serve(tmp_path_factory, model_root, "tiny-flux-schnell")
+    server = start_engine_server(tmp_path_factory.mktemp("schnell-engine"), model_root, "tiny-flux-schnell")
+    yield server
+    server.stop()
 
 
 def test_single_latent_matches_the_pipeline_call(dev_engine_server, http_client, tiny_dev):
@@ -176,26 +157,3 @@ def test_denoising_loop_matches_flux_pipeline(
     ).images
     torch.testing.assert_close(served, expected, **LOOP_TOL)
     assert not torch.allclose(served, first.latents, atol=1e-2)
-
-
-@pytest.mark.parametrize(
-    ("server", "change", "message"),
-    [
-        ("dev_engine_server", "drop-guidance", "guidance: required"),
-        ("schnell_engine_server", "add-guidance", "guidance: this model has no guidance embeddings"),
-        ("dev_engine_server", "timestep-x5", "timestep: expected raw scheduler timesteps"),
-    ],
-)
-def test_bad_input_gets_the_validation_error(request, http_client, server, change, message):
-    from tritonclient.utils import InferenceServerException
-
-    signature = DEV if server.startswith("dev") else SCHNELL
-    wire = reference.random_step(signature, seed=6, **SIZE).wire()
-    if change == "drop-guidance":
-        del wire["guidance"]
-    elif change == "add-guidance":
-        wire["guidance"] = torch.full((1, 1), 3.5)
-    else:
-        wire["timestep"] = wire["timestep"] * 5
-    with pytest.raises(InferenceServerException, match=message):
-        infer_step(http_client(request.getfixturevalue(server)), "flux_dit", wire)
