@@ -126,7 +126,7 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="eager,compile,regional,fp8")
+    parser.add_argument("--paths", default="eager,compile,regional,aoti,fp8,aoti-fp8")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -143,34 +143,10 @@ def main() -> None:
     accuracy_step = step_for("1024x1024-b1")
     refs = fp32_reference(model, accuracy_step, args.loop_steps)
 
-    def call(transformer):
-        return lambda step: pipeline_call(transformer, reference_to_inputs(step))
-
     for name in args.paths.split(","):
         torch._dynamo.reset()
         started = time.perf_counter()
-        if name == "eager":
-            fn = call(model)
-        elif name == "compile":
-            fn = call(torch.compile(model, fullgraph=True))
-        elif name == "regional":  # dit_transformer's optimized bf16 path
-            fn = call(speedups.apply(model, speedups.Speedups(attention_backend="_native_cudnn", compile="regional")))
-        elif name in ("aoti", "aoti-fp8"):
-            if name == "aoti-fp8":
-                speedups.apply(model, speedups.Speedups(fp8=True))
-            build = aoti.build(model, args.aoti_dir / f"flux-dev-{name}.pt2")
-            results.setdefault("aoti_build", {})[name] = build
-            started = time.perf_counter()  # ready = loading the prebuilt package
-            engine = aoti.load(build["package"], model)
-            fn = partial(engine_call, engine)
-        elif name == "fp8":  # last: replaces the bf16 block weights in place
-            fn = call(
-                speedups.apply(
-                    model, speedups.Speedups(attention_backend="_native_cudnn", fp8=True, compile="regional")
-                )
-            )
-        else:
-            raise ValueError(f"unknown path {name}")
+        fn, started = prepare_path(name, model, args, results, started)
         with torch.inference_mode():
             fn(accuracy_step)
         torch.cuda.synchronize()
@@ -180,20 +156,39 @@ def main() -> None:
     print_table(results)
 
 
-def engine_call(engine, step: reference.PipelineStep) -> torch.Tensor:
-    """The AOTI engine's signature: batched ids, the timestep scaled as the preprocessor does."""
-    batch = step.latents.shape[0]
-    inputs = dict(
-        hidden_states=step.latents,
-        timestep=step.t.expand(batch).to(step.latents.dtype) / 1000,
-        pooled_projections=step.pooled_prompt_embeds,
-        encoder_hidden_states=step.prompt_embeds,
-        txt_ids=step.text_ids.expand(batch, -1, -1).contiguous(),
-        img_ids=step.latent_image_ids.expand(batch, -1, -1).contiguous(),
-    )
-    if step.guidance is not None:
-        inputs["guidance"] = step.guidance
-    return engine(**inputs)
+def prepare_path(name: str, model, args, results: dict, started: float):
+    """The step function of one path, and when its time to ready starts. Paths mutate the model
+    in order: the bf16 ones first, then FP8 (which drops the bf16 block weights)."""
+    cudnn = "_native_cudnn"
+    call = partial(step_call, model)
+    reset_blocks(model)
+    if name == "eager":
+        return call, started
+    if name == "compile":
+        return partial(step_call, torch.compile(model, fullgraph=True)), started
+    if name in ("regional", "fp8"):  # dit_transformer's optimized paths
+        speedups.apply(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "fp8", compile="regional"))
+        return call, started
+    if name in ("aoti", "aoti-fp8"):
+        speedups.apply(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
+        engine_dir = args.aoti_dir / f"flux-dev-{name}"
+        results.setdefault("aoti_build", {})[name] = record = aoti.build(model, engine_dir)
+        started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
+        aoti.attach(model, engine_dir, record["packages"])
+        return call, started
+    raise ValueError(f"unknown path {name}")
+
+
+def reset_blocks(model) -> None:
+    """Undo an earlier path's regional compile or attached engine (FP8 weights stay FP8)."""
+    for blocks in (model.transformer_blocks, model.single_transformer_blocks):
+        for block in blocks:
+            block._compiled_call_impl = None
+            block.__dict__.pop("forward", None)
+
+
+def step_call(transformer, step: reference.PipelineStep) -> torch.Tensor:
+    return pipeline_call(transformer, reference_to_inputs(step))
 
 
 def reference_to_inputs(step: reference.PipelineStep):

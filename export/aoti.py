@@ -1,37 +1,23 @@
-"""Ahead-of-time GPU engines: torch.export + AOTInductor packages with dynamic batch and
-image-token ranges (like a TensorRT profile), loaded in seconds with no JIT compile at start."""
+"""Ahead-of-time compiled GPU engines: each repeated FLUX block compiled once with torch.export +
+AOTInductor, with dynamic batch and image-token ranges (like a TensorRT profile).
+
+The engine holds code only: one package per block kind (19 double-stream blocks share one, 38
+single-stream blocks the other), compiled with the block's weights as inputs. At load each kind's
+package is loaded once and every block calls it with its own weights (the loaded model's tensors,
+not copies), so the server is ready in seconds with no JIT compile, and GPU memory holds the
+weights once. The embedders and the final norm
+(a few small ops) stay eager."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-
-class EngineModule(nn.Module):
-    """The engine signature: every input batched (ids as [B, ., 3], one row used), the timestep
-    already scaled by the preprocessor (model dtype, ``t / 1000``)."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(
-        self, hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids, guidance=None
-    ):
-        return self.transformer(
-            hidden_states=hidden_states,
-            timestep=timestep,
-            guidance=guidance,
-            pooled_projections=pooled_projections,
-            encoder_hidden_states=encoder_hidden_states,
-            txt_ids=txt_ids[0],
-            img_ids=img_ids[0],
-            return_dict=False,
-        )[0]
+BLOCK_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
 
 @dataclass(frozen=True)
@@ -40,67 +26,90 @@ class AotiProfile:
     max_batch: int = 8
     min_image_tokens: int = 256  # 256x256 px
     max_image_tokens: int = 7056  # 1344x1344 px
-    text_tokens: int = 512
+    text_tokens: int = 512  # fixed per build, as FluxPipeline pads T5 to max_sequence_length
 
 
-def example_inputs(transformer, profile: AotiProfile, batch: int = 2, image_tokens: int = 1024) -> dict:
-    config, dtype, device = transformer.config, transformer.dtype, transformer.device
-    inputs = dict(
-        hidden_states=torch.randn(batch, image_tokens, config.in_channels, dtype=dtype, device=device),
-        timestep=torch.full((batch,), 0.5, dtype=dtype, device=device),
-        pooled_projections=torch.randn(batch, config.pooled_projection_dim, dtype=dtype, device=device),
-        encoder_hidden_states=torch.randn(
-            batch, profile.text_tokens, config.joint_attention_dim, dtype=dtype, device=device
-        ),
-        txt_ids=torch.zeros(batch, profile.text_tokens, 3, device=device),
-        img_ids=torch.zeros(batch, image_tokens, 3, device=device),
+def block_weights(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(block.named_parameters()), **dict(block.named_buffers())}
+
+
+class FunctionalBlock(nn.Module):
+    """A block as a pure function of its weights and tensor inputs (RoPE as two tensors)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.__dict__["block"] = block  # not a submodule: its weights are inputs, not constants
+        self.names = tuple(block_weights(block))
+
+    def forward(self, weights, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
+        inputs = dict(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            image_rotary_emb=(rope_cos, rope_sin),
+        )
+        return torch.func.functional_call(self.block, dict(zip(self.names, weights, strict=True)), (), inputs)
+
+
+def _example(transformer, profile: AotiProfile, batch: int = 2, image_tokens: int = 1024) -> tuple:
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    head_dim = transformer.config.attention_head_dim
+    dtype, device = transformer.dtype, transformer.device
+    tokens = image_tokens + profile.text_tokens
+    return (
+        torch.randn(batch, image_tokens, dim, dtype=dtype, device=device),
+        torch.randn(batch, profile.text_tokens, dim, dtype=dtype, device=device),
+        torch.randn(batch, dim, dtype=dtype, device=device),
+        torch.randn(tokens, head_dim, device=device),
+        torch.randn(tokens, head_dim, device=device),
     )
-    if config.guidance_embeds:
-        inputs["guidance"] = torch.full((batch,), 3.5, device=device)
-    return inputs
 
 
-def dynamic_shapes(inputs: dict, profile: AotiProfile) -> dict:
+def _dynamic_shapes(profile: AotiProfile, weight_count: int) -> tuple:
     batch = torch.export.Dim("batch", min=profile.min_batch, max=profile.max_batch)
-    tokens = torch.export.Dim("image_tokens", min=profile.min_image_tokens, max=profile.max_image_tokens)
-    shapes = dict(
-        hidden_states={0: batch, 1: tokens},
-        timestep={0: batch},
-        pooled_projections={0: batch},
-        encoder_hidden_states={0: batch},
-        txt_ids={0: batch},
-        img_ids={0: batch, 1: tokens},
-    )
-    if "guidance" in inputs:
-        shapes["guidance"] = {0: batch}
-    return shapes
+    image = torch.export.Dim("image_tokens", min=profile.min_image_tokens, max=profile.max_image_tokens)
+    rope = {0: image + profile.text_tokens}
+    return ((None,) * weight_count, {0: batch, 1: image}, {0: batch}, {0: batch}, rope, rope)
 
 
-def build(transformer, package_path: Path, profile: AotiProfile = AotiProfile()) -> dict:
-    """Export and AOT-compile ``transformer`` (already on its GPU, speed-ups applied) to a .pt2."""
-    module = EngineModule(transformer).eval()
-    inputs = example_inputs(transformer, profile)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        exported = torch.export.export(module, (), inputs, dynamic_shapes=dynamic_shapes(inputs, profile), strict=False)
-    export_s = time.perf_counter() - started
-    # The package holds code only: the weights stay in the model's safetensors and are handed
-    # to the engine at load time, so neither disk nor GPU memory holds a second copy.
-    path = torch._inductor.aoti_compile_and_package(
-        exported, package_path=str(package_path), inductor_configs={"aot_inductor.package_constants_in_so": False}
-    )
-    return {"package": path, "export_s": export_s, "compile_s": time.perf_counter() - started - export_s}
+def build(transformer, engine_dir: Path, profile: AotiProfile = AotiProfile()) -> dict:
+    """Compile one package per block kind of ``transformer`` (on its GPU, speed-ups such as FP8
+    already applied) into ``engine_dir``; returns the build record."""
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    record = {"profile": asdict(profile), "packages": {}, "compile_s": {}}
+    for kind, attribute in BLOCK_KINDS.items():
+        started = time.perf_counter()
+        block = getattr(transformer, attribute)[0]
+        weights = tuple(block_weights(block).values())
+        with torch.inference_mode():
+            exported = torch.export.export(
+                FunctionalBlock(block),
+                (weights, *_example(transformer, profile)),
+                dynamic_shapes=_dynamic_shapes(profile, len(weights)),
+                strict=False,
+            )
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(engine_dir / f"{kind}.pt2"))
+        record["packages"][kind] = Path(path).name
+        record["compile_s"][kind] = time.perf_counter() - started
+    return record
 
 
-def load(package_path: Path, transformer: nn.Module):
-    """The compiled engine bound to ``transformer``'s weights (shared, not copied): call it with
-    the engine inputs as keyword arguments."""
-    engine = torch._inductor.aoti_load_package(str(package_path))
-    module = EngineModule(transformer)
-    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    wanted = engine.get_constant_fqns()
-    missing = [name for name in wanted if name not in tensors]
-    if missing:
-        raise ValueError(f"engine {package_path} needs weights the model lacks: {missing[:5]}")
-    engine.load_constants({name: tensors[name] for name in wanted}, check_full_update=True, user_managed=True)
-    return engine
+class CompiledBlock:
+    """Stands in for a block's forward: its kind's compiled function with this block's weights."""
+
+    def __init__(self, runner, weights: tuple[torch.Tensor, ...]):
+        self.runner, self.weights = runner, weights
+
+    def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs=None):
+        if joint_attention_kwargs:
+            raise ValueError("the AOTI engine does not take joint_attention_kwargs")
+        cos, sin = image_rotary_emb
+        return tuple(self.runner(self.weights, hidden_states, encoder_hidden_states, temb, cos, sin))
+
+
+def attach(transformer, engine_dir: Path, packages: dict[str, str]) -> None:
+    """Route every block's forward through its kind's compiled package (loaded once per kind)."""
+    for kind, attribute in BLOCK_KINDS.items():
+        runner = torch._inductor.aoti_load_package(str(engine_dir / packages[kind]))
+        for block in getattr(transformer, attribute):
+            block.forward = CompiledBlock(runner, tuple(block_weights(block).values()))

@@ -18,7 +18,7 @@ class Float8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight_fp8_t", (weight.float() / scale).to(FP8).t(), persistent=False)
+        self.register_buffer("weight_fp8", (weight.float() / scale).to(FP8), persistent=False)
         self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.out_features = linear.out_features
@@ -29,7 +29,7 @@ class Float8Linear(nn.Module):
         scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
         quantized = (flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         out = torch._scaled_mm(
-            quantized, self.weight_fp8_t, scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
+            quantized, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
         )
         return out.reshape(*shape[:-1], self.out_features)
 
