@@ -167,10 +167,12 @@ def prepare_path(name: str, model, args, results: dict, started: float):
     if name == "compile":
         return partial(step_call, torch.compile(model, fullgraph=True)), started
     if name in ("regional", "fp8"):  # dit_transformer's optimized paths
-        speedups.apply(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "fp8", compile="regional"))
+        speedups.apply_speedups(
+            model, speedups.Speedups(attention_backend=cudnn, fp8=name == "fp8", compile="regional")
+        )
         return call, started
     if name in ("aoti", "aoti-fp8"):
-        speedups.apply(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
+        speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
         engine_dir = args.aoti_dir / f"flux-dev-{name}"
         results.setdefault("aoti_build", {})[name] = record = aoti.build(model, engine_dir)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,25 +25,36 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
-def bundled_triton() -> Path:
-    import pytriton
+TRITON_HOME_ENV = "TRITONSERVER_HOME"
 
-    home = Path(pytriton.__file__).parent / "tritonserver"
+
+def triton_home() -> Path:
+    """The tritonserver tree: ``$TRITONSERVER_HOME`` (e.g. ``/opt/tritonserver`` in NVIDIA's
+    container, or an unpacked copy of the bundled one), else the one in ``nvidia-pytriton``."""
+    if os.environ.get(TRITON_HOME_ENV):
+        home = Path(os.environ[TRITON_HOME_ENV])
+    else:
+        import pytriton
+
+        home = Path(pytriton.__file__).parent / "tritonserver"
     if not (home / "bin" / "tritonserver").is_file():
-        raise FileNotFoundError(f"no tritonserver binary under {home}; is nvidia-pytriton installed?")
+        raise FileNotFoundError(
+            f"no tritonserver binary under {home}; install nvidia-pytriton or set {TRITON_HOME_ENV}"
+        )
     return home
 
 
 def backend_directory(cache: Path) -> Path:
-    """A backend folder holding the Python backend and the stub for this interpreter."""
-    home = bundled_triton()
+    """The backends folder. The bundled tree ships one Python-backend stub per Python version:
+    the one for this interpreter is copied beside the backend in a private folder."""
+    home = triton_home()
+    stubs = home / "python_backend_stubs"
+    if not stubs.is_dir():
+        return home / "backends"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     python_dir = cache / "backends" / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    sources = [
-        *(home / "backends" / "python").iterdir(),
-        home / "python_backend_stubs" / version / "triton_python_backend_stub",
-    ]
+    sources = [*(home / "backends" / "python").iterdir(), stubs / version / "triton_python_backend_stub"]
     for source in sources:
         target = python_dir / source.name
         if not target.exists() or target.stat().st_size != source.stat().st_size:
@@ -50,16 +62,29 @@ def backend_directory(cache: Path) -> Path:
     return python_dir.parent
 
 
-def server_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    import pytriton
+def library_dirs(home: Path) -> list[str]:
+    """The server's shared libraries (the wheel keeps them beside the package, an unpacked copy
+    in ``lib/``) and this Python's ``libpython``, which the stub embeds."""
+    dirs = [home / "lib", home.parents[1] / "nvidia_pytriton.libs"]
+    return [str(d) for d in dirs if d.is_dir()] + [sysconfig.get_config_var("LIBDIR")]
 
-    libs = [str(Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+
+def server_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    libs = library_dirs(triton_home())
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     env["VIRTUAL_ENV"] = sys.prefix
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
     return env
+
+
+def set_parameter(config: Path, key: str, value: str) -> None:
+    """Set (or add) one string parameter of a config.pbtxt."""
+    entry = f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+    pattern = rf'parameters: {{ key: "{key}" value: {{ string_value: "[^"]*" }} }}'
+    text, count = re.subn(pattern, entry, config.read_text())
+    config.write_text(text if count else f"{text.rstrip()}\n{entry}\n")
 
 
 def free_port(address: str = LOOPBACK) -> int:
@@ -94,7 +119,7 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [
-            str(bundled_triton() / "bin" / "tritonserver"),
+            str(triton_home() / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_directory(self.cache)}",
             f"--http-address={self.address}",

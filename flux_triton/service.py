@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ import torch
 from flux_triton import faults, model_store
 from flux_triton.contract import DitSignature
 from flux_triton.runner import pipeline_call, run_merged
+from flux_triton.speedups import Speedups, apply_speedups
 from flux_triton.validation import Limits, StepInputs, validate
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -29,6 +30,7 @@ class ServeSettings:
     max_image_tokens: int = 16384
     max_text_tokens: int = 512
     fault_forward_bytes: int = 0  # test-only fault injection (flux_triton/faults.py); 0: off
+    speedups: Speedups = field(default_factory=Speedups)  # parameters attention_backend, fuse_qkv, fp8, compile
 
     @classmethod
     def from_model_config(cls, model_config: Mapping) -> ServeSettings:
@@ -38,10 +40,13 @@ class ServeSettings:
         if model_config.get("max_batch_size"):
             parameters["max_batch"] = str(model_config["max_batch_size"])
         values = {}
-        for field in fields(cls):
-            raw = parameters.get(field.name)
-            if raw is not None and raw != "":
-                values[field.name] = type(getattr(cls, field.name))(raw)
+        for setting in fields(cls):
+            raw = parameters.get(setting.name)
+            if raw is not None and raw != "" and setting.name != "speedups":
+                values[setting.name] = type(getattr(cls, setting.name))(raw)
+        values["speedups"] = Speedups.parse(
+            **{f.name: parameters[f.name] for f in fields(Speedups) if f.name in parameters}
+        )
         if os.environ.get(model_store.MODEL_DIR_ENV):
             values["model_dir"] = os.environ[model_store.MODEL_DIR_ENV]
         if os.environ.get(faults.FAULT_FORWARD_BYTES_ENV):
@@ -81,7 +86,8 @@ class DitService:
         self.settings = settings
         self.device = device
         self.model_dir, self.signature = signature_for(settings, model_root, device)
-        self.transformer = model_store.load_transformer(self.model_dir, self.signature.torch_dtype, device)
+        transformer = model_store.load_transformer(self.model_dir, self.signature.torch_dtype, device)
+        self.transformer = apply_speedups(transformer, settings.speedups)
 
     def prepare(self, tensors: Mapping[str, torch.Tensor]) -> StepInputs:
         """Validate one request, moving its tensors to the model's device."""

@@ -38,7 +38,7 @@ def fuse_qkv_projections(transformer) -> None:
     torch.cuda.empty_cache()
 
 
-def apply(transformer, speedups: Speedups):
+def apply_speedups(transformer, speedups: Speedups):
     """Apply ``speedups`` in place (the transformer is already on its device); returns the
     callable to use, which is the transformer itself unless compiled whole."""
     if speedups.attention_backend != "native":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 import tritonclient.http as httpclient
 
 from flux_triton import model_store
-from flux_triton.server import TritonServer
+from flux_triton.server import TritonServer, set_parameter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = REPO_ROOT / "model_repository"
@@ -74,15 +73,6 @@ def start_server(
         args=["--exit-timeout-secs=5"],
     )
     return server.start(wait_for=wait_for)
-
-
-def set_parameter(config: Path, key: str, value: str) -> None:
-    """Set (or add) one string parameter of a config.pbtxt."""
-    entry = f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-    text, count = re.subn(
-        rf'parameters: {{ key: "{key}" value: {{ string_value: "[^"]*" }} }}', entry, config.read_text()
-    )
-    config.write_text(text if count else f"{text.rstrip()}\n{entry}\n")
 
 
 @pytest.fixture(scope="module")

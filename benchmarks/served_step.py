@@ -1,0 +1,122 @@
+"""The served step on one GPU: full-size FLUX.1-dev (random weights, saved and loaded like real
+ones) through ``dit_transformer`` in the real tritonserver, client -> server -> client, next to
+the same step run in process by the same service code, in one invocation.
+
+    benchmarks/pack_for_gpu.sh   # here: the server tree and wheels for a host without network
+    python benchmarks/served_step.py --out served.json   # there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import tritonclient.http as httpclient
+
+from benchmarks.gpu_bench import build_model, step_for
+from client.wire import infer_step
+from flux_triton import model_store
+from flux_triton.server import TritonServer, set_parameter
+from flux_triton.service import DitService, ServeSettings
+from flux_triton.speedups import Speedups
+
+REPOSITORY = model_store.REPO_ROOT / "model_repository"
+MODEL = "flux-dev-random"
+
+
+def host_times(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1024x1024-b1")
+    parser.add_argument("--attention-backend", default="_native_cudnn")
+    parser.add_argument("--compile", default="regional")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("served.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="served-"))
+    results: dict = {"gpu": torch.cuda.get_device_name(), "shape": args.shape}
+
+    started = time.perf_counter()
+    model = build_model()
+    model.save_pretrained(work / "models" / MODEL / "transformer")  # a diffusers pipeline layout
+    del model
+    torch.cuda.empty_cache()
+    results["save_s"] = time.perf_counter() - started
+
+    speedups = Speedups(attention_backend=args.attention_backend, compile=args.compile)
+    started = time.perf_counter()
+    service = DitService(ServeSettings(model_dir=MODEL, speedups=speedups), work / "models", torch.device("cuda"))
+    wire = {name: tensor.contiguous() for name, tensor in step_for(args.shape).wire().items()}
+    prepared = service.prepare(wire)
+
+    def in_process():
+        service.execute([prepared])[0].float().sum().item()  # waits for the GPU, as a response would
+
+    first = service.execute([prepared])[0]
+    torch.cuda.synchronize()
+    results["in_process_ready_s"] = time.perf_counter() - started
+    results["in_process"] = summary(host_times(in_process, args.warmup, args.iters))
+    del service, prepared
+    torch.cuda.empty_cache()
+
+    repository = work / "model_repository"
+    shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
+    config = repository / "dit_transformer" / "config.pbtxt"
+    set_parameter(config, "model_dir", MODEL)
+    set_parameter(config, "attention_backend", args.attention_backend)
+    set_parameter(config, "compile", args.compile)
+    server = TritonServer(
+        repository,
+        env={model_store.MODEL_ROOT_ENV: str(work / "models")},
+        log_path=work / "tritonserver.log",
+        cache=work / "triton",
+        args=["--exit-timeout-secs=5", "--backend-config=python,shm-default-byte-size=67108864"],
+    )
+    started = time.perf_counter()
+    with server:
+        results["server_ready_s"] = time.perf_counter() - started
+        with httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
+            served = infer_step(client, "dit_transformer", wire)
+            results["served_vs_in_process_max_abs"] = (served.float() - first.float().cpu()).abs().max().item()
+            results["served"] = summary(
+                host_times(lambda: infer_step(client, "dit_transformer", wire), args.warmup, args.iters)
+            )
+            stats = client.get_inference_statistics("dit_transformer")["model_stats"][0]["inference_stats"]
+            results["server_compute_infer_ms_mean"] = (
+                stats["compute_infer"]["ns"] / stats["compute_infer"]["count"] / 1e6
+            )
+    results["request_mib"] = sum(t.numel() * t.element_size() for t in wire.values()) / 2**20
+    overhead = results["served"]["median_ms"] - results["in_process"]["median_ms"]
+    results["overhead_ms"], results["overhead_pct"] = overhead, 100 * overhead / results["in_process"]["median_ms"]
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(
+        f"\n{results['gpu']} {args.shape}: in process {results['in_process']['median_ms']:.1f} ms, served "
+        f"{results['served']['median_ms']:.1f} ms, overhead {overhead:.1f} ms ({results['overhead_pct']:.1f}%), "
+        f"server ready in {results['server_ready_s']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
