@@ -45,6 +45,21 @@ def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
+def measure_in_process(settings: ServeSettings, root: Path, wire: dict, args, results: dict) -> torch.Tensor:
+    """The same service code as the server's, in this process; returns the first noise_pred."""
+    started = time.perf_counter()
+    service = DitService(settings, root, torch.device("cuda"))
+    prepared = service.prepare(wire)
+    first = service.execute([prepared])[0].cpu()
+    results["in_process_ready_s"] = time.perf_counter() - started
+
+    def step():
+        service.execute([prepared])[0].float().sum().item()  # waits for the GPU, as a response would
+
+    results["in_process"] = summary(host_times(step, args.warmup, args.iters))
+    return first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1024x1024-b1")
@@ -65,20 +80,9 @@ def main() -> None:
     results["save_s"] = time.perf_counter() - started
 
     speedups = Speedups(attention_backend=args.attention_backend, compile=args.compile)
-    started = time.perf_counter()
-    service = DitService(ServeSettings(model_dir=MODEL, speedups=speedups), work / "models", torch.device("cuda"))
     wire = {name: tensor.contiguous() for name, tensor in step_for(args.shape).wire().items()}
-    prepared = service.prepare(wire)
-
-    def in_process():
-        service.execute([prepared])[0].float().sum().item()  # waits for the GPU, as a response would
-
-    first = service.execute([prepared])[0]
-    torch.cuda.synchronize()
-    results["in_process_ready_s"] = time.perf_counter() - started
-    results["in_process"] = summary(host_times(in_process, args.warmup, args.iters))
-    del service, prepared
-    torch.cuda.empty_cache()
+    first = measure_in_process(ServeSettings(model_dir=MODEL, speedups=speedups), work / "models", wire, args, results)
+    torch.cuda.empty_cache()  # the server process loads its own copy next
 
     repository = work / "model_repository"
     shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
@@ -98,7 +102,7 @@ def main() -> None:
         results["server_ready_s"] = time.perf_counter() - started
         with httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
             served = infer_step(client, "dit_transformer", wire)
-            results["served_vs_in_process_max_abs"] = (served.float() - first.float().cpu()).abs().max().item()
+            results["served_vs_in_process_max_abs"] = (served.float() - first.float()).abs().max().item()
             results["served"] = summary(
                 host_times(lambda: infer_step(client, "dit_transformer", wire), args.warmup, args.iters)
             )
