@@ -1,0 +1,55 @@
+"""GPU checks (skipped without CUDA): the served code path in bf16 on the GPU, and each fast path
+of the full-size FLUX.1-dev architecture (random weights) against an fp32 reference of the same
+weights, next to eager bf16's own error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_triton import reference
+from flux_triton.service import DitService, ServeSettings
+from flux_triton.speedups import Speedups, apply_speedups
+
+pytestmark = pytest.mark.gpu
+
+
+def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
+    service = DitService(ServeSettings(), model_root, torch.device("cuda"))
+    assert service.signature.dtype == "BF16"
+    step = reference.random_step(service.signature, batch=2, seed=4, device="cuda")
+    (served,) = service.execute([service.prepare(step.wire())])
+    assert torch.equal(served, reference.diffusers_call(service.transformer, step))
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """The FLUX.1-dev transformer with random weights, its 512x512 step and the fp32 answer."""
+    from benchmarks.gpu_bench import build_model, rel_l2, step_for
+
+    model = build_model()
+    step = step_for("512x512-b1")
+    model.float()  # bf16 -> fp32 -> bf16 round-trips exactly
+    step32 = reference.PipelineStep(**vars(step))
+    for name in ("latents", "pooled_prompt_embeds", "prompt_embeds"):
+        setattr(step32, name, getattr(step32, name).float())
+    expected = reference.diffusers_call(model, step32)
+    model.to(torch.bfloat16)
+    eager_error = rel_l2(reference.diffusers_call(model, step), expected)
+    return model, step, expected, eager_error, rel_l2
+
+
+@pytest.mark.parametrize(
+    ("speedups", "allowed"),
+    [
+        (Speedups(attention_backend="_native_cudnn", fuse_qkv=True, compile="regional"), 1.02),
+        (Speedups(attention_backend="_native_cudnn", fp8=True, compile="regional"), 1.25),
+    ],
+    ids=["bf16-regional-cudnn-fused", "fp8-regional"],
+)
+def test_fast_paths_are_as_accurate_as_eager(full_size, speedups, allowed):
+    """bf16 speed-ups may not be less accurate than eager bf16; FP8 within 25% of it."""
+    model, step, expected, eager_error, rel_l2 = full_size
+    fast = apply_speedups(model, speedups)
+    error = rel_l2(reference.diffusers_call(fast, step), expected)
+    assert error <= allowed * eager_error, f"{error:.3e} vs eager {eager_error:.3e}"

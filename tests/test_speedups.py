@@ -1,0 +1,43 @@
+"""dit_transformer's switchable speed-ups: settings from the Triton config, and the ones that run
+on the CPU (fused QKV) checked against diffusers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_triton import model_store, reference
+from flux_triton.contract import DitSignature
+from flux_triton.service import ServeSettings
+from flux_triton.speedups import Speedups, apply_speedups
+
+
+def _config(**parameters) -> dict:
+    return {"max_batch_size": 8, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+
+
+def test_settings_read_the_speedups_from_the_config():
+    settings = ServeSettings.from_model_config(
+        _config(attention_backend="_native_cudnn", fuse_qkv="true", fp8="false", compile="regional")
+    )
+    assert settings.speedups == Speedups("_native_cudnn", fuse_qkv=True, fp8=False, compile="regional")
+    assert settings.max_batch == 8
+    assert ServeSettings.from_model_config(_config()).speedups == Speedups()
+
+
+def test_an_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile: expected none, regional or full"):
+        ServeSettings.from_model_config(_config(compile="everything"))
+
+
+def test_fused_qkv_keeps_the_output_and_frees_the_unfused_weights():
+    transformer = model_store.build_tiny("tiny-flux-dev")
+    signature = DitSignature.from_config(transformer.config, torch.float32)
+    step = reference.random_step(signature, batch=2, seed=3)
+    expected = reference.diffusers_call(transformer, step)
+    before = sum(p.numel() for p in transformer.parameters())
+    assert apply_speedups(transformer, Speedups(fuse_qkv=True)) is transformer
+    torch.testing.assert_close(reference.diffusers_call(transformer, step), expected, rtol=1e-5, atol=1e-6)
+    attention = transformer.transformer_blocks[0].attn
+    assert hasattr(attention, "to_qkv") and not hasattr(attention, "to_q")
+    assert sum(p.numel() for p in transformer.parameters()) == before  # one copy of the q/k/v weights
