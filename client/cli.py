@@ -67,18 +67,10 @@ def load_embeds(args: argparse.Namespace, remote: RemoteFluxTransformer) -> dict
 
 
 def build_pipeline(remote: RemoteFluxTransformer, preset: str, vae_dir: Path | None):
-    from diffusers import AutoencoderKL, FluxPipeline
+    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True) if vae_dir else None
-    return FluxPipeline(
-        scheduler=denoise.make_scheduler(preset),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=remote,
-    )
+    return denoise.flux_pipeline(remote, preset, vae=vae)
 
 
 def decode_png(pipe, latents: torch.Tensor, height: int, width: int, path: Path) -> None:

@@ -68,14 +68,14 @@ def denoise(
     return step.latents
 
 
-def flux_pipeline(transformer, preset: str):
-    """diffusers' FluxPipeline around ``transformer``, without text encoders or VAE (callers pass
-    prompt embeddings and ask for ``output_type="latent"``)."""
+def flux_pipeline(transformer, preset: str, vae=None):
+    """diffusers' FluxPipeline around ``transformer``, without text encoders (callers pass prompt
+    embeddings) and, unless given, without VAE (callers ask for ``output_type="latent"``)."""
     from diffusers import FluxPipeline
 
     return FluxPipeline(
         scheduler=make_scheduler(preset),
-        vae=None,
+        vae=vae,
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,

@@ -21,7 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_runs_a_loop_with_progress_and_matches_flux_pipeline(dev_server, tiny_dev, tmp_path):
-    from diffusers import FluxPipeline
 
     generator = torch.Generator().manual_seed(7)
     embeds = {"prompt_embeds": torch.randn(1, 8, 32, generator=generator), "pooled_prompt_embeds": torch.randn(1, 32)}
@@ -44,15 +43,7 @@ def test_cli_runs_a_loop_with_progress_and_matches_flux_pipeline(dev_server, tin
     assert "5/5" in done.stderr  # the pipeline's progress bar
     assert done.stdout.count("ms (server calls") == 5  # per-step latency
     served = load_file(output)["latents"]
-    pipe = FluxPipeline(
-        scheduler=denoise.make_scheduler("dev"),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=tiny_dev,
-    )
+    pipe = denoise.flux_pipeline(tiny_dev, "dev")
     expected = pipe(
         **embeds,
         height=64,

@@ -50,17 +50,8 @@ def _run(pipe, seed: int, **kwargs) -> torch.Tensor:
 
 def _local_then_remote(local, remote, preset: str, seed: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The same pipeline twice: with its local transformer, then with ``pipe.transformer`` swapped."""
-    from diffusers import FluxPipeline
 
-    pipe = FluxPipeline(
-        scheduler=denoise.make_scheduler(preset),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=local,
-    )
+    pipe = denoise.flux_pipeline(local, preset)
     expected = _run(pipe, seed, **kwargs)
     pipe.transformer = remote
     assert pipe.transformer is remote
@@ -73,9 +64,8 @@ def test_the_remote_describes_the_served_model(remote_dev, remote_schnell):
     assert remote_dev.config.guidance_embeds is True
     assert remote_schnell.config.guidance_embeds is False
     assert remote_dev.dtype == remote_schnell.dtype == torch.float32
-    from diffusers import FluxPipeline
 
-    pipe = FluxPipeline(denoise.make_scheduler("dev"), None, None, None, None, None, remote_dev).to("cpu")
+    pipe = denoise.flux_pipeline(remote_dev, "dev").to("cpu")
     assert pipe.transformer is remote_dev and pipe._execution_device == torch.device("cpu")
 
 

@@ -119,20 +119,6 @@ def _counts(client) -> tuple[int, int]:
     return stats["inference_count"], stats["execution_count"]
 
 
-def _pipeline(transformer, preset):
-    from diffusers import FluxPipeline
-
-    return FluxPipeline(
-        scheduler=denoise.make_scheduler(preset),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-
-
 @pytest.mark.parametrize(
     ("preset", "steps", "guidance_scale"), [("schnell", 4, None), ("dev", 28, 3.5)], ids=["schnell-4", "dev-28"]
 )
@@ -145,15 +131,6 @@ def test_denoising_loop_matches_flux_pipeline(
     served = denoise.denoise(
         lambda step: infer_step(client, "flux_dit", step.wire()), denoise.make_scheduler(preset), first, steps
     )
-    expected = _pipeline(transformer, preset)(
-        prompt_embeds=first.prompt_embeds,
-        pooled_prompt_embeds=first.pooled_prompt_embeds,
-        latents=first.latents,
-        height=256,
-        width=320,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale or 3.5,
-        output_type="latent",
-    ).images
+    expected = denoise.pipeline_latents(transformer, preset, first, steps, height=256, width=320)
     torch.testing.assert_close(served, expected, **LOOP_TOL)
     assert not torch.allclose(served, first.latents, atol=1e-2)
