@@ -147,7 +147,8 @@ def test_runner_loaders_are_chosen_by_the_sidecar_kind(tmp_path):
         load_engine(path, torch.device("cpu"))
 
     @register("example-kind")
-    def load_scaled(engine_path, device):
+    def load_scaled(engine_path, device, sidecar_path):
+        assert sidecar_path == path
         scale = len(engine_path.read_bytes())
         return lambda tensors: tensors["hidden_states"] * scale
 
