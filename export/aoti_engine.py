@@ -83,6 +83,7 @@ def build_aoti_engine(
         source_model=model,
         signature=asdict(signature),
         profile=profile.describe(),
+        shapes=profile.describe_shapes(signature),
         source_config=dict(config),
         export={
             "exporter": "torch.export + AOTInductor (export/aoti.py)",

@@ -83,7 +83,7 @@ def build_engine(
         source_model=model,
         signature=asdict(signature),
         profile=profile.describe(),
-        shapes={name: {k: list(v) for k, v in levels.items()} for name, levels in profile.shapes(signature).items()},
+        shapes=profile.describe_shapes(signature),
         onnx_file=onnx_path.name,
         onnx_sha256=sha256_files(*onnx_files(onnx_path)),
         source_config=dict(config),
