@@ -28,6 +28,7 @@ from flux_triton import denoise, model_store, reference
 from flux_triton.engine_io import engine_tensors
 from flux_triton.engines import load_engine
 from flux_triton.model_store import REPO_ROOT
+from flux_triton.repository import engine_config
 from flux_triton.sidecar import EngineSidecar, sha256_files
 from flux_triton.validation import validate
 
@@ -60,6 +61,7 @@ def test_sidecar_records_the_build_and_round_trips(aoti_engines):
             "text_tokens": profile.text_tokens[1],
         }
         assert sidecar.profile["axes"]["text_tokens"] == [8, 8, 8]  # fixed per build
+        assert sidecar.shapes["encoder_hidden_states"] == {"min": [1, 8, 32], "opt": [1, 8, 32], "max": [4, 8, 32]}
         limits = sidecar.limits
         assert (limits.max_batch, limits.max_image_tokens, limits.max_text_tokens) == (4, 7056, 8)
         assert set(sidecar.packages) == {"double", "single"} and set(sidecar.export["compile_s"]) == {
@@ -69,6 +71,8 @@ def test_sidecar_records_the_build_and_round_trips(aoti_engines):
         for package in sidecar.packages.values():
             assert sha256_files(path.parent / sidecar.engine_file / package["file"]) == package["sha256"]
         assert EngineSidecar.read(sidecar.write(path.with_name("copy.json"))) == sidecar
+        config = engine_config(sidecar, path.name)  # make repo: a Python-backend runner on the compiled device type
+        assert config["backend"] == "python" and config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
 
 
 @pytest.mark.parametrize("name", list(SIGNATURES))
