@@ -62,8 +62,8 @@ def check_packages(sidecar: EngineSidecar, sidecar_path: Path, engine_dir: Path)
             raise ValueError(f"{sidecar_path}: package {path} does not match its recorded sha256 (rebuild the engine)")
 
 
-def load_aoti(engine_dir: Path, device: torch.device, sidecar_path: Path):
-    """``run(engine_tensors) -> noise_pred`` for an AOTI engine (the engine IO of ``engine_io``)."""
+def load_aoti(engine_dir: Path, device: torch.device, sidecar_path: Path) -> AotiEngine:
+    """The source model on ``device`` with every block routed through its kind's package."""
     from export import aoti
 
     sidecar = EngineSidecar.read(sidecar_path)
@@ -74,18 +74,26 @@ def load_aoti(engine_dir: Path, device: torch.device, sidecar_path: Path):
     transformer = model_store.load_transformer(model_dir, signature.torch_dtype, device)
     apply_speedups(transformer, speedups_for(sidecar.kind, device))
     aoti.attach(transformer, engine_dir, {kind: package["file"] for kind, package in sidecar.packages.items()})
-    text_tokens = sidecar.export["aoti_profile"]["text_tokens"]
+    return AotiEngine(sidecar, transformer, device)
 
-    def run(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+
+class AotiEngine:
+    """``run(engine_tensors) -> noise_pred``: the engine IO of ``engine_io`` on the attached model."""
+
+    def __init__(self, sidecar: EngineSidecar, transformer, device: torch.device):
+        self.kind, self.transformer, self.device = sidecar.kind, transformer, device
+        self.text_tokens = sidecar.export["aoti_profile"]["text_tokens"]
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
         hidden, text = tensors["hidden_states"], tensors["encoder_hidden_states"]
-        if text.shape[1] != text_tokens:
+        if text.shape[1] != self.text_tokens:
             raise ValueError(
-                f"this {sidecar.kind} engine is compiled for {text_tokens} text tokens, got {text.shape[1]}"
+                f"this {self.kind} engine is compiled for {self.text_tokens} text tokens, got {text.shape[1]}"
             )
         guidance = tensors.get("guidance")
         with torch.inference_mode():
-            return transformer(
+            return self.transformer(
                 hidden_states=hidden,
                 timestep=tensors["timestep"].reshape(-1),
                 guidance=None if guidance is None else guidance.reshape(-1),
@@ -95,5 +103,3 @@ def load_aoti(engine_dir: Path, device: torch.device, sidecar_path: Path):
                 img_ids=tensors["img_ids"][0],
                 return_dict=False,
             )[0]
-
-    return run

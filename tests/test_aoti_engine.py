@@ -22,6 +22,7 @@ from conftest import start_engine_server
 from test_flux_dit_parity import DEV, SCHNELL, _counts, _infer_fresh, _pipeline
 
 from client.wire import infer_step
+from export import aoti
 from export.profiles import PROFILE_PRESETS
 from export.verify import measure
 from flux_triton import denoise, model_store, reference
@@ -78,6 +79,8 @@ def test_sidecar_records_the_build_and_round_trips(aoti_engines):
 @pytest.mark.parametrize("name", list(SIGNATURES))
 def test_attached_engine_matches_diffusers(aoti_engines, runner_env, name, tiny_dev, tiny_schnell):
     _, run = load_engine(aoti_engines[name], torch.device("cpu"))
+    blocks = [*run.transformer.transformer_blocks, *run.transformer.single_transformer_blocks]
+    assert blocks and all(isinstance(block.forward, aoti.CompiledBlock) for block in blocks), "blocks not attached"
     transformer = tiny_dev if name == "tiny-flux-dev" else tiny_schnell
     for measured in measure(run, transformer, SIGNATURES[name], cases=CASES):
         print(f"aoti vs diffusers ({name}): {measured}")
