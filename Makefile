@@ -8,7 +8,9 @@ RUN := $(UV) run --locked
 # make engine / make repo: which engine (docs/engines.md).
 ENGINE ?= onnxruntime
 MODEL ?= tiny-flux-dev
-PRECISION ?= $(if $(filter tensorrt,$(ENGINE)),bf16,fp32)
+# aoti: the build device's model dtype (bf16 with an NVIDIA GPU, fp32 without); aoti-fp8: fp8.
+HAS_GPU = $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+PRECISION ?= $(or $(if $(filter tensorrt,$(ENGINE)),bf16),$(if $(filter aoti-fp8,$(ENGINE)),fp8),$(if $(filter aoti,$(ENGINE)),$(if $(HAS_GPU),bf16,fp32)),fp32)
 ENGINE_ARGS ?=
 SIDECAR := engines/$(notdir $(MODEL))-$(PRECISION).$(ENGINE).json
 
@@ -30,7 +32,7 @@ run: tiny  ## start tritonserver, run a 4-step denoising loop through it, compar
 engines/tiny-flux-dev-fp32.onnxruntime.json: | tiny
 	$(RUN) python -m export.engine
 
-engine: tiny  ## export the DiT to ONNX, build ENGINE=onnxruntime|tensorrt (PRECISION, MODEL) into engines/, then make repo
+engine: tiny  ## build ENGINE=onnxruntime|tensorrt|aoti|aoti-fp8 (PRECISION, MODEL) into engines/, then make repo
 	$(RUN) python -m export.engine --kind $(ENGINE) --model $(MODEL) --precision $(PRECISION) $(ENGINE_ARGS)
 	$(MAKE) --no-print-directory repo ENGINE=$(ENGINE) MODEL=$(MODEL) PRECISION=$(PRECISION)
 

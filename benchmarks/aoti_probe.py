@@ -39,7 +39,7 @@ def run_case(case: str, folder: Path) -> None:
     signature = DitSignature.from_config(model.config, torch.bfloat16)
     step = reference.random_step(signature, batch=2, height=256, width=256, text_tokens=8, device="cuda")
     expected = reference.diffusers_call(model, step)
-    record = aoti.build(model, folder, aoti.AotiProfile(text_tokens=8))
+    record = aoti.build(model, folder, aoti.AotiProfile.preset("tiny"))
     aoti.attach(model, folder, record["packages"])
     print("max diff", (reference.diffusers_call(model, step) - expected).abs().max().item())
 

@@ -15,12 +15,14 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from export import aoti
+from export.profiles import PROFILE_PRESETS
 from flux_triton import denoise, model_store, reference, speedups
 from flux_triton.contract import DitSignature
 from flux_triton.runner import pipeline_call
@@ -174,7 +176,9 @@ def prepare_path(name: str, model, args, results: dict, started: float):
     if name in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
         engine_dir = args.aoti_dir / f"flux-dev-{name}"
-        results.setdefault("aoti_build", {})[name] = record = aoti.build(model, engine_dir)
+        max_batch = max(batch for _, _, batch in SHAPES.values())
+        profile = aoti.AotiProfile.from_profile(replace(PROFILE_PRESETS["default"], batch=(1, 1, max_batch)))
+        results.setdefault("aoti_build", {})[name] = record = aoti.build(model, engine_dir, profile)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
         aoti.attach(model, engine_dir, record["packages"])
         return call, started

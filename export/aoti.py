@@ -22,11 +22,26 @@ BLOCK_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blo
 
 @dataclass(frozen=True)
 class AotiProfile:
-    min_batch: int = 1
-    max_batch: int = 8
-    min_image_tokens: int = 256  # 256x256 px
-    max_image_tokens: int = 7056  # 1344x1344 px
-    text_tokens: int = 512  # fixed per build, as FluxPipeline pads T5 to max_sequence_length
+    """The compiled ranges: dynamic batch and image tokens, text tokens fixed per build."""
+
+    min_batch: int
+    max_batch: int
+    min_image_tokens: int
+    max_image_tokens: int
+    text_tokens: int  # fixed per build, as FluxPipeline pads T5 to max_sequence_length
+
+    @classmethod
+    def from_profile(cls, profile) -> AotiProfile:
+        """From an ``export.profiles.ProfileConfig`` (the one source of profile numbers): its batch
+        and image-token min/max, its opt text length."""
+        batch, tokens, text = profile.batch, profile.image_tokens, profile.text_tokens
+        return cls(batch[0], batch[2], tokens[0], tokens[2], text[1])
+
+    @classmethod
+    def preset(cls, name: str = "default") -> AotiProfile:
+        from export.profiles import PROFILE_PRESETS
+
+        return cls.from_profile(PROFILE_PRESETS[name])
 
 
 def block_weights(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,9 +87,10 @@ def _dynamic_shapes(profile: AotiProfile, weight_count: int) -> tuple:
     return ((None,) * weight_count, {0: batch, 1: image}, {0: batch}, {0: batch}, rope, rope)
 
 
-def build(transformer, engine_dir: Path, profile: AotiProfile = AotiProfile()) -> dict:
-    """Compile one package per block kind of ``transformer`` (on its GPU, speed-ups such as FP8
+def build(transformer, engine_dir: Path, profile: AotiProfile | None = None) -> dict:
+    """Compile one package per block kind of ``transformer`` (on its device, speed-ups such as FP8
     already applied) into ``engine_dir``; returns the build record."""
+    profile = profile or AotiProfile.preset()
     engine_dir.mkdir(parents=True, exist_ok=True)
     record = {"profile": asdict(profile), "packages": {}, "compile_s": {}}
     for kind, attribute in BLOCK_KINDS.items():

@@ -5,6 +5,8 @@ sidecar, into ``engines/``.
   Runtime in ``dit_engine``'s Python runner; measured against diffusers before it is recorded.
 - ``tensorrt``: a strongly typed plan from the same ONNX file (fp16, bf16 or fp8), for Triton's
   ``tensorrt_plan`` platform; needs TensorRT and a GPU (NVIDIA's containers).
+- ``aoti`` / ``aoti-fp8``: no ONNX; the blocks compiled ahead of time by torch.export +
+  AOTInductor for the build device (``export/aoti_engine.py``), served by ``dit_engine``'s runner.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import ExportConfig, export_onnx, onnx_files
-from export.precision import KINDS, PRECISIONS, precision_for
+from export.precision import AOTI_KINDS, KINDS, PRECISIONS, precision_for
 from export.profiles import PROFILE_PRESETS, ProfileConfig, preset_for
 from flux_triton import model_store
 from flux_triton.contract import DitSignature
@@ -53,6 +55,11 @@ def build_engine(
 
         require_tensorrt()  # fail before the (long) export
     profile = profile or PROFILE_PRESETS[preset_for(model)]
+    if kind in AOTI_KINDS:
+        from export.aoti_engine import build_aoti_engine
+
+        path = sidecar_path(engines_dir, model, precision.name, kind)
+        return build_aoti_engine(kind, model, precision, profile, path, model_root)
     export_config = export_config or ExportConfig()
     if precision.quantization:
         export_config = dataclasses.replace(export_config, full_check=False)
@@ -76,7 +83,7 @@ def build_engine(
         source_model=model,
         signature=asdict(signature),
         profile=profile.describe(),
-        shapes={name: {k: list(v) for k, v in levels.items()} for name, levels in profile.shapes(signature).items()},
+        shapes=profile.describe_shapes(signature),
         onnx_file=onnx_path.name,
         onnx_sha256=sha256_files(*onnx_files(onnx_path)),
         source_config=dict(config),
@@ -114,7 +121,12 @@ def _verify(onnx_path: Path, model_dir: Path, signature: DitSignature) -> list[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=KINDS, default="onnxruntime")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None, help="default: fp32 / bf16 (tensorrt)")
+    parser.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default=None,
+        help="default: fp32 / bf16 (tensorrt) / the device's model dtype (aoti) / fp8 (aoti-fp8)",
+    )
     parser.add_argument("--model", default=model_store.DEFAULT_MODEL, help="model name under the model root")
     parser.add_argument("--profile", choices=sorted(PROFILE_PRESETS), default=None, help="default: by model")
     parser.add_argument("--max-batch", type=int, default=None, help="override the profile's max batch")
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             export_config=ExportConfig(opset=args.opset),
             verify=not args.no_verify,
         )
-    except (RuntimeError, ValueError) as exc:  # TensorRTMissing, ModelOptMissing, bad arguments
+    except (RuntimeError, ValueError) as exc:  # TensorRTMissing, ModelOptMissing, DeviceUnsupported, bad arguments
         sys.exit(f"make engine: {exc}")
 
 

@@ -58,6 +58,10 @@ class ProfileConfig:
                 shapes[spec.name][level] = (sizes["B"], *spec.resolve(sizes))
         return shapes
 
+    def describe_shapes(self, signature: DitSignature) -> dict[str, dict[str, list[int]]]:
+        """``shapes`` as JSON-ready lists (the sidecar's ``shapes``)."""
+        return {name: {k: list(v) for k, v in levels.items()} for name, levels in self.shapes(signature).items()}
+
     def describe(self) -> dict:
         """JSON-ready (lists): the sizes and the min/opt/max of every named axis."""
         named = {AXIS_NAMES[symbol]: list(r) for symbol, r in self.ranges().items()}

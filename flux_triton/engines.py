@@ -1,7 +1,8 @@
-"""Engine loaders by kind: ``{kind: loader(engine_path, device) -> run(tensors) -> noise_pred}``.
+"""Engine loaders by kind: ``{kind: loader(engine_path, device, sidecar_path) -> run(tensors) -> noise_pred}``.
 
 ``dit_engine``'s Python runner picks the loader from the engine's JSON sidecar (``kind``), so new
-kinds (e.g. ``aoti``/``aoti-fp8`` from torch.export/AOTInductor) only register a loader here.
+kinds only register a loader here: ``onnxruntime``, and ``aoti``/``aoti-fp8`` (torch.export +
+AOTInductor, ``flux_triton/aoti_runner.py``).
 TensorRT plans are served by Triton's own ``tensorrt_plan`` platform, not through this registry.
 """
 
@@ -16,7 +17,7 @@ from flux_triton.contract import OUTPUT_NAME
 from flux_triton.sidecar import EngineSidecar
 
 EngineFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-Loader = Callable[[Path, torch.device], EngineFn]
+Loader = Callable[[Path, torch.device, Path], EngineFn]
 
 LOADERS: dict[str, Loader] = {}
 
@@ -38,13 +39,22 @@ def load_engine(sidecar_path: Path, device: torch.device) -> tuple[EngineSidecar
             f"(known: {', '.join(sorted(LOADERS))})"
         )
     engine_path = Path(sidecar_path).parent / sidecar.engine_file
-    if not engine_path.is_file():
+    if not engine_path.exists():
         raise FileNotFoundError(f"engine file {engine_path} named by {sidecar_path} does not exist (run `make engine`)")
-    return sidecar, loader(engine_path, device)
+    return sidecar, loader(engine_path, device, Path(sidecar_path))
+
+
+@register("aoti")
+@register("aoti-fp8")
+def load_aoti(engine_dir: Path, device: torch.device, sidecar_path: Path) -> EngineFn:
+    """The source model's weights on ``device`` with every block routed through its AOTI package."""
+    from flux_triton.aoti_runner import load_aoti
+
+    return load_aoti(engine_dir, device, sidecar_path)
 
 
 @register("onnxruntime")
-def load_onnxruntime(engine_path: Path, device: torch.device) -> EngineFn:
+def load_onnxruntime(engine_path: Path, device: torch.device, sidecar_path: Path | None = None) -> EngineFn:
     """The ONNX graph that TensorRT would consume, run by ONNX Runtime (CPU, or CUDA if present)."""
     import onnxruntime as ort
 

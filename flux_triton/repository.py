@@ -1,6 +1,6 @@
 """Generate the ``flux_dit`` model repository for one engine, from the IO contract and the engine's
 sidecar: ``flux_dit`` (ensemble, the public endpoint) -> ``dit_preprocess`` (Python backend) ->
-``dit_engine`` (``tensorrt_plan``, or the Python-backend runner for the kinds that run here).
+``dit_engine`` (``tensorrt_plan``, or the Python-backend runner for onnxruntime, aoti and aoti-fp8).
 
 ``python -m flux_triton.repository --engine engines/<name>.<kind>.json [--output DIR]`` writes the
 configs (and, for TensorRT, links the plan into ``dit_engine/1/``) and validates the result.
@@ -65,6 +65,9 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str) -> dict:
     else:
         config["backend"] = "python"
         config["parameters"] = _params(engine=engine_ref, FORCE_CPU_ONLY_INPUT_TENSORS="no")
+        if sidecar.device_type:  # aoti: the packages run only on the device type they were compiled for
+            kind = "KIND_GPU" if sidecar.device_type == "cuda" else "KIND_CPU"
+            config["instance_group"] = [{"kind": kind, "count": 1}]
     return config
 
 

@@ -113,7 +113,7 @@ def check_repository(repository: Path, engines_dir: Path | None = None) -> Engin
     if not sidecar_path.is_file():
         raise RepositoryError(f"{ENGINE}: engine sidecar {sidecar_path} does not exist (run `make engine`)")
     sidecar = EngineSidecar.read(sidecar_path)
-    if not (sidecar_path.parent / sidecar.engine_file).is_file():
+    if not (sidecar_path.parent / sidecar.engine_file).exists():
         problems.append(f"{ENGINE}: engine file {sidecar.engine_file} named by {sidecar_path} does not exist")
     problems += ensemble_problems(repository) + contract_problems(repository, sidecar.dit_signature)
     if problems:

@@ -14,21 +14,24 @@ from flux_triton.validation import Limits
 
 @dataclass
 class EngineSidecar:
-    kind: str  # loader key: onnxruntime, tensorrt (later: aoti, aoti-fp8)
+    kind: str  # loader key: onnxruntime, tensorrt, aoti, aoti-fp8
     precision: str  # fp32, fp16, bf16, fp8
-    engine_file: str  # relative to the sidecar's folder
+    engine_file: str  # relative to the sidecar's folder: a file, or a folder of packages (aoti)
     source_model: str  # model name under the model root
     signature: dict  # DitSignature fields (io dtype included)
     profile: dict  # ProfileConfig.describe()
-    shapes: dict  # {input: {min, opt, max}}
-    onnx_file: str
-    onnx_sha256: str
+    shapes: dict = field(default_factory=dict)  # {input: {min, opt, max}}
+    onnx_file: str | None = None  # ONNX engines only
+    onnx_sha256: str | None = None
     source_config: dict = field(default_factory=dict)
-    export: dict = field(default_factory=dict)  # exporter, opset, rope dtype
+    export: dict = field(default_factory=dict)  # exporter, opset, rope dtype; aoti: profile, speed-ups, build times
     tensorrt_version: str | None = None
     gpu: str | None = None
     compute_capability: str | None = None
     created: str = ""
+    device_type: str | None = None  # aoti: the device type the packages were compiled for (cpu, cuda)
+    torch_version: str | None = None  # aoti: the torch that compiled the packages
+    packages: dict = field(default_factory=dict)  # aoti: {block kind: {"file", "sha256"}}
 
     @property
     def dit_signature(self) -> DitSignature:

@@ -92,21 +92,40 @@ def schnell_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
     server.stop()
 
 
-def start_engine_server(folder: Path, model_root: Path, preset: str) -> TritonServer:
-    """flux_dit over an ONNX Runtime engine of ``preset``, built with ``make engine``'s code, in
-    a repository generated and checked like ``make repo``."""
+def start_engine_server(
+    folder: Path, model_root: Path, preset: str, kind: str = "onnxruntime", sidecar: Path | None = None
+) -> TritonServer:
+    """flux_dit over an engine of ``kind`` for ``preset``, built with ``make engine``'s code (or the
+    already built ``sidecar``), in a repository generated and checked like ``make repo``."""
     from export.engine import build_engine
     from flux_triton.repository import write_repository
     from flux_triton.repository_check import check_repository
 
-    sidecar = build_engine("onnxruntime", preset, engines_dir=folder / "engines", model_root=model_root, verify=False)
+    if sidecar is None:
+        sidecar = build_engine(kind, preset, engines_dir=folder / "engines", model_root=model_root, verify=False)
     repository = folder / "model_repository"
     write_repository(sidecar, repository)
     check_repository(repository)
     server = TritonServer(
-        repository, log_path=folder / "tritonserver.log", cache=REPO_ROOT / ".triton", args=["--exit-timeout-secs=5"]
+        repository,
+        env={model_store.MODEL_ROOT_ENV: str(model_root)},  # runners that load the source model (aoti)
+        log_path=folder / "tritonserver.log",
+        cache=REPO_ROOT / ".triton",
+        args=["--exit-timeout-secs=5"],
     )
     return server.start()
+
+
+@pytest.fixture(scope="session")
+def aoti_engines(tmp_path_factory, model_root) -> dict[str, Path]:
+    """The ``aoti`` engine (fp32, CPU) of each tiny model, compiled once per session: {model: sidecar}."""
+    from export.engine import build_engine
+
+    engines_dir = tmp_path_factory.mktemp("aoti-engines")
+    return {
+        name: build_engine("aoti", name, engines_dir=engines_dir, model_root=model_root)
+        for name in model_store.TINY_PRESETS
+    }
 
 
 # The public models: what a client may call. The bad-input and load tests run against each.

@@ -4,6 +4,7 @@ failure of ``make engine ENGINE=tensorrt`` where TensorRT is missing."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -104,6 +105,10 @@ def test_sidecar_round_trip_and_limits(tmp_path):
     assert read == sidecar
     assert read.dit_signature == FLUX_DEV
     assert (read.limits.max_batch, read.limits.max_image_tokens, read.limits.max_text_tokens) == (4, 7056, 512)
+    # Sidecars written before the AOTI fields existed stay readable.
+    legacy = {k: v for k, v in asdict(sidecar).items() if k not in ("device_type", "torch_version", "packages")}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert EngineSidecar.read(tmp_path / "legacy.json") == sidecar
     (tmp_path / "broken.json").write_text('{"kind": "tensorrt"}')
     with pytest.raises(ValueError, match="lacks"):
         EngineSidecar.read(tmp_path / "broken.json")
@@ -147,7 +152,8 @@ def test_runner_loaders_are_chosen_by_the_sidecar_kind(tmp_path):
         load_engine(path, torch.device("cpu"))
 
     @register("example-kind")
-    def load_scaled(engine_path, device):
+    def load_scaled(engine_path, device, sidecar_path):
+        assert sidecar_path == path
         scale = len(engine_path.read_bytes())
         return lambda tensors: tensors["hidden_states"] * scale
 

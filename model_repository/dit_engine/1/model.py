@@ -1,7 +1,7 @@
 """Triton Python-backend model ``dit_engine``: runs a compiled DiT engine chosen by its sidecar.
 
-The loader comes from ``flux_triton.engines.LOADERS`` by the sidecar's ``kind`` (onnxruntime here;
-GPU kinds register there), so this file does not change with the engine. Requests that Triton's
+The loader comes from ``flux_triton.engines.LOADERS`` by the sidecar's ``kind`` (onnxruntime, aoti,
+aoti-fp8; new kinds register there), so this file does not change with the engine. Requests that Triton's
 dynamic batcher lists together are concatenated when their shapes and ids agree.
 """
 

@@ -1,0 +1,184 @@
+"""The ``aoti`` engine (torch.export + AOTInductor, fp32 on CPU) for both tiny models: its build
+record, the attached engine against diffusers, and flux_dit serving it through a real server.
+
+Tolerance: the compiled blocks are a different program (Inductor's C++ kernels) with the same
+fp32 math, so one step is within ``rtol = atol = 1e-5`` of eager diffusers (measured ~3e-7 max
+abs), the 4-step schnell loop through the server within 1e-4 of ``FluxPipeline``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import start_engine_server
+from test_flux_dit_parity import DEV, SCHNELL, _counts, _infer_fresh, _pipeline
+
+from client.wire import infer_step
+from export import aoti
+from export.profiles import PROFILE_PRESETS
+from export.verify import measure
+from flux_triton import denoise, model_store, reference
+from flux_triton.engine_io import engine_tensors
+from flux_triton.engines import load_engine
+from flux_triton.model_store import REPO_ROOT
+from flux_triton.repository import engine_config
+from flux_triton.sidecar import EngineSidecar, sha256_files
+from flux_triton.validation import validate
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
+# (batch, height, width, text tokens): inside the tiny profile (batch 1-4, 256-7056 image tokens, 8 text tokens).
+CASES = ((1, 256, 256, 8), (2, 256, 384, 8), (3, 512, 512, 8), (4, 768, 512, 8))
+SIGNATURES = {"tiny-flux-dev": DEV, "tiny-flux-schnell": SCHNELL}
+
+
+@pytest.fixture
+def runner_env(monkeypatch, model_root):
+    """The runner finds the source model through FLUX_MODEL_ROOT, as dit_engine does in the server."""
+    monkeypatch.setenv(model_store.MODEL_ROOT_ENV, str(model_root))
+
+
+def test_sidecar_records_the_build_and_round_trips(aoti_engines):
+    profile = PROFILE_PRESETS["tiny"]
+    for name, path in aoti_engines.items():
+        sidecar = EngineSidecar.read(path)
+        assert path.name == f"{name}-fp32.aoti.json" and sidecar.engine_file == f"{name}-fp32.aoti"
+        assert (sidecar.kind, sidecar.precision, sidecar.source_model) == ("aoti", "fp32", name)
+        assert (sidecar.device_type, sidecar.gpu, sidecar.torch_version) == ("cpu", None, torch.__version__)
+        assert sidecar.dit_signature == SIGNATURES[name]
+        assert sidecar.export["aoti_profile"] == {
+            "min_batch": profile.batch[0],
+            "max_batch": profile.batch[2],
+            "min_image_tokens": profile.image_tokens[0],
+            "max_image_tokens": profile.image_tokens[2],
+            "text_tokens": profile.text_tokens[1],
+        }
+        assert sidecar.profile["axes"]["text_tokens"] == [8, 8, 8]  # fixed per build
+        assert sidecar.shapes["encoder_hidden_states"] == {"min": [1, 8, 32], "opt": [1, 8, 32], "max": [4, 8, 32]}
+        limits = sidecar.limits
+        assert (limits.max_batch, limits.max_image_tokens, limits.max_text_tokens) == (4, 7056, 8)
+        assert set(sidecar.packages) == {"double", "single"} and set(sidecar.export["compile_s"]) == {
+            "double",
+            "single",
+        }
+        for package in sidecar.packages.values():
+            assert sha256_files(path.parent / sidecar.engine_file / package["file"]) == package["sha256"]
+        assert EngineSidecar.read(sidecar.write(path.with_name("copy.json"))) == sidecar
+        config = engine_config(sidecar, path.name)  # make repo: a Python-backend runner on the compiled device type
+        assert config["backend"] == "python" and config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+
+
+@pytest.mark.parametrize("name", list(SIGNATURES))
+def test_attached_engine_matches_diffusers(aoti_engines, runner_env, name, tiny_dev, tiny_schnell):
+    _, run = load_engine(aoti_engines[name], torch.device("cpu"))
+    blocks = [*run.transformer.transformer_blocks, *run.transformer.single_transformer_blocks]
+    assert blocks and all(isinstance(block.forward, aoti.CompiledBlock) for block in blocks), "blocks not attached"
+    transformer = tiny_dev if name == "tiny-flux-dev" else tiny_schnell
+    for measured in measure(run, transformer, SIGNATURES[name], cases=CASES):
+        print(f"aoti vs diffusers ({name}): {measured}")
+        assert measured.max_abs < TOL["atol"], measured
+    step = reference.random_step(SIGNATURES[name], text_tokens=16, height=256, width=256)
+    with pytest.raises(ValueError, match="compiled for 8 text tokens, got 16"):
+        run(engine_tensors(validate(step.wire(), SIGNATURES[name]), SIGNATURES[name]))
+
+
+def test_runner_refuses_packages_compiled_for_another_device(aoti_engines, runner_env):
+    path = aoti_engines["tiny-flux-dev"]
+    data = json.loads(path.read_text())
+    data.update(device_type="cuda", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    other = path.with_name("tiny-flux-dev-gpu.aoti.json")
+    other.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=rf"{other}: the aoti packages were compiled for NVIDIA H100.*runner is on cpu"
+    ):
+        load_engine(other, torch.device("cpu"))
+    data.update(device_type="cpu", gpu=None, compute_capability=None)
+    data["packages"]["single"]["sha256"] = "0" * 64
+    other.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="does not match its recorded sha256"):
+        load_engine(other, torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_make_engine_aoti_fp8_fails_at_once_on_cpu(tmp_path):
+    start = time.monotonic()
+    # The Makefile's own recipe, with this virtualenv instead of `uv run` (no sync, no network).
+    venv = ["UV=/bin/true", "RUN="]
+    result = subprocess.run(
+        ["make", "--no-print-directory", "engine", "ENGINE=aoti-fp8", f"ENGINE_ARGS=--engines-dir {tmp_path}", *venv],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "ENGINE=aoti-fp8 needs an NVIDIA GPU with FP8 matmuls" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing may be built before the device check"
+    assert time.monotonic() - start < 60
+
+
+@pytest.fixture(scope="module")
+def dev_aoti_server(tmp_path_factory, model_root, aoti_engines):
+    folder = tmp_path_factory.mktemp("dev-aoti")
+    server = start_engine_server(folder, model_root, "tiny-flux-dev", "aoti", aoti_engines["tiny-flux-dev"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def schnell_aoti_server(tmp_path_factory, model_root, aoti_engines):
+    folder = tmp_path_factory.mktemp("schnell-aoti")
+    server = start_engine_server(folder, model_root, "tiny-flux-schnell", "aoti", aoti_engines["tiny-flux-schnell"])
+    yield server
+    server.stop()
+
+
+@pytest.mark.server
+def test_served_single_step_matches_diffusers(dev_aoti_server, http_client, tiny_dev):
+    step = reference.random_step(DEV, batch=1, seed=1, height=256, width=256)
+    served = infer_step(http_client(dev_aoti_server), "flux_dit", step.wire())
+    torch.testing.assert_close(served, reference.diffusers_call(tiny_dev, step), **TOL)
+
+
+@pytest.mark.server
+def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_server, http_client, tiny_dev):
+    client = http_client(dev_aoti_server)
+    steps = [
+        reference.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, height=256, width=320)
+        for i in range(6)
+    ]
+    before = _counts(client)
+    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+        merged = list(pool.map(lambda s: _infer_fresh(dev_aoti_server.url, s.wire()), steps))
+    inferences, executions = (after - prior for after, prior in zip(_counts(client), before, strict=True))
+    assert inferences == len(steps) and executions < inferences, "dit_engine merged no requests"
+    for step, result in zip(steps, merged, strict=True):
+        torch.testing.assert_close(result, reference.diffusers_call(tiny_dev, step), **TOL)
+
+
+@pytest.mark.server
+def test_served_schnell_loop_matches_flux_pipeline(schnell_aoti_server, http_client, tiny_schnell):
+    client = http_client(schnell_aoti_server)
+    first = reference.random_step(SCHNELL, height=256, width=320, guidance_scale=0, seed=5)
+    scheduler = denoise.make_scheduler("schnell")
+    served = denoise.denoise(lambda step: infer_step(client, "flux_dit", step.wire()), scheduler, first, 4)
+    expected = _pipeline(tiny_schnell, "schnell")(
+        prompt_embeds=first.prompt_embeds,
+        pooled_prompt_embeds=first.pooled_prompt_embeds,
+        latents=first.latents,
+        height=256,
+        width=320,
+        num_inference_steps=4,
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(served, expected, **LOOP_TOL)
+    assert not torch.allclose(served, first.latents, atol=1e-2)
