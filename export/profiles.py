@@ -70,7 +70,7 @@ class ProfileConfig:
 
 PROFILE_PRESETS: dict[str, ProfileConfig] = {
     "default": ProfileConfig(),
-    "tiny": ProfileConfig(text_tokens=(1, 8, 512)),
+    "tiny": ProfileConfig(min_size=(32, 32), text_tokens=(1, 8, 512)),
 }
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -22,9 +23,7 @@ def preprocess_settings(parameters: Mapping[str, str]) -> tuple[DitSignature, Li
         guidance_embeds=bool(int(parameters["guidance_embeds"])),
         dtype=parameters["dtype"],
     )
-    limits = Limits(
-        int(parameters["max_batch"]), int(parameters["max_image_tokens"]), int(parameters["max_text_tokens"])
-    )
+    limits = Limits(**{f.name: int(parameters[f.name]) for f in fields(Limits)})
     return signature, limits
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
@@ -85,9 +86,7 @@ def preprocess_config(sidecar: EngineSidecar) -> dict:
             text_dim=signature.text_dim,
             guidance_embeds=int(signature.guidance_embeds),
             dtype=signature.dtype,
-            max_batch=limits.max_batch,
-            max_image_tokens=limits.max_image_tokens,
-            max_text_tokens=limits.max_text_tokens,
+            **asdict(limits),
         ),
     }
 

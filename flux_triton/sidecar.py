@@ -39,8 +39,14 @@ class EngineSidecar:
 
     @property
     def limits(self) -> Limits:
-        batch, tokens, text = (self.profile["axes"][name][2] for name in ("batch", "image_tokens", "text_tokens"))
-        return Limits(max_batch=batch, max_image_tokens=tokens, max_text_tokens=text)
+        axes = self.profile["axes"]  # {axis: [min, opt, max]}
+        return Limits(
+            max_batch=axes["batch"][2],
+            max_image_tokens=axes["image_tokens"][2],
+            max_text_tokens=axes["text_tokens"][2],
+            min_image_tokens=axes["image_tokens"][0],
+            min_text_tokens=axes["text_tokens"][0],
+        )
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

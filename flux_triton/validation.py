@@ -30,6 +30,8 @@ class Limits:
     max_batch: int = 64
     max_image_tokens: int = 16384
     max_text_tokens: int = 512
+    min_image_tokens: int = 1
+    min_text_tokens: int = 1
 
 
 @dataclass
@@ -110,13 +112,15 @@ def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limit
 
 
 def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
-    for symbol, name, limit in (
-        ("B", "hidden_states", limits.max_batch),
-        ("N", "hidden_states", limits.max_image_tokens),
-        ("S", "encoder_hidden_states", limits.max_text_tokens),
+    for symbol, name, low, high in (
+        ("B", "hidden_states", 1, limits.max_batch),
+        ("N", "hidden_states", limits.min_image_tokens, limits.max_image_tokens),
+        ("S", "encoder_hidden_states", limits.min_text_tokens, limits.max_text_tokens),
     ):
-        if sizes[symbol] > limit:
-            raise InputError(f"{name}: {symbol}={sizes[symbol]} exceeds this server's limit of {limit}")
+        if sizes[symbol] > high:
+            raise InputError(f"{name}: {symbol}={sizes[symbol]} exceeds this server's limit of {high}")
+        if sizes[symbol] < low:
+            raise InputError(f"{name}: {symbol}={sizes[symbol]} is below this engine's minimum of {low}")
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor]) -> None:

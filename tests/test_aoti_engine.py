@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import start_engine_server
-from test_flux_dit_parity import DEV, SCHNELL, _counts, _infer_fresh, _pipeline
+from test_flux_dit_parity import DEV, SCHNELL, _counts, _infer_fresh
 
 from client.wire import infer_step
 from export import aoti
@@ -171,14 +171,6 @@ def test_served_schnell_loop_matches_flux_pipeline(schnell_aoti_server, http_cli
     first = reference.random_step(SCHNELL, height=256, width=320, guidance_scale=0, seed=5)
     scheduler = denoise.make_scheduler("schnell")
     served = denoise.denoise(lambda step: infer_step(client, "flux_dit", step.wire()), scheduler, first, 4)
-    expected = _pipeline(tiny_schnell, "schnell")(
-        prompt_embeds=first.prompt_embeds,
-        pooled_prompt_embeds=first.pooled_prompt_embeds,
-        latents=first.latents,
-        height=256,
-        width=320,
-        num_inference_steps=4,
-        output_type="latent",
-    ).images
+    expected = denoise.pipeline_latents(tiny_schnell, "schnell", first, 4, height=256, width=320)
     torch.testing.assert_close(served, expected, **LOOP_TOL)
     assert not torch.allclose(served, first.latents, atol=1e-2)

@@ -31,14 +31,18 @@ FLOAT_INPUTS = (
 
 
 def server_limits(client, model: str) -> dict[str, int]:
-    """B, N and S limits as the server's configs state them (an ensemble's in its preprocessor)."""
+    """B, N and S limits as the server's configs state them (an ensemble's in its preprocessor);
+    ``min_N`` only where an engine profile sets one."""
     config = client.get_model_config(model)
     parameters = client.get_model_config("dit_preprocess" if config["platform"] == "ensemble" else model)["parameters"]
-    return {
+    limits = {
         "B": config["max_batch_size"],
         "N": int(parameters["max_image_tokens"]["string_value"]),
         "S": int(parameters["max_text_tokens"]["string_value"]),
     }
+    if "min_image_tokens" in parameters:
+        limits["min_N"] = int(parameters["min_image_tokens"]["string_value"])
+    return limits
 
 
 def valid(batch: int = 1, **kwargs) -> dict[str, torch.Tensor]:
@@ -178,6 +182,16 @@ def test_tokens_beyond_the_server_limits(public_dev, client, baseline, symbol, n
     wire = valid(height=16, width=16 * (limit + 1)) if symbol == "N" else valid(text_tokens=limit + 1)
     assert_rejected(
         public_dev, client, baseline, wire, name, f"{symbol}={limit + 1} exceeds this server's limit of {limit}"
+    )
+
+
+def test_image_tokens_below_the_engine_profile(public_dev, client, baseline):
+    limits = server_limits(client, public_dev.model)
+    if limits.get("min_N", 1) <= 1:
+        pytest.skip(f"{public_dev.model} has no engine profile minimum (any N >= 1 runs)")
+    wire = valid(height=16, width=16)  # N = 1
+    assert_rejected(
+        public_dev, client, baseline, wire, "hidden_states", f"N=1 is below this engine's minimum of {limits['min_N']}"
     )
 
 
