@@ -233,3 +233,20 @@ def test_the_transport_setting_is_checked():
 def test_prefix_names_this_process(dev_server):
     with RemoteFluxTransformer(url=dev_server.url, transport="shm") as remote:
         assert remote.transport.prefix.startswith(f"{KEY_PREFIX}{os.getpid()}_")
+
+
+def test_cli_transport_shm_matches_http(dev_server, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from client.cli import main
+
+    argv = ["--url", dev_server.url, "--random-embeds", "--text-tokens", "8", "--steps", "3", "--true-cfg", "4"]
+    argv += ["--height", "32", "--width", "32", "--seed", "4"]
+    assert main([*argv, "--output", str(tmp_path / "http.safetensors")]) == 0
+    assert "transport='http'" in capsys.readouterr().out
+    assert main([*argv, "--transport", "shm", "--output", str(tmp_path / "shm.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "transport='shm'" in out and out.count("ms (server calls") == 3
+    assert torch.equal(
+        load_file(tmp_path / "shm.safetensors")["latents"], load_file(tmp_path / "http.safetensors")["latents"]
+    )
