@@ -148,7 +148,10 @@ class RemoteFluxTransformer:
         try:
             result = self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot)
         except InferenceServerException as exc:
-            raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}") from exc
+            hint = ""
+            if self.settings.transport == "shm" and "shared memory" in str(exc.message()).lower():
+                hint = " (transport shm needs the server on this host, sharing its /dev/shm)"
+            raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}{hint}") from exc
         except SharedMemoryException as exc:
             raise RemoteDitError(f"{where}: shared memory failed ({slot}): {exc} ({exc.__cause__})") from exc
         except Exception as exc:  # the connection dropped or timed out mid-run

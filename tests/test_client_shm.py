@@ -250,3 +250,31 @@ def test_cli_transport_shm_matches_http(dev_server, tmp_path, capsys):
     assert torch.equal(
         load_file(tmp_path / "shm.safetensors")["latents"], load_file(tmp_path / "http.safetensors")["latents"]
     )
+
+
+def test_bf16_server_fp32_pipeline(tmp_path, model_root):
+    """A BF16 model: the fp32 pipeline's embeddings become new BF16 tensors every call, so they are
+    compared by content (equal: not rewritten); the results are bitwise those of HTTP."""
+    from conftest import start_server
+
+    parameters = {"dit_transformer": {"dtype": "bfloat16"}}
+    server = start_server(tmp_path, model_root, ["dit_transformer"], parameters=parameters)
+    try:
+        with (
+            RemoteFluxTransformer(url=server.url, transport="shm") as over_shm,
+            RemoteFluxTransformer(url=server.url) as over_http,
+        ):
+            assert over_shm.dtype == torch.bfloat16
+            kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(8))
+            served = generate(over_shm, "dev", seed=8, **kwargs)
+            assert torch.equal(served, generate(over_http, "dev", seed=8, **kwargs))
+            sets = written_sets(over_shm, 0)
+            assert sets[0] == PER_STEP | set(EMBEDDINGS) | {"guidance"} and sets[1:] == [PER_STEP] * 3
+            assert over_shm.transport.written[0]["encoder_hidden_states"] == TEXT_TOKENS * 32 * 2
+            call = step_call(torch.randn(1, TEXT_TOKENS, 32).bfloat16())
+            call = {k: v.bfloat16() if k != "return_dict" and v.is_floating_point() else v for k, v in call.items()}
+            (shm_pred,) = over_shm(**call)
+            (http_pred,) = over_http(**call)
+            assert shm_pred.dtype == torch.bfloat16 and torch.equal(shm_pred, http_pred)
+    finally:
+        server.stop()
