@@ -16,6 +16,7 @@ import torch
 
 from client.connection import RemoteDitError, RemoteSettings
 from client.remote import RemoteFluxTransformer
+from client.transport import TRANSPORTS
 from flux_triton import denoise
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -27,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default=defaults.url, help="Triton HTTP endpoint (default: %(default)s)")
     parser.add_argument("--model", default=defaults.model_name, help="served model (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=defaults.network_timeout_s, help="seconds per request")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default=defaults.transport,
+        help="http, or shm: system shared memory for a server on this host (default: %(default)s)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--embeds", type=Path, help=f"safetensors with {', '.join(EMBED_KEYS)} (negatives optional)")
     source.add_argument("--random-embeds", action="store_true", help="random prompt embeddings (smoke run)")
@@ -89,7 +96,9 @@ def run(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    settings = RemoteSettings(url=args.url, model_name=args.model, network_timeout_s=args.timeout)
+    settings = RemoteSettings(
+        url=args.url, model_name=args.model, network_timeout_s=args.timeout, transport=args.transport
+    )
     with RemoteFluxTransformer(settings) as remote:
         guided = remote.config.guidance_embeds
         preset = args.scheduler or ("dev" if guided else "schnell")

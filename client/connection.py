@@ -10,6 +10,7 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from client.transport import TRANSPORTS
 from client.wire import infer_step
 from flux_triton.contract import INPUT_BY_NAME, OUTPUT_NAME, TRITON_TO_TORCH, DitSignature
 
@@ -30,6 +31,11 @@ class RemoteSettings:
     network_timeout_s: float = 300.0
     wire_dtype: str = "auto"  # auto: the served model's dtype; else FP32/BF16/FP16, checked against the server
     guidance_embeds: bool | None = None  # None: ask the server
+    transport: str = "http"  # http: tensors in the request body; shm: system shared memory (same host only)
+
+    def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
 
 
 def connect(settings: RemoteSettings) -> httpclient.InferenceServerClient:

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import torch
 from diffusers.configuration_utils import FrozenDict
 from tritonclient.utils import InferenceServerException
+from tritonclient.utils.shared_memory import SharedMemoryException
 
 from client.connection import RemoteDitError, RemoteSettings, connect, describe
 from client.timestep import raw_timestep
-from client.wire import infer_step
+from client.transport import make_transport
 from flux_triton.contract import DitSignature
 
 
@@ -30,6 +31,7 @@ class RemoteFluxTransformer:
         self._client = connect(self.settings)
         try:
             self.signature: DitSignature = describe(self._client, self.settings)
+            self.transport = make_transport(self.settings.transport, self._client)
         except Exception:
             self._client.close()
             raise
@@ -58,7 +60,10 @@ class RemoteFluxTransformer:
             self.cache_name = previous
 
     def close(self) -> None:
-        self._client.close()
+        try:
+            self.transport.close()
+        finally:
+            self._client.close()
 
     def __enter__(self) -> RemoteFluxTransformer:
         return self
@@ -68,7 +73,10 @@ class RemoteFluxTransformer:
 
     def __repr__(self) -> str:
         s = self.settings
-        return f"RemoteFluxTransformer(url={s.url!r}, model={s.model_name!r}, signature={self.signature})"
+        return (
+            f"RemoteFluxTransformer(url={s.url!r}, model={s.model_name!r}, transport={s.transport!r}, "
+            f"signature={self.signature})"
+        )
 
     def wire_tensors(
         self,
@@ -136,10 +144,16 @@ class RemoteFluxTransformer:
     def _infer(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         where = f"model '{self.settings.model_name}' at {self.settings.url}"
         start = time.perf_counter()
+        slot = self.cache_name or "call"
         try:
-            result = infer_step(self._client, self.settings.model_name, tensors, self.settings.model_version)
+            result = self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot)
         except InferenceServerException as exc:
-            raise RemoteDitError(f"{where} failed ({self.cache_name or 'call'}): {exc.message()}") from exc
+            hint = ""
+            if self.settings.transport == "shm" and "shared memory" in str(exc.message()).lower():
+                hint = " (transport shm needs the server on this host, sharing its /dev/shm)"
+            raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}{hint}") from exc
+        except SharedMemoryException as exc:
+            raise RemoteDitError(f"{where}: shared memory failed ({slot}): {exc} ({exc.__cause__})") from exc
         except Exception as exc:  # the connection dropped or timed out mid-run
             raise RemoteDitError(f"{where} is not reachable: {type(exc).__name__}: {exc}") from exc
         self.latencies_s.append(time.perf_counter() - start)

@@ -1,0 +1,212 @@
+"""System shared memory for same-host clients: tensors go through /dev/shm regions registered
+with the server, and only the inputs that changed since the previous call are rewritten.
+
+One region per (slot, input): the slot is the pipeline's cache context ("cond", "uncond"), so
+true CFG keeps both prompts' embeddings in place. ``noise_pred`` comes back through an output
+region. Regions grow when a larger shape comes and are unregistered and unlinked on ``close``
+(also at exit and when the transport is garbage-collected).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+
+from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
+
+KEY_PREFIX = "flux_triton_"
+"""Every region's /dev/shm name starts with this, then the process id."""
+
+# Bit-exact views: regions are written and compared as integers of the element's width.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NUMPY_BITS = {torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+
+
+_CHUNK = 1 << 16  # elements compared at a time: a changed tensor (new latents) differs in the first chunk
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(_BITS[tensor.element_size()])
+
+
+def _same_bits(left: np.ndarray, right: np.ndarray) -> bool:
+    """Bitwise equality, chunk by chunk so that a difference stops the comparison early
+    (single-threaded numpy: torch's thread pool costs more than it saves on a busy host)."""
+    for start in range(0, left.size, _CHUNK):
+        if not np.array_equal(left[start : start + _CHUNK], right[start : start + _CHUNK]):
+            return False
+    return True
+
+
+@dataclass
+class Region:
+    """One registered region: its Triton name, /dev/shm key and capacity."""
+
+    name: str
+    key: str
+    capacity: int
+    handle: shm.SharedMemoryRegion
+
+    def write(self, tensor: torch.Tensor) -> None:
+        shm.set_shared_memory_region(self.handle, [_bits(tensor).numpy()])
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether the region's first bytes are bit for bit ``tensor``."""
+        bits = _bits(tensor)
+        view = shm.get_contents_as_numpy(self.handle, _NUMPY_BITS[bits.dtype], [bits.numel()])
+        try:
+            return _same_bits(view, bits.numpy())
+        finally:
+            del view  # release the buffer export, or the region cannot be closed
+
+    def read(self, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        count = int(np.prod(shape))
+        bits = _BITS[torch.empty((), dtype=dtype).element_size()]
+        view = shm.get_contents_as_numpy(self.handle, _NUMPY_BITS[bits], [count])
+        try:
+            return torch.from_numpy(view.copy()).view(dtype).reshape(shape)
+        finally:
+            del view
+
+
+@dataclass
+class _Slot:
+    """What an input region holds: the tensor last written (kept alive, so that its memory is
+    not reused by another tensor) and its version counter at that time."""
+
+    region: Region
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+    source: torch.Tensor | None = None
+    version: int = -1
+
+    def unchanged(self, tensor: torch.Tensor) -> bool:
+        if self.source is None or tensor.shape != self.shape or tensor.dtype != self.dtype:
+            return False
+        if tensor.data_ptr() == self.source.data_ptr() and tensor._version == self.version:
+            return True  # the same memory, not written to in place since
+        return self.region.holds(tensor)
+
+    def store(self, tensor: torch.Tensor) -> int:
+        self.source = None  # a failed write leaves the slot unknown
+        self.region.write(tensor)
+        self.shape, self.dtype, self.source, self.version = tensor.shape, tensor.dtype, tensor, tensor._version
+        return tensor.nbytes
+
+
+@dataclass
+class _Regions:
+    """The regions of one transport; a separate object so that the finalizer does not hold the transport."""
+
+    client: httpclient.InferenceServerClient
+    prefix: str
+    regions: list[Region] = field(default_factory=list)
+    count: int = 0
+
+    def create(self, byte_size: int) -> Region:
+        self.count += 1
+        name = f"{self.prefix}{self.count}"
+        key = f"/{name}"
+        handle = shm.create_shared_memory_region(name, key, byte_size, create_only=True)
+        region = Region(name, key, byte_size, handle)
+        self.regions.append(region)
+        self.client.register_system_shared_memory(name, key, byte_size)
+        return region
+
+    def destroy(self, region: Region) -> None:
+        self.regions.remove(region)
+        try:
+            self.client.unregister_system_shared_memory(region.name)
+        except Exception:  # the server is gone: its mapping went with it
+            pass
+        finally:
+            shm.destroy_shared_memory_region(region.handle)
+
+    def close(self) -> None:
+        for region in list(self.regions):
+            self.destroy(region)
+
+
+class ShmTransport:
+    """Step requests through system shared memory; one call at a time (a lock serialises them).
+
+    ``written`` has one entry per call: the bytes written into each input region (inputs left
+    out were unchanged and not rewritten)."""
+
+    def __init__(self, client: httpclient.InferenceServerClient):
+        prefix = f"{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+        self._regions = _Regions(client, prefix)
+        self._finalizer = weakref.finalize(self, _Regions.close, self._regions)
+        self._client = client
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._output: Region | None = None
+        self._lock = threading.Lock()
+        self.written: list[dict[str, int]] = []
+
+    @property
+    def prefix(self) -> str:
+        return self._regions.prefix
+
+    def _region_for(self, current: Region | None, byte_size: int) -> Region:
+        if current is not None and current.capacity >= byte_size:
+            return current
+        if current is not None:
+            self._regions.destroy(current)
+        return self._regions.create(byte_size)
+
+    def _input(self, slot_name: str, name: str, tensor: torch.Tensor, written: dict[str, int]) -> httpclient.InferInput:
+        slot = self._slots.get((slot_name, name))
+        region = self._region_for(slot.region if slot else None, tensor.nbytes)
+        if slot is None or slot.region is not region:
+            slot = self._slots[(slot_name, name)] = _Slot(region)
+        if not slot.unchanged(tensor):
+            written[name] = slot.store(tensor)
+        item = httpclient.InferInput(name, list(tensor.shape), TORCH_TO_TRITON[tensor.dtype])
+        item.set_shared_memory(region.name, tensor.nbytes)
+        return item
+
+    def infer(
+        self,
+        model_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        model_version: str = "",
+        slot: str = "call",
+    ) -> torch.Tensor:
+        """Send one step and return ``noise_pred`` (shaped and typed like ``hidden_states``)."""
+        if not self._finalizer.alive:
+            raise RuntimeError("the shared-memory transport is closed")
+        with self._lock:
+            written: dict[str, int] = {}
+            inputs = [self._input(slot, name, tensor.contiguous(), written) for name, tensor in tensors.items()]
+            latents = tensors["hidden_states"]
+            output = self._output = self._region_for(self._output, latents.nbytes)
+            requested = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
+            requested.set_shared_memory(output.name, latents.nbytes)
+            self.written.append(written)
+            result = self._client.infer(model_name, inputs, model_version=model_version, outputs=[requested])
+            reply = result.get_output(OUTPUT_NAME)
+            if reply is None or reply.get("datatype") != TORCH_TO_TRITON[latents.dtype]:
+                raise RuntimeError(f"{model_name}: unexpected {OUTPUT_NAME} in the reply: {reply}")
+            return output.read(latents.dtype, [int(d) for d in reply["shape"]])
+
+    def close(self) -> None:
+        """Unregister and unlink every region (idempotent)."""
+        with self._lock:
+            self._slots.clear()
+            self._output = None
+            self._finalizer()
+
+    def __enter__(self) -> ShmTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
