@@ -20,6 +20,7 @@ import torch
 import tritonclient.http as httpclient
 
 from benchmarks.gpu_bench import build_model, step_for
+from client.transport import make_transport
 from client.wire import infer_step
 from flux_triton import model_store
 from flux_triton.server import TritonServer, set_parameter
@@ -67,10 +68,11 @@ def main() -> None:
     parser.add_argument("--compile", default="regional")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--transports", default="http,shm", help="client transports to measure (client/transport.py)")
     parser.add_argument("--out", type=Path, default=Path("served.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="served-"))
-    results: dict = {"gpu": torch.cuda.get_device_name(), "shape": args.shape}
+    results: dict = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "served": {}}
 
     started = time.perf_counter()
     model = build_model()
@@ -103,23 +105,35 @@ def main() -> None:
         with httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
             served = infer_step(client, "dit_transformer", wire)
             results["served_vs_in_process_max_abs"] = (served.float() - first.float()).abs().max().item()
-            results["served"] = summary(
-                host_times(lambda: infer_step(client, "dit_transformer", wire), args.warmup, args.iters)
-            )
-            stats = client.get_inference_statistics("dit_transformer")["model_stats"][0]["inference_stats"]
-            results["server_compute_infer_ms_mean"] = (
-                stats["compute_infer"]["ns"] / stats["compute_infer"]["count"] / 1e6
-            )
+            for transport in args.transports.split(","):
+                results["served"][transport] = measure_served(make_transport(transport, client), wire, args)
     results["request_mib"] = sum(t.numel() * t.element_size() for t in wire.values()) / 2**20
-    overhead = results["served"]["median_ms"] - results["in_process"]["median_ms"]
-    results["overhead_ms"], results["overhead_pct"] = overhead, 100 * overhead / results["in_process"]["median_ms"]
-    args.out.write_text(json.dumps(results, indent=2))
+    base = results["in_process"]["median_ms"]
     print(json.dumps(results, indent=2))
     print(
-        f"\n{results['gpu']} {args.shape}: in process {results['in_process']['median_ms']:.1f} ms, served "
-        f"{results['served']['median_ms']:.1f} ms, overhead {overhead:.1f} ms ({results['overhead_pct']:.1f}%), "
-        f"server ready in {results['server_ready_s']:.0f} s"
+        f"\n{results['gpu']} {args.shape}: in process {base:.1f} ms; server ready in {results['server_ready_s']:.0f} s"
     )
+    for transport, row in results["served"].items():
+        row["overhead_ms"] = row["median_ms"] - base
+        row["overhead_pct"] = 100 * row["overhead_ms"] / base
+        overhead = f"{row['overhead_ms']:.1f} ms ({row['overhead_pct']:.1f}%)"
+        print(f"  served over {transport:<4} {row['median_ms']:.1f} ms: overhead {overhead}")
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+def measure_served(transport, wire: dict, args) -> dict:
+    """A generation's steps: new latents and timestep every step, the same prompt embeddings."""
+    steps = []
+    for index in range(args.warmup + args.iters):
+        step = dict(wire)
+        step["hidden_states"] = torch.randn_like(wire["hidden_states"].float()).to(wire["hidden_states"].dtype)
+        step["timestep"] = torch.full_like(wire["timestep"], 1000.0 - 30 * index)
+        steps.append(step)
+    calls = iter(steps)
+    try:
+        return summary(host_times(lambda: transport.infer("dit_transformer", next(calls)), args.warmup, args.iters))
+    finally:
+        transport.close()
 
 
 if __name__ == "__main__":
