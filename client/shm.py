@@ -35,7 +35,8 @@ _CHUNK = 1 << 16  # elements compared at a time: a changed tensor (new latents) 
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(_BITS[tensor.element_size()])
+    """The tensor's raw bits as integers in host memory (a GPU tensor is copied to the host)."""
+    return tensor.detach().reshape(-1).view(_BITS[tensor.element_size()]).cpu()
 
 
 def _same_bits(left: np.ndarray, right: np.ndarray) -> bool:
