@@ -75,6 +75,8 @@ def _check_shape(spec: TensorSpec, tensor: torch.Tensor, signature: DitSignature
 
 def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits = Limits()) -> StepInputs:
     """Check one request's tensors and return them as the transformer call expects them."""
+    # Guidance first: clients learn whether a model takes guidance from this answer to a minimal
+    # request (client/connection.py), whatever else that request lacks.
     if "guidance" in tensors and not signature.guidance_embeds:
         raise InputError("guidance: this model has no guidance embeddings (schnell-like); do not send guidance")
     if "guidance" not in tensors and signature.guidance_embeds:
