@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from flux_triton.contract import DitSignature
 from flux_triton.engine_io import engine_tensors
+from flux_triton.runner import Merging, run_merged
 from flux_triton.validation import Limits, validate
 
 
@@ -32,42 +34,24 @@ def preprocess(tensors: Mapping[str, torch.Tensor], signature: DitSignature, lim
     return engine_tensors(validate(tensors, signature, limits), signature)
 
 
-def _group_key(tensors: Mapping[str, torch.Tensor]) -> tuple:
-    return tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(tensors.items()))
+def _mergeable(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    same_shapes = all(a[name].shape[1:] == b[name].shape[1:] and a[name].dtype == b[name].dtype for name in a)
+    return a.keys() == b.keys() and same_shapes and all(torch.equal(a[n][0], b[n][0]) for n in ("txt_ids", "img_ids"))
 
 
-def _same_ids(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    return all(torch.equal(a[name][0], b[name][0]) for name in ("txt_ids", "img_ids"))
+ENGINE_MERGING = Merging(
+    mergeable=_mergeable,
+    merge=lambda requests: {name: torch.cat([r[name] for r in requests]) for name in requests[0]},
+    batch_size=lambda tensors: tensors["hidden_states"].shape[0],
+)
 
 
 def run_batched(
     engine: Callable[[dict[str, torch.Tensor]], torch.Tensor], requests: Sequence[Mapping[str, torch.Tensor]]
 ) -> list[torch.Tensor | Exception]:
     """Concatenate requests of equal shapes and ids along the batch dim (Triton's dynamic batcher
-    only lists them), run each group once and split the result back, in order."""
-    groups: list[list[int]] = []
-    for index, tensors in enumerate(requests):
-        for group in groups:
-            first = requests[group[0]]
-            if _group_key(first) == _group_key(tensors) and _same_ids(first, tensors):
-                group.append(index)
-                break
-        else:
-            groups.append([index])
-    results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
-    for group in groups:
-        names = requests[group[0]].keys()
-        merged = {name: torch.cat([requests[i][name] for i in group]) for name in names}
-        try:
-            output = engine(merged)
-        except Exception as exc:
-            for i in group:
-                results[i] = exc
-            continue
-        sizes = [requests[i]["hidden_states"].shape[0] for i in group]
-        for i, part in zip(group, output.split(sizes), strict=True):
-            results[i] = part
-    return results
+    only lists them, up to the engine's max_batch_size), run each group once, split back in order."""
+    return run_merged(engine, requests, max_batch=sys.maxsize, merging=ENGINE_MERGING)
 
 
 def engine_path(parameter: str, repository_dir: Path) -> Path:

@@ -4,10 +4,14 @@ merging compatible requests into one forward."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
 from flux_triton.validation import StepInputs
+
+Item = TypeVar("Item")
 
 
 def pipeline_call(transformer, step: StepInputs) -> torch.Tensor:
@@ -37,21 +41,6 @@ def _mergeable(a: StepInputs, b: StepInputs) -> bool:
     )
 
 
-def group_mergeable(steps: Sequence[StepInputs], max_batch: int) -> list[list[int]]:
-    """Indices of ``steps`` in groups that can share one forward (same N, S and ids), in order,
-    each group at most ``max_batch`` samples."""
-    groups: list[list[int]] = []
-    for index, step in enumerate(steps):
-        for group in groups:
-            size = sum(steps[i].batch_size for i in group)
-            if _mergeable(steps[group[0]], step) and size + step.batch_size <= max_batch:
-                group.append(index)
-                break
-        else:
-            groups.append([index])
-    return groups
-
-
 def merge(steps: Sequence[StepInputs]) -> StepInputs:
     if len(steps) == 1:
         return steps[0]
@@ -67,20 +56,48 @@ def merge(steps: Sequence[StepInputs]) -> StepInputs:
     )
 
 
+@dataclass(frozen=True)
+class Merging(Generic[Item]):
+    """How requests of one kind share a forward: which may, how they combine, their batch sizes."""
+
+    mergeable: Callable[[Item, Item], bool]
+    merge: Callable[[Sequence[Item]], Item]
+    batch_size: Callable[[Item], int]
+
+
+STEP_MERGING = Merging(_mergeable, merge, lambda step: step.batch_size)
+
+
+def group_mergeable(items: Sequence[Item], max_batch: int, merging: Merging = STEP_MERGING) -> list[list[int]]:
+    """Indices of ``items`` in groups that can share one forward (same N, S and ids), in order,
+    each group at most ``max_batch`` samples."""
+    groups: list[list[int]] = []
+    for index, item in enumerate(items):
+        size = merging.batch_size(item)
+        for group in groups:
+            taken = sum(merging.batch_size(items[i]) for i in group)
+            if merging.mergeable(items[group[0]], item) and taken + size <= max_batch:
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups
+
+
 def run_merged(
-    forward: Callable[[StepInputs], torch.Tensor], steps: Sequence[StepInputs], max_batch: int
+    forward: Callable[[Item], torch.Tensor], items: Sequence[Item], max_batch: int, merging: Merging = STEP_MERGING
 ) -> list[torch.Tensor | Exception]:
-    """One result per step, in order: ``noise_pred`` or the exception its forward raised.
+    """One result per request, in order: ``noise_pred`` or the exception its forward raised.
     A failing forward fails only the requests merged into it."""
-    results: list[torch.Tensor | Exception] = [None] * len(steps)  # type: ignore[list-item]
-    for group in group_mergeable(steps, max_batch):
+    results: list[torch.Tensor | Exception] = [None] * len(items)  # type: ignore[list-item]
+    for group in group_mergeable(items, max_batch, merging):
         try:
-            noise_pred = forward(merge([steps[i] for i in group]))
+            noise_pred = forward(merging.merge([items[i] for i in group]))
         except Exception as exc:
             for i in group:
                 results[i] = exc
             continue
-        sizes = [steps[i].batch_size for i in group]
+        sizes = [merging.batch_size(items[i]) for i in group]
         for i, part in zip(group, noise_pred.split(sizes), strict=True):
             results[i] = part
     return results

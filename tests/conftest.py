@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,20 @@ def public_dev(request, tmp_path_factory, model_root) -> Iterator[Served]:
 def public_schnell(request, tmp_path_factory, model_root) -> Iterator[Served]:
     """Each public model serving tiny-flux-schnell (no guidance)."""
     yield from _serve_public(request, tmp_path_factory, model_root, "tiny-flux-schnell")
+
+
+def settled_counts(client: httpclient.InferenceServerClient, model: str) -> tuple[int, int]:
+    """``(inference_count, execution_count)`` of ``model`` once they stop moving: the server
+    updates its statistics just after it answers, so a read right after a response can lag."""
+    previous = None
+    for _ in range(40):
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        counts = stats["inference_count"], stats["execution_count"]
+        if counts == previous:
+            return counts
+        previous = counts
+        time.sleep(0.05)
+    return previous
 
 
 @pytest.fixture

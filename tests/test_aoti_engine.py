@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_engine_server
-from test_flux_dit_parity import DEV, SCHNELL, _counts, _infer_fresh
+from conftest import settled_counts, start_engine_server
+from test_flux_dit_parity import DEV, SCHNELL, _infer_fresh
 
 from client.wire import infer_step
 from export import aoti
@@ -156,10 +156,12 @@ def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_serve
         reference.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, height=256, width=320)
         for i in range(6)
     ]
-    before = _counts(client)
+    before = settled_counts(client, "dit_engine")
     with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
         merged = list(pool.map(lambda s: _infer_fresh(dev_aoti_server.url, s.wire()), steps))
-    inferences, executions = (after - prior for after, prior in zip(_counts(client), before, strict=True))
+    inferences, executions = (
+        after - prior for after, prior in zip(settled_counts(client, "dit_engine"), before, strict=True)
+    )
     assert inferences == len(steps) and executions < inferences, "dit_engine merged no requests"
     for step, result in zip(steps, merged, strict=True):
         torch.testing.assert_close(result, reference.diffusers_call(tiny_dev, step), **TOL)

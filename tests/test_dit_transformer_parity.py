@@ -6,6 +6,7 @@ import concurrent.futures
 
 import pytest
 import torch
+from conftest import settled_counts
 
 from client.wire import infer_step
 from flux_triton import denoise, reference
@@ -65,11 +66,13 @@ def test_concurrent_requests_are_merged_and_split_in_order(dev_server, http_clie
     client = http_client(dev_server)
     steps = [reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i) for i in range(8)]
     singles = [infer_step(client, "dit_transformer", s.wire()) for s in steps]
-    before = _counts(client)
+    before = settled_counts(client, "dit_transformer")
     with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
         futures = [pool.submit(_infer_fresh, dev_server.url, s.wire()) for s in steps]
         merged = [f.result() for f in futures]
-    inferences, executions = (after - prior for after, prior in zip(_counts(client), before, strict=True))
+    inferences, executions = (
+        after - prior for after, prior in zip(settled_counts(client, "dit_transformer"), before, strict=True)
+    )
     assert inferences == len(steps)
     assert executions < inferences, "the dynamic batcher did not merge any requests"
     for single, result in zip(singles, merged, strict=True):
@@ -81,11 +84,6 @@ def _infer_fresh(url, wire):
 
     with httpclient.InferenceServerClient(url) as client:
         return infer_step(client, "dit_transformer", wire)
-
-
-def _counts(client) -> tuple[int, int]:
-    stats = client.get_inference_statistics("dit_transformer")["model_stats"][0]
-    return stats["inference_count"], stats["execution_count"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import concurrent.futures
 import pytest
 import torch
 import tritonclient.http as httpclient
-from conftest import start_engine_server
+from conftest import settled_counts, start_engine_server
 
 from client.wire import infer_step
 from flux_triton import denoise, reference
@@ -99,10 +99,12 @@ def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_eng
         reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i, **SIZE)
         for i in range(8)
     ]
-    before = _counts(client)
+    before = settled_counts(client, "dit_engine")
     with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
         merged = list(pool.map(lambda s: _infer_fresh(dev_engine_server.url, s.wire()), steps))
-    inferences, executions = (after - prior for after, prior in zip(_counts(client), before, strict=True))
+    inferences, executions = (
+        after - prior for after, prior in zip(settled_counts(client, "dit_engine"), before, strict=True)
+    )
     assert inferences == len(steps)
     assert executions < inferences, "the dynamic batcher did not merge any requests for dit_engine"
     for step, result in zip(steps, merged, strict=True):
@@ -112,11 +114,6 @@ def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_eng
 def _infer_fresh(url, wire):
     with httpclient.InferenceServerClient(url) as client:
         return infer_step(client, "flux_dit", wire)
-
-
-def _counts(client) -> tuple[int, int]:
-    stats = client.get_inference_statistics("dit_engine")["model_stats"][0]
-    return stats["inference_count"], stats["execution_count"]
 
 
 @pytest.mark.parametrize(
