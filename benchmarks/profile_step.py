@@ -1,0 +1,75 @@
+"""Where a step's GPU time goes: attention vs GEMMs vs the rest, from torch.profiler's kernel
+times, for dit_transformer's bf16 and FP8 paths on the full-size model (random weights).
+
+    python benchmarks/profile_step.py --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.gpu_bench import build_model, reference_to_inputs, step_for
+from flux_triton.runner import pipeline_call
+from flux_triton.speedups import Speedups, apply_speedups
+
+CATEGORIES = {
+    "attention": re.compile(r"flash|fmha|cudnn|attention|sdpa", re.IGNORECASE),
+    "gemm": re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|cublas|matmul|scaled_mm", re.IGNORECASE),
+}
+
+
+def category(kernel: str) -> str:
+    return next((name for name, pattern in CATEGORIES.items() if pattern.search(kernel)), "other")
+
+
+def breakdown(fn, step, steps: int = 3) -> dict:
+    for _ in range(3):
+        fn(step)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn(step)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if device_us <= 0:
+            continue
+        kind = category(event.key)
+        totals[kind] = totals.get(kind, 0.0) + device_us / 1e3 / steps
+        kernels[event.key] = device_us / 1e3 / steps
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
+    return {"ms_per_step": totals, "total_ms": sum(totals.values()), "top_kernels_ms": dict(top)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1024x1024-b1")
+    parser.add_argument("--out", type=Path, default=Path("profile.json"))
+    args = parser.parse_args()
+    model = build_model()
+    step = step_for(args.shape)
+    results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "paths": {}}
+    with torch.inference_mode():
+        for name, fp8 in (("bf16", False), ("fp8", True)):  # bf16 first: FP8 replaces the block weights
+            torch._dynamo.reset()
+            apply_speedups(model, Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional"))
+            results["paths"][name] = breakdown(lambda s: pipeline_call(model, reference_to_inputs(s)), step)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"{results['gpu']} {args.shape}: GPU kernel time per step (ms)")
+    for name, row in results["paths"].items():
+        parts = "  ".join(f"{kind} {ms:6.1f}" for kind, ms in sorted(row["ms_per_step"].items()))
+        print(f"{name:<5} total {row['total_ms']:6.1f}  {parts}")
+        for kernel, ms in list(row["top_kernels_ms"].items())[:6]:
+            print(f"      {ms:6.2f} ms  {kernel[:110]}")
+
+
+if __name__ == "__main__":
+    main()
