@@ -10,7 +10,6 @@ The packages hold code only; ``dit_engine`` loads the source model's weights and
 
 from __future__ import annotations
 
-import datetime
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -76,15 +75,14 @@ def build_aoti_engine(
     engine_dir = sidecar_path.with_suffix("")
     print(f"compiling {model_dir} ({precision.name}, {kind}) for {device} into {engine_dir}")
     record = aoti.build(transformer, engine_dir, aoti_profile)
-    sidecar = EngineSidecar(
-        kind=kind,
-        precision=precision.name,
-        engine_file=engine_dir.name,
-        source_model=model,
-        signature=asdict(signature),
-        profile=profile.describe(),
-        shapes=profile.describe_shapes(signature),
-        source_config=dict(config),
+    sidecar = EngineSidecar.for_build(
+        kind,
+        precision.name,
+        engine_dir.name,
+        model,
+        signature,
+        profile,
+        config,
         export={
             "exporter": "torch.export + AOTInductor (export/aoti.py)",
             "aoti_profile": asdict(aoti_profile),
@@ -96,7 +94,6 @@ def build_aoti_engine(
         packages={
             name: {"file": file, "sha256": sha256_files(engine_dir / file)} for name, file in record["packages"].items()
         },
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **device_record(device),
     )
     path = sidecar.write(sidecar_path)

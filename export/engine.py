@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -76,19 +75,17 @@ def build_engine(
     onnx_path = engines_dir / f"{engine_stem(model, precision.name)}.onnx"
     print(f"exporting {model_dir} ({precision.name}) to {onnx_path}")
     export_onnx(transformer, signature, onnx_path, export_config, profile)
-    sidecar = EngineSidecar(
-        kind=kind,
-        precision=precision.name,
-        engine_file=onnx_path.name,
-        source_model=model,
-        signature=asdict(signature),
-        profile=profile.describe(),
-        shapes=profile.describe_shapes(signature),
+    sidecar = EngineSidecar.for_build(
+        kind,
+        precision.name,
+        onnx_path.name,
+        model,
+        signature,
+        profile,
+        config,
         onnx_file=onnx_path.name,
         onnx_sha256=sha256_files(*onnx_files(onnx_path)),
-        source_config=dict(config),
         export=export_config.describe(),
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     if kind == "onnxruntime" and verify:
         sidecar.export["verification"] = _verify(onnx_path, model_dir, signature)

@@ -66,7 +66,6 @@ OUTPUTS: tuple[TensorSpec, ...] = (TensorSpec("noise_pred", ("N", "C"), MODEL),)
 
 INPUT_BY_NAME = {spec.name: spec for spec in INPUTS}
 OUTPUT_NAME = OUTPUTS[0].name
-IDS_INPUTS = ("txt_ids", "img_ids")
 
 
 @dataclass(frozen=True)

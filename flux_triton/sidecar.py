@@ -3,6 +3,7 @@ built. Runners pick their loader from ``kind``; the repository generator sizes c
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -46,6 +47,25 @@ class EngineSidecar:
             max_text_tokens=axes["text_tokens"][2],
             min_image_tokens=axes["image_tokens"][0],
             min_text_tokens=axes["text_tokens"][0],
+        )
+
+    @classmethod
+    def for_build(
+        cls, kind, precision: str, engine_file: str, model: str, signature: DitSignature, profile, config, **rest
+    ):
+        """A new engine's sidecar: the fields every kind records, from ``export.profiles.ProfileConfig``
+        ``profile``, stamped now; ``rest`` holds the kind's own fields."""
+        return cls(
+            kind=kind,
+            precision=precision,
+            engine_file=engine_file,
+            source_model=model,
+            signature=asdict(signature),
+            profile=profile.describe(),
+            shapes=profile.describe_shapes(signature),
+            source_config=dict(config),
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **rest,
         )
 
     def write(self, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import time
 from collections.abc import Iterator
@@ -175,6 +176,27 @@ def settled_counts(client: httpclient.InferenceServerClient, model: str) -> tupl
         previous = counts
         time.sleep(0.05)
     return previous
+
+
+def infer_concurrently(
+    server: TritonServer, model: str, wires: list[dict[str, torch.Tensor]], batching_model: str | None = None
+) -> tuple[list[torch.Tensor], int, int]:
+    """Send ``wires`` at once, each on its own connection, so that the dynamic batcher can merge
+    them; returns the results in order, and how many inferences and executions ``batching_model``
+    (default ``model``) ran for them."""
+    from client.wire import infer_step
+
+    def infer(wire):
+        with httpclient.InferenceServerClient(server.url) as client:
+            return infer_step(client, model, wire)
+
+    counted = batching_model or model
+    with httpclient.InferenceServerClient(server.url) as client:
+        before = settled_counts(client, counted)
+        with concurrent.futures.ThreadPoolExecutor(len(wires)) as pool:
+            results = list(pool.map(infer, wires))
+        after = settled_counts(client, counted)
+    return results, after[0] - before[0], after[1] - before[1]
 
 
 @pytest.fixture

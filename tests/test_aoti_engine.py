@@ -8,7 +8,6 @@ abs), the 4-step schnell loop through the server within 1e-4 of ``FluxPipeline``
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import subprocess
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import settled_counts, start_engine_server
-from test_flux_dit_parity import DEV, SCHNELL, _infer_fresh
+from conftest import infer_concurrently, start_engine_server
+from test_flux_dit_parity import DEV, SCHNELL
 
 from client.wire import infer_step
 from export import aoti
@@ -150,17 +149,13 @@ def test_served_single_step_matches_diffusers(dev_aoti_server, http_client, tiny
 
 
 @pytest.mark.server
-def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_server, http_client, tiny_dev):
-    client = http_client(dev_aoti_server)
+def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_server, tiny_dev):
     steps = [
         reference.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, height=256, width=320)
         for i in range(6)
     ]
-    before = settled_counts(client, "dit_engine")
-    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
-        merged = list(pool.map(lambda s: _infer_fresh(dev_aoti_server.url, s.wire()), steps))
-    inferences, executions = (
-        after - prior for after, prior in zip(settled_counts(client, "dit_engine"), before, strict=True)
+    merged, inferences, executions = infer_concurrently(
+        dev_aoti_server, "flux_dit", [s.wire() for s in steps], batching_model="dit_engine"
     )
     assert inferences == len(steps) and executions < inferences, "dit_engine merged no requests"
     for step, result in zip(steps, merged, strict=True):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-
 import pytest
 import torch
-from conftest import settled_counts
+from conftest import infer_concurrently
 
 from client.wire import infer_step
 from flux_triton import denoise, reference
@@ -66,24 +64,11 @@ def test_concurrent_requests_are_merged_and_split_in_order(dev_server, http_clie
     client = http_client(dev_server)
     steps = [reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i) for i in range(8)]
     singles = [infer_step(client, "dit_transformer", s.wire()) for s in steps]
-    before = settled_counts(client, "dit_transformer")
-    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
-        futures = [pool.submit(_infer_fresh, dev_server.url, s.wire()) for s in steps]
-        merged = [f.result() for f in futures]
-    inferences, executions = (
-        after - prior for after, prior in zip(settled_counts(client, "dit_transformer"), before, strict=True)
-    )
+    merged, inferences, executions = infer_concurrently(dev_server, "dit_transformer", [s.wire() for s in steps])
     assert inferences == len(steps)
     assert executions < inferences, "the dynamic batcher did not merge any requests"
     for single, result in zip(singles, merged, strict=True):
         torch.testing.assert_close(result, single, rtol=1e-5, atol=1e-5)
-
-
-def _infer_fresh(url, wire):
-    import tritonclient.http as httpclient
-
-    with httpclient.InferenceServerClient(url) as client:
-        return infer_step(client, "dit_transformer", wire)
 
 
 @pytest.mark.parametrize(

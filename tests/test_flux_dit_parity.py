@@ -9,12 +9,9 @@ bitwise equal. FP16/BF16/FP8 TensorRT engines are not run here (docs/engines.md 
 
 from __future__ import annotations
 
-import concurrent.futures
-
 import pytest
 import torch
-import tritonclient.http as httpclient
-from conftest import settled_counts, start_engine_server
+from conftest import infer_concurrently, start_engine_server
 
 from client.wire import infer_step
 from flux_triton import denoise, reference
@@ -93,27 +90,18 @@ def test_batch_in_one_request_matches_diffusers_per_row(dev_engine_server, http_
     assert not torch.allclose(served[0], served[1], atol=1e-3)
 
 
-def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_engine_server, http_client, tiny_dev):
-    client = http_client(dev_engine_server)
+def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_engine_server, tiny_dev):
     steps = [
         reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i, **SIZE)
         for i in range(8)
     ]
-    before = settled_counts(client, "dit_engine")
-    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
-        merged = list(pool.map(lambda s: _infer_fresh(dev_engine_server.url, s.wire()), steps))
-    inferences, executions = (
-        after - prior for after, prior in zip(settled_counts(client, "dit_engine"), before, strict=True)
+    merged, inferences, executions = infer_concurrently(
+        dev_engine_server, "flux_dit", [s.wire() for s in steps], batching_model="dit_engine"
     )
     assert inferences == len(steps)
     assert executions < inferences, "the dynamic batcher did not merge any requests for dit_engine"
     for step, result in zip(steps, merged, strict=True):
         torch.testing.assert_close(result, reference.diffusers_call(tiny_dev, step), **TOL)
-
-
-def _infer_fresh(url, wire):
-    with httpclient.InferenceServerClient(url) as client:
-        return infer_step(client, "flux_dit", wire)
 
 
 @pytest.mark.parametrize(
