@@ -1,58 +1,64 @@
-"""Does an AOTInductor package load and run on this GPU? Each case runs in a child process, so a
-crash in the loader is reported instead of ending the probe.
+"""Does an AOTInductor package (a 64x64 linear) load and run on this GPU? Each case runs in a child
+process, so a crash in the loader is reported instead of ending the probe. The cases differ in the
+C++ compiler inductor builds the package's wrapper with (``CXX``).
 
     python benchmarks/aoti_probe.py
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
-CASES = {
-    "linear, default device_index": "linear:-1",
-    "linear, device_index=0": "linear:0",
-    "tiny FLUX blocks (export.aoti), device_index=0": "flux:0",
-}
+CASES = {"linear, CXX as set": {}, "linear, CXX=/usr/bin/g++": {"CXX": "/usr/bin/g++"}}
 
 
-def run_case(case: str, folder: Path) -> None:
-    kind, index = case.split(":")
+def run_case(folder: Path) -> None:
     torch.manual_seed(0)
-    if kind == "linear":
-        model = torch.nn.Linear(64, 64).cuda()
-        x = torch.randn(8, 64, device="cuda")
-        exported = torch.export.export(model, (x,))
-        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / "linear.pt2"))
-        runner = torch._inductor.aoti_load_package(path, device_index=int(index))
-        print("max diff", (runner(x) - model(x)).abs().max().item())
-        return
-    from export import aoti
-    from flux_triton import model_store, reference
-    from flux_triton.contract import DitSignature
+    model = torch.nn.Linear(64, 64).cuda()
+    x = torch.randn(8, 64, device="cuda")
+    exported = torch.export.export(model, (x,))
+    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / "linear.pt2"))
+    describe(path, folder)
+    runner = torch._inductor.aoti_load_package(path)
+    print("max diff", (runner(x) - model(x)).abs().max().item())
 
-    model = model_store.build_tiny("tiny-flux-dev").cuda().to(torch.bfloat16)
-    signature = DitSignature.from_config(model.config, torch.bfloat16)
-    step = reference.random_step(signature, batch=2, height=256, width=256, text_tokens=8, device="cuda")
-    expected = reference.diffusers_call(model, step)
-    record = aoti.build(model, folder, aoti.AotiProfile.preset("tiny"))
-    aoti.attach(model, folder, record["packages"])
-    print("max diff", (reference.diffusers_call(model, step) - expected).abs().max().item())
+
+def describe(package: str, folder: Path) -> None:
+    """What the wrapper library needs, and which libstdc++ the compiler and this process use."""
+    with zipfile.ZipFile(package) as archive:
+        archive.extractall(folder / "unpacked")
+    for wrapper in (folder / "unpacked").rglob("*.wrapper.so"):
+        needed = subprocess.run(["readelf", "-d", str(wrapper)], capture_output=True, text=True).stdout
+        print("NEEDED:", [line.split("[")[-1].rstrip("]") for line in needed.splitlines() if "NEEDED" in line])
+    compiler = torch._inductor.cpp_builder.get_cpp_compiler()
+    printed = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True)
+    loaded = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libstdc++" in line]
+    print(f"libstdc++: compiler {compiler} -> {Path(printed.stdout.strip()).resolve()}; loaded {loaded[:1]}")
 
 
 def main() -> None:
-    if len(sys.argv) == 2:
+    if sys.argv[1:] == ["case"]:
         with tempfile.TemporaryDirectory() as folder:
-            run_case(sys.argv[1], Path(folder))
+            run_case(Path(folder))
         return
-    for name, case in CASES.items():
-        result = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, timeout=300)
+    for name, env in CASES.items():
+        result = subprocess.run(
+            [sys.executable, __file__, "case"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env},
+        )
+        lines = [line for line in result.stdout.splitlines() if line.startswith(("NEEDED", "libstdc++"))]
         tail = (result.stdout.strip().splitlines() or result.stderr.strip().splitlines() or [""])[-1]
-        print(f"{name:<48} exit {result.returncode:>4}  {tail[:120]}", flush=True)
+        print(f"{name:<44} exit {result.returncode:>4}  {tail[:120]}", *lines, sep="\n    ", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import replace
 from functools import partial
@@ -21,11 +22,15 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.random_model import MODEL, build_model
 from export import aoti
+from export.engine import sidecar_path
+from export.precision import precision_for
 from export.profiles import PROFILE_PRESETS
 from flux_triton import denoise, model_store, reference, speedups
 from flux_triton.contract import DitSignature
 from flux_triton.runner import pipeline_call
+from flux_triton.sidecar import EngineSidecar
 
 SHAPES = {
     "1024x1024-b1": (1024, 1024, 1),
@@ -43,17 +48,6 @@ def forward_tflop(image_tokens: int, batch: int, text_tokens: int = TEXT_TOKENS)
     attention = 57 * 4 * tokens * tokens * d
     embed = 2 * image_tokens * 64 * d * 2 + 2 * text_tokens * 4096 * d
     return batch * (linears + attention + embed) / 1e12
-
-
-def build_model() -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = FluxTransformer2DModel(**model_store.FLUX_DEV_CONFIG)
-    torch.set_default_dtype(torch.float32)
-    return model.eval().requires_grad_(False)
 
 
 def step_for(shape: str, seed: int = 0) -> reference.PipelineStep:
@@ -133,7 +127,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--loop-steps", type=int, default=28)
-    parser.add_argument("--aoti-dir", type=Path, default=Path("engines"))
+    parser.add_argument("--engines", type=Path, default=None, help="prebuilt AOTI engines of make engine "
+                        f"(MODEL={MODEL}, --max-batch 8); default: build them here")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args()
 
@@ -175,14 +170,26 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return call, started
     if name in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
-        engine_dir = args.aoti_dir / f"flux-dev-{name}"
-        max_batch = max(batch for _, _, batch in SHAPES.values())
-        profile = aoti.AotiProfile.from_profile(replace(PROFILE_PRESETS["default"], batch=(1, 1, max_batch)))
-        results.setdefault("aoti_build", {})[name] = record = aoti.build(model, engine_dir, profile)
+        engine_dir, packages, results.setdefault("aoti_build", {})[name] = aoti_engine(name, model, args.engines)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
-        aoti.attach(model, engine_dir, record["packages"])
+        aoti.attach(model, engine_dir, packages)
         return call, started
     raise ValueError(f"unknown path {name}")
+
+
+def aoti_engine(kind: str, model, engines: Path | None = None) -> tuple[Path, dict[str, str], dict]:
+    """The engine ``make engine`` built into ``engines`` (packages hold code only, so any weights of
+    this architecture attach), else one built here; returns its folder, packages and build record."""
+    if engines:
+        path = sidecar_path(engines, MODEL, precision_for(kind, None).name, kind)
+        sidecar = EngineSidecar.read(path)
+        packages = {block: package["file"] for block, package in sidecar.packages.items()}
+        return path.with_suffix(""), packages, {"sidecar": path.name, **sidecar.export}
+    engine_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
+    max_batch = max(batch for _, _, batch in SHAPES.values())
+    profile = aoti.AotiProfile.from_profile(replace(PROFILE_PRESETS["default"], batch=(1, 1, max_batch)))
+    record = aoti.build(model, engine_dir, profile)
+    return engine_dir, record["packages"], record
 
 
 def reset_blocks(model) -> None:

@@ -15,5 +15,5 @@ rm -rf .gpu/stage
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   diffusers==0.42.1 importlib_metadata==8.7.0 tritonclient==2.73.0 geventhttpclient==2.6.1 gevent==26.9.0 \
-  greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 python-rapidjson==1.25 brotli==1.2.1
+  greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 python-rapidjson==1.25 brotli==1.2.1 pytest-timeout==2.4.0
 du -sh .gpu .whl

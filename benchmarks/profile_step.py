@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu_bench import build_model, reference_to_inputs, step_for
+from benchmarks.gpu_bench import reference_to_inputs, step_for
+from benchmarks.random_model import build_model
 from flux_triton.runner import pipeline_call
 from flux_triton.speedups import Speedups, apply_speedups
 

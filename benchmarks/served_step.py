@@ -1,15 +1,22 @@
 """The served step on one GPU: full-size FLUX.1-dev (random weights, saved and loaded like real
-ones) through ``dit_transformer`` in the real tritonserver, client -> server -> client, next to
-the same step run in process by the same service code, in one invocation.
+ones) through the real tritonserver, client -> server -> client, against the same step run in
+process by the same serving code. The model served is ``dit_transformer``, or with ``--engine``
+the ``flux_dit`` ensemble (``dit_preprocess`` -> ``dit_engine``) on a prebuilt engine of
+``make engine`` for the random model (``benchmarks/random_model.py``).
+
+Served and in-process steps alternate, so clock drift affects both alike; the server's own
+per-model times (Triton's statistics extension) show where the difference goes.
 
     benchmarks/pack_for_gpu.sh   # here: the server tree and wheels for a host without network
     python benchmarks/served_step.py --out served.json   # there
+    python benchmarks/served_step.py --engine engines/flux-dev-random-bf16.aoti.json --out served-aoti.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -19,46 +26,108 @@ from pathlib import Path
 import torch
 import tritonclient.http as httpclient
 
-from benchmarks.gpu_bench import build_model, step_for
+from benchmarks.gpu_bench import step_for
+from benchmarks.random_model import MODEL, save_random_model
 from client.transport import make_transport
 from client.wire import infer_step
 from flux_triton import model_store
+from flux_triton.engine_runner import preprocess, run_batched
+from flux_triton.engines import load_engine
+from flux_triton.repository import ENSEMBLE, write_repository
 from flux_triton.server import TritonServer, set_parameter
 from flux_triton.service import DitService, ServeSettings
 from flux_triton.speedups import Speedups
 
 REPOSITORY = model_store.REPO_ROOT / "model_repository"
-MODEL = "flux-dev-random"
+PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
-def host_times(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return times
+def timed_ms(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
 
 
 def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def measure_in_process(settings: ServeSettings, root: Path, wire: dict, args, results: dict) -> torch.Tensor:
-    """The same service code as the server's, in this process; returns the first noise_pred."""
-    started = time.perf_counter()
-    service = DitService(settings, root, torch.device("cuda"))
+def dit_transformer_step(args, models: Path, wire: dict):
+    speedups = Speedups(attention_backend=args.attention_backend, compile=args.compile)
+    service = DitService(ServeSettings(model_dir=MODEL, speedups=speedups), models, torch.device("cuda"))
     prepared = service.prepare(wire)
-    first = service.execute([prepared])[0].cpu()
-    results["in_process_ready_s"] = time.perf_counter() - started
+    return lambda: service.execute([prepared])[0]
 
-    def step():
-        service.execute([prepared])[0].float().sum().item()  # waits for the GPU, as a response would
 
-    results["in_process"] = summary(host_times(step, args.warmup, args.iters))
-    return first
+def engine_step(sidecar_path: Path, wire: dict):
+    """``dit_preprocess`` then ``dit_engine``, as the ensemble runs them."""
+    sidecar, engine = load_engine(sidecar_path, torch.device("cuda"))
+    signature, limits = sidecar.dit_signature, sidecar.limits
+    return lambda: run_batched(engine, [preprocess(wire, signature, limits)])[0]
+
+
+def write_served_repository(args, repository: Path) -> str:
+    """The model repository the server gets; returns the model name clients call."""
+    if args.engine:
+        write_repository(args.engine.resolve(), repository)
+        return ENSEMBLE
+    shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
+    config = repository / "dit_transformer" / "config.pbtxt"
+    set_parameter(config, "model_dir", MODEL)
+    set_parameter(config, "attention_backend", args.attention_backend)
+    set_parameter(config, "compile", args.compile)
+    return "dit_transformer"
+
+
+def generation_steps(wire: dict, count: int) -> list[dict]:
+    """A generation's requests: new latents and timestep every step, the same prompt embeddings."""
+    steps = []
+    for index in range(count):
+        step = dict(wire)
+        step["hidden_states"] = torch.randn_like(wire["hidden_states"].float()).to(wire["hidden_states"].dtype)
+        step["timestep"] = torch.full_like(wire["timestep"], 1000.0 - 30 * index)
+        steps.append(step)
+    return steps
+
+
+def measure_served(client, transport_name: str, model_name: str, wire: dict, local_step, args) -> dict:
+    """Served and in-process steps alternately; with the server's per-model times over the timed requests."""
+    calls = iter(generation_steps(wire, args.warmup + args.iters))
+    transport = make_transport(transport_name, client)
+
+    def served():
+        transport.infer(model_name, next(calls))
+
+    def local():
+        local_step().float().sum().item()  # waits for the GPU, as a response would
+
+    try:
+        for _ in range(args.warmup):
+            served(), local()
+        before = client.get_inference_statistics()
+        times = [(timed_ms(served), timed_ms(local)) for _ in range(args.iters)]
+        row = {"served": summary([s for s, _ in times]), "in_process": summary([i for _, i in times])}
+        row["server_ms_per_request"] = server_phases(before, client.get_inference_statistics())
+    finally:
+        transport.close()
+    row["overhead_ms"] = row["served"]["median_ms"] - row["in_process"]["median_ms"]
+    row["overhead_pct"] = 100 * row["overhead_ms"] / row["in_process"]["median_ms"]
+    return row
+
+
+def server_phases(before: dict, after: dict) -> dict:
+    """``{model: {phase: ms per request}}`` between two statistics snapshots; ``success`` is the
+    server's whole time for a request, the other phases its parts."""
+    earlier = {(m["name"], m["version"]): m["inference_stats"] for m in before["model_stats"]}
+    phases = {}
+    for model in after["model_stats"]:
+        stats, old = model["inference_stats"], earlier.get((model["name"], model["version"]))
+        count = stats["success"]["count"] - (old["success"]["count"] if old else 0)
+        if count:
+            phases[model["name"]] = {
+                phase: (stats[phase]["ns"] - (old[phase]["ns"] if old else 0)) / count / 1e6 for phase in PHASES
+            }
+    return phases
 
 
 def main() -> None:
@@ -68,33 +137,37 @@ def main() -> None:
     parser.add_argument("--compile", default="regional")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--engine", type=Path, default=None, help="serve flux_dit on this engine sidecar")
     parser.add_argument("--transports", default="http,shm", help="client transports to measure (client/transport.py)")
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE", help="for the server")
     parser.add_argument("--out", type=Path, default=Path("served.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="served-"))
-    results: dict = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "served": {}}
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "shape": args.shape,
+        "served": {},
+        "server_env": args.server_env,
+    }
 
-    started = time.perf_counter()
-    model = build_model()
-    model.save_pretrained(work / "models" / MODEL / "transformer")  # a diffusers pipeline layout
-    del model
-    torch.cuda.empty_cache()
-    results["save_s"] = time.perf_counter() - started
+    models = model_store.model_root(work / "models")  # $FLUX_MODEL_ROOT if set
+    if not (models / MODEL / "transformer" / "config.json").is_file():
+        started = time.perf_counter()
+        save_random_model(models)
+        results["save_s"] = time.perf_counter() - started
+    os.environ[model_store.MODEL_ROOT_ENV] = str(models)  # where the engine's source model is
 
-    speedups = Speedups(attention_backend=args.attention_backend, compile=args.compile)
     wire = {name: tensor.contiguous() for name, tensor in step_for(args.shape).wire().items()}
-    first = measure_in_process(ServeSettings(model_dir=MODEL, speedups=speedups), work / "models", wire, args, results)
-    torch.cuda.empty_cache()  # the server process loads its own copy next
+    started = time.perf_counter()
+    local_step = engine_step(args.engine, wire) if args.engine else dit_transformer_step(args, models, wire)
+    first = local_step().cpu()
+    results["in_process_ready_s"] = time.perf_counter() - started
 
     repository = work / "model_repository"
-    shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
-    config = repository / "dit_transformer" / "config.pbtxt"
-    set_parameter(config, "model_dir", MODEL)
-    set_parameter(config, "attention_backend", args.attention_backend)
-    set_parameter(config, "compile", args.compile)
+    model_name = results["model"] = write_served_repository(args, repository)
     server = TritonServer(
         repository,
-        env={model_store.MODEL_ROOT_ENV: str(work / "models")},
+        env={model_store.MODEL_ROOT_ENV: str(models), **dict(item.split("=", 1) for item in args.server_env)},
         log_path=work / "tritonserver.log",
         cache=work / "triton",
         args=["--exit-timeout-secs=5", "--backend-config=python,shm-default-byte-size=67108864"],
@@ -103,37 +176,25 @@ def main() -> None:
     with server:
         results["server_ready_s"] = time.perf_counter() - started
         with httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
-            served = infer_step(client, "dit_transformer", wire)
+            served = infer_step(client, model_name, wire)
             results["served_vs_in_process_max_abs"] = (served.float() - first.float()).abs().max().item()
             for transport in args.transports.split(","):
-                results["served"][transport] = measure_served(make_transport(transport, client), wire, args)
+                results["served"][transport] = measure_served(client, transport, model_name, wire, local_step, args)
     results["request_mib"] = sum(t.numel() * t.element_size() for t in wire.values()) / 2**20
-    base = results["in_process"]["median_ms"]
-    print(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps(results, indent=2))
+    print_summary(results)
+
+
+def print_summary(results: dict) -> None:
     print(
-        f"\n{results['gpu']} {args.shape}: in process {base:.1f} ms; server ready in {results['server_ready_s']:.0f} s"
+        f"\n{results['gpu']} {results['shape']} {results['model']}: server ready in {results['server_ready_s']:.0f} s"
     )
     for transport, row in results["served"].items():
-        row["overhead_ms"] = row["median_ms"] - base
-        row["overhead_pct"] = 100 * row["overhead_ms"] / base
+        served, local = row["served"]["median_ms"], row["in_process"]["median_ms"]
         overhead = f"{row['overhead_ms']:.1f} ms ({row['overhead_pct']:.1f}%)"
-        print(f"  served over {transport:<4} {row['median_ms']:.1f} ms: overhead {overhead}")
-    args.out.write_text(json.dumps(results, indent=2))
-
-
-def measure_served(transport, wire: dict, args) -> dict:
-    """A generation's steps: new latents and timestep every step, the same prompt embeddings."""
-    steps = []
-    for index in range(args.warmup + args.iters):
-        step = dict(wire)
-        step["hidden_states"] = torch.randn_like(wire["hidden_states"].float()).to(wire["hidden_states"].dtype)
-        step["timestep"] = torch.full_like(wire["timestep"], 1000.0 - 30 * index)
-        steps.append(step)
-    calls = iter(steps)
-    try:
-        return summary(host_times(lambda: transport.infer("dit_transformer", next(calls)), args.warmup, args.iters))
-    finally:
-        transport.close()
+        print(f"  {transport:<4} served {served:.1f} ms, in process {local:.1f} ms: overhead {overhead}")
+        for model, phases in row["server_ms_per_request"].items():
+            print(f"    {model:<16} " + "  ".join(f"{phase} {ms:.2f}" for phase, ms in phases.items()))
 
 
 if __name__ == "__main__":

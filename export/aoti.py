@@ -10,6 +10,8 @@ weights once. The embedders and the final norm
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +44,33 @@ class AotiProfile:
         from export.profiles import PROFILE_PRESETS
 
         return cls.from_profile(PROFILE_PRESETS[name])
+
+
+def links_libstdcxx_dynamically(compiler: str) -> bool:
+    """Whether ``compiler`` links a shared library against the shared libstdc++ (a tiny one is built
+    and its NEEDED entries read, as inductor builds the packages' wrappers)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, library = Path(folder) / "probe.cpp", Path(folder) / "probe.so"
+        source.write_text("#include <string>\nstd::string probe() { return std::to_string(1); }\n")
+        subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(library)], check=True, capture_output=True)
+        dynamic = subprocess.run(["readelf", "-d", str(library)], check=True, capture_output=True, text=True)
+    return "libstdc++.so" in dynamic.stdout
+
+
+def check_compiler_runtime() -> None:
+    """Fail before compiling where the packages could not be loaded. A wrapper with its own static
+    copy of libstdc++ indexes the process's std::locale facets with its own ids and crashes at load
+    (a segfault in std::regex in parse_device_str: the lent GPU image's CXX=/opt/gcc/bin/g++ adds
+    -static-libstdc++)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    compiler = get_cpp_compiler()
+    if not links_libstdcxx_dynamically(compiler):
+        raise RuntimeError(
+            f"{compiler} links libstdc++ statically into shared libraries, so the AOTInductor packages it "
+            "builds would crash when loaded next to the process's own libstdc++. Point CXX at a compiler "
+            "that links it dynamically (e.g. CXX=/usr/bin/g++) and build again"
+        )
 
 
 def block_weights(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,6 +120,7 @@ def build(transformer, engine_dir: Path, profile: AotiProfile | None = None) -> 
     """Compile one package per block kind of ``transformer`` (on its device, speed-ups such as FP8
     already applied) into ``engine_dir``; returns the build record."""
     profile = profile or AotiProfile.preset()
+    check_compiler_runtime()
     engine_dir.mkdir(parents=True, exist_ok=True)
     record = {"profile": asdict(profile), "packages": {}, "compile_s": {}}
     for kind, attribute in BLOCK_KINDS.items():

@@ -62,6 +62,7 @@ def build_aoti_engine(
     """Load, speed up, compile and describe one AOTI engine into ``sidecar_path`` and the folder
     of the same name without ``.json``; returns the sidecar path."""
     device = build_device(kind, precision)  # before anything is loaded
+    aoti.check_compiler_runtime()
     profile = fixed_text(profile)
     aoti_profile = aoti.AotiProfile.from_profile(profile)
     model_dir = model_store.resolve_model_dir(model, model_root or model_store.model_root())

@@ -14,6 +14,14 @@ from flux_triton.validation import StepInputs
 Item = TypeVar("Item")
 
 
+def limit_cpu_threads(device: torch.device) -> None:
+    """One intra-op thread for a model instance whose work runs on a GPU (its CPU work is kernel
+    launches). With a pool per Python-backend stub, the stubs of one server slowed each other:
+    ``flux_dit``'s engine step took 152 instead of 143 ms on an H100 (benchmarks/README.md)."""
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+
+
 def pipeline_call(transformer, step: StepInputs) -> torch.Tensor:
     """The transformer call of ``FluxPipeline.__call__`` (diffusers 0.42.1), byte for byte:
     the raw fp32 timestep is cast to the latents' dtype, then divided by 1000."""

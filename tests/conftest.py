@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import shutil
 import time
 from collections.abc import Iterator
@@ -35,6 +36,32 @@ def model_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     model_store.write_tiny_models(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """GPU only: the FLUX.1-dev transformer with random weights (bf16), its 512x512 step, the fp32
+    answer of the same weights, eager bf16's error against it, and the error function. Per module:
+    the paths of a module change the model in place."""
+    from benchmarks.gpu_bench import rel_l2, step_for
+    from benchmarks.random_model import build_model
+    from flux_triton import reference
+
+    model = build_model()
+    model.set_attention_backend("native")  # diffusers keeps the last backend set process-wide
+    step = step_for("512x512-b1")
+    model.float()  # bf16 -> fp32 -> bf16 round-trips exactly
+    step32 = reference.PipelineStep(**vars(step))
+    for name in ("latents", "pooled_prompt_embeds", "prompt_embeds"):
+        setattr(step32, name, getattr(step32, name).float())
+    expected = reference.diffusers_call(model, step32)
+    model.to(torch.bfloat16)
+    eager_error = rel_l2(reference.diffusers_call(model, step), expected)
+    yield model, step, expected, eager_error, rel_l2
+    del model
+    torch._dynamo.reset()  # compiled blocks hold the model
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def load_tiny(model_root: Path, name: str):

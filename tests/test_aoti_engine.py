@@ -125,6 +125,21 @@ def test_make_engine_aoti_fp8_fails_at_once_on_cpu(tmp_path):
     assert time.monotonic() - start < 60
 
 
+def test_build_refuses_a_compiler_that_links_libstdcxx_statically(tmp_path, tiny_dev):
+    """The lent GPU image's CXX=/opt/gcc/bin/g++ adds -static-libstdc++; packages built so crashed at
+    load. A g++ doing the same must stop the build before anything is compiled."""
+    compiler = tmp_path / "g++"
+    compiler.write_text('#!/bin/sh\nexec g++ "$@" -static-libstdc++\n')
+    compiler.chmod(0o755)
+    assert aoti.links_libstdcxx_dynamically("g++")
+    assert not aoti.links_libstdcxx_dynamically(str(compiler))
+    engine_dir = tmp_path / "engine"
+    static_compiler = torch._inductor.config.patch({"cpp.cxx": (None, str(compiler))})
+    with static_compiler, pytest.raises(RuntimeError, match=r"links libstdc\+\+ statically .* CXX=/usr/bin/g\+\+"):
+        aoti.build(tiny_dev, engine_dir, aoti.AotiProfile.preset("tiny"))
+    assert not engine_dir.exists()
+
+
 @pytest.fixture(scope="module")
 def dev_aoti_server(tmp_path_factory, model_root, aoti_engines):
     folder = tmp_path_factory.mktemp("dev-aoti")

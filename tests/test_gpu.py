@@ -22,23 +22,6 @@ def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
     assert torch.equal(served, reference.diffusers_call(service.transformer, step))
 
 
-@pytest.fixture(scope="module")
-def full_size():
-    """The FLUX.1-dev transformer with random weights, its 512x512 step and the fp32 answer."""
-    from benchmarks.gpu_bench import build_model, rel_l2, step_for
-
-    model = build_model()
-    step = step_for("512x512-b1")
-    model.float()  # bf16 -> fp32 -> bf16 round-trips exactly
-    step32 = reference.PipelineStep(**vars(step))
-    for name in ("latents", "pooled_prompt_embeds", "prompt_embeds"):
-        setattr(step32, name, getattr(step32, name).float())
-    expected = reference.diffusers_call(model, step32)
-    model.to(torch.bfloat16)
-    eager_error = rel_l2(reference.diffusers_call(model, step), expected)
-    return model, step, expected, eager_error, rel_l2
-
-
 @pytest.mark.parametrize(
     ("speedups", "allowed"),
     [

@@ -15,6 +15,7 @@ import torch
 from flux_triton.contract import OUTPUT_NAME
 from flux_triton.engine_runner import engine_path, run_batched
 from flux_triton.engines import load_engine
+from flux_triton.runner import limit_cpu_threads
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -33,6 +34,7 @@ class TritonPythonModel:
             device = torch.device("cuda", int(args["model_instance_device_id"]))
         else:
             device = torch.device("cpu")
+        limit_cpu_threads(device)
         self.sidecar, self.engine = load_engine(engine_path(parameter, REPOSITORY_DIR), device)
         pb_utils.Logger.log_info(
             f"dit_engine: {self.sidecar.kind} {self.sidecar.precision} engine {self.sidecar.engine_file} on {device}"

@@ -27,6 +27,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.signature, self.limits = preprocess_settings(parameters)
+        torch.set_num_threads(1)  # one request's single-pass checks; see runner.limit_cpu_threads
 
     def execute(self, requests):
         responses = []

@@ -15,6 +15,7 @@ import torch
 
 from flux_triton import model_store, reference
 from flux_triton.contract import INPUTS, OUTPUT_NAME, OUTPUTS
+from flux_triton.runner import limit_cpu_threads
 from flux_triton.service import DitService, ServeSettings, pick_device, signature_for
 from flux_triton.validation import InputError
 
@@ -53,6 +54,7 @@ class TritonPythonModel:
             device = pick_device(int(args["model_instance_device_id"]))
         else:
             device = torch.device("cpu")
+        limit_cpu_threads(device)
         self.service = DitService(settings, _model_root(), device)
         self.logger = pb_utils.Logger
         self.logger.log_info(
