@@ -176,7 +176,9 @@ def main() -> None:
     with server:
         results["server_ready_s"] = time.perf_counter() - started
         with httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
+            started = time.perf_counter()
             served = infer_step(client, model_name, wire)
+            results["first_request_s"] = time.perf_counter() - started
             results["served_vs_in_process_max_abs"] = (served.float() - first.float()).abs().max().item()
             for transport in args.transports.split(","):
                 results["served"][transport] = measure_served(client, transport, model_name, wire, local_step, args)
@@ -186,8 +188,9 @@ def main() -> None:
 
 
 def print_summary(results: dict) -> None:
+    ready, first = results["server_ready_s"], results["first_request_s"]
     print(
-        f"\n{results['gpu']} {results['shape']} {results['model']}: server ready in {results['server_ready_s']:.0f} s"
+        f"\n{results['gpu']} {results['shape']} {results['model']}: ready in {ready:.0f} s, first request {first:.1f} s"
     )
     for transport, row in results["served"].items():
         served, local = row["served"]["median_ms"], row["in_process"]["median_ms"]

@@ -68,6 +68,10 @@ def test_generated_repository_passes_the_static_checks(ort_repository, ort_sidec
     assert engine.backend == "python" and engine.dynamic_batching.max_queue_delay_microseconds > 0
     assert [t.name for t in engine.input] == [s.name for s in engine_inputs(True)]
     assert (ort_repository / ENGINE / "1" / "model.py").is_file()
+    (warmup,) = engine.model_warmup  # every server start in these tests runs it
+    opt = {name: levels["opt"] for name, levels in EngineSidecar.read(ort_sidecar).shapes.items()}
+    assert {name: [warmup.batch_size, *sample.dims] for name, sample in warmup.inputs.items()} == opt
+    assert all(sample.zero_data for sample in warmup.inputs.values())
 
 
 @pytest.mark.parametrize(
