@@ -52,8 +52,13 @@ def links_libstdcxx_dynamically(compiler: str) -> bool:
     with tempfile.TemporaryDirectory() as folder:
         source, library = Path(folder) / "probe.cpp", Path(folder) / "probe.so"
         source.write_text("#include <string>\nstd::string probe() { return std::to_string(1); }\n")
-        subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(library)], check=True, capture_output=True)
-        dynamic = subprocess.run(["readelf", "-d", str(library)], check=True, capture_output=True, text=True)
+        try:
+            build = [compiler, "-shared", "-fPIC", str(source), "-o", str(library)]
+            subprocess.run(build, check=True, capture_output=True, text=True)
+            dynamic = subprocess.run(["readelf", "-d", str(library)], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or error
+            raise RuntimeError(f"AOTInductor needs a C++ compiler and binutils: {compiler}: {detail}") from error
     return "libstdc++.so" in dynamic.stdout
 
 

@@ -75,7 +75,7 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str) -> dict:
 
 def _warmup(sidecar: EngineSidecar) -> dict:
     """One zero-valued request at the profile's opt shapes, run while the model loads: the first
-    forward's one-time costs (cuDNN attention plans and kernel loading, ~15 s for an AOTI engine
+    forward's one-time costs (cuDNN attention plans and kernel loading, ~20 s for an AOTI engine
     on an H100) are paid before the server reports ready, not by the first client."""
     signature, inputs = sidecar.dit_signature, {}
     for spec in engine_inputs(signature.guidance_embeds):

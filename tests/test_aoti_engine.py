@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import infer_concurrently, start_engine_server
-from test_flux_dit_parity import DEV, SCHNELL
+from test_flux_dit_parity import BUSY_SIZE, DEV, SCHNELL
 
 from client.wire import infer_step
 from export import aoti
@@ -166,7 +166,7 @@ def test_served_single_step_matches_diffusers(dev_aoti_server, http_client, tiny
 @pytest.mark.server
 def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_server, tiny_dev):
     steps = [
-        reference.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, height=256, width=320)
+        reference.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, **BUSY_SIZE)
         for i in range(6)
     ]
     merged, inferences, executions = infer_concurrently(
