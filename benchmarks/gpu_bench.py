@@ -6,7 +6,8 @@ warm-up), effective TFLOP/s from the analytic FLOP count, peak GPU memory, time 
 per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the final latents of a
 28-step dev-like loop against an fp32 reference of the same weights.
 
-    python benchmarks/gpu_bench.py --paths eager,compile,regional,fp8 --out bench.json
+    python benchmarks/gpu_bench.py --out bench.json                          # every path, AOTI built here
+    python benchmarks/gpu_bench.py --engines .engines-gpu --out bench.json   # AOTI engines of make engine
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return call, started
     if name in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
-        engine_dir, packages, results.setdefault("aoti_build", {})[name] = aoti_engine(name, model, args.engines)
+        engine_dir, packages, record = aoti_engine(name, model, args.engines)
+        results.setdefault("aoti_build", {})[name] = record
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
         aoti.attach(model, engine_dir, packages)
         return call, started

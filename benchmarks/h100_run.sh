@@ -2,7 +2,8 @@
 # One device call per stage on the lent GPU, from the repository root, results under $OUT:
 #   engines  save the random full-size model, `make engine`'s code for aoti and aoti-fp8 (max batch 8)
 #   bench    gpu_bench.py, every path, the AOTI paths on the engines carried back in .engines-gpu/
-#   served   served_step.py: dit_transformer and/or flux_dit on carried AOTI engines (arguments)
+#   served   served_step.py: dit_transformer and/or flux_dit on carried AOTI engines (arguments);
+#            SERVER_ENV="NAME=VALUE ..." sets the server's environment (e.g. OMP_NUM_THREADS=1)
 #   profile  profile_step.py: GPU kernel time by category, bf16 and FP8
 set -uo pipefail
 source benchmarks/gpu_setup.sh || exit 1
