@@ -31,16 +31,12 @@ def run_case(folder: Path) -> None:
 
 
 def describe(package: str, folder: Path) -> None:
-    """What the wrapper library needs, and which libstdc++ the compiler and this process use."""
+    """The shared libraries the package's wrapper needs (no libstdc++.so.6: it carries its own copy)."""
     with zipfile.ZipFile(package) as archive:
         archive.extractall(folder / "unpacked")
     for wrapper in (folder / "unpacked").rglob("*.wrapper.so"):
         needed = subprocess.run(["readelf", "-d", str(wrapper)], capture_output=True, text=True).stdout
         print("NEEDED:", [line.split("[")[-1].rstrip("]") for line in needed.splitlines() if "NEEDED" in line])
-    compiler = torch._inductor.cpp_builder.get_cpp_compiler()
-    printed = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True)
-    loaded = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libstdc++" in line]
-    print(f"libstdc++: compiler {compiler} -> {Path(printed.stdout.strip()).resolve()}; loaded {loaded[:1]}")
 
 
 def main() -> None:
@@ -56,7 +52,7 @@ def main() -> None:
             timeout=300,
             env={**os.environ, **env},
         )
-        lines = [line for line in result.stdout.splitlines() if line.startswith(("NEEDED", "libstdc++"))]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("NEEDED")]
         tail = (result.stdout.strip().splitlines() or result.stderr.strip().splitlines() or [""])[-1]
         print(f"{name:<44} exit {result.returncode:>4}  {tail[:120]}", *lines, sep="\n    ", flush=True)
 

@@ -10,6 +10,7 @@ weights once. The embedders and the final norm
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import tempfile
 import time
@@ -46,9 +47,10 @@ class AotiProfile:
         return cls.from_profile(PROFILE_PRESETS[name])
 
 
+@functools.cache
 def links_libstdcxx_dynamically(compiler: str) -> bool:
     """Whether ``compiler`` links a shared library against the shared libstdc++ (a tiny one is built
-    and its NEEDED entries read, as inductor builds the packages' wrappers)."""
+    and its NEEDED entries read, as inductor builds the packages' wrappers); once per compiler."""
     with tempfile.TemporaryDirectory() as folder:
         source, library = Path(folder) / "probe.cpp", Path(folder) / "probe.so"
         source.write_text("#include <string>\nstd::string probe() { return std::to_string(1); }\n")
