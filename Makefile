@@ -1,18 +1,18 @@
 # Every target installs what it needs: uv (pinned), the locked virtualenv, the tiny models.
+# The commands and their defaults are the package's own: `python -m flux_triton <command> --help`.
 UV_VERSION := 0.13.9
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
-RUN := $(UV) run --locked
+RUN := $(UV) run --locked --all-extras
+FLUX := $(RUN) python -m flux_triton
 
-.PHONY: help setup tiny run serve standalone engine repo test test-gpu load lint format clean
-
-# make engine / make repo: which engine (docs/engines.md).
-ENGINE ?= onnxruntime
-MODEL ?= tiny-flux-dev
-# aoti: the build device's model dtype (bf16 with an NVIDIA GPU, fp32 without); aoti-fp8: fp8.
-HAS_GPU = $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-PRECISION ?= $(or $(if $(filter tensorrt,$(ENGINE)),bf16),$(if $(filter aoti-fp8,$(ENGINE)),fp8),$(if $(filter aoti,$(ENGINE)),$(if $(HAS_GPU),bf16,fp32)),fp32)
+# make engine / make repo: which engine (docs/engines.md); empty means the package's default.
+ENGINE ?=
+MODEL ?=
+PRECISION ?=
 ENGINE_ARGS ?=
-SIDECAR := engines/$(notdir $(MODEL))-$(PRECISION).$(ENGINE).json
+SELECT = $(if $(ENGINE),--kind $(ENGINE)) $(if $(MODEL),--model $(MODEL)) $(if $(PRECISION),--precision $(PRECISION))
+
+.PHONY: help setup tiny default-engine run serve standalone engine repo test test-gpu load lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,26 +21,25 @@ help:  ## list the targets
 	python3 -m venv .tools && .tools/bin/pip install -q uv==$(UV_VERSION)
 
 setup: $(UV)  ## create .venv from uv.lock
-	$(UV) sync --locked
+	$(UV) sync --locked --all-extras
 
 tiny: setup  ## write the embedded tiny FLUX transformers to models/
-	$(RUN) python -m flux_triton.model_store
+	$(FLUX) tiny
 
-run: tiny  ## start tritonserver, run a 4-step denoising loop through it, compare with diffusers
-	$(RUN) python -m flux_triton.demo
+default-engine: tiny  ## build the default engine for model_repository/ if it is missing
+	$(FLUX) engine --if-missing
 
-engines/tiny-flux-dev-fp32.onnxruntime.json: | tiny
-	$(RUN) python -m export.engine
+run: tiny  ## start tritonserver, run a 4-step loop through dit_transformer and flux_dit, compare with diffusers
+	$(FLUX) demo
 
-engine: tiny  ## build ENGINE=onnxruntime|tensorrt|aoti|aoti-fp8 (PRECISION, MODEL) into engines/, then make repo
-	$(RUN) python -m export.engine --kind $(ENGINE) --model $(MODEL) --precision $(PRECISION) $(ENGINE_ARGS)
-	$(MAKE) --no-print-directory repo ENGINE=$(ENGINE) MODEL=$(MODEL) PRECISION=$(PRECISION)
+engine: tiny  ## build an engine (ENGINE, MODEL, PRECISION, ENGINE_ARGS) into engines/, then its repository
+	$(FLUX) engine $(SELECT) $(ENGINE_ARGS)
 
-repo: setup  ## generate and validate the flux_dit repository for the engine in engines/ (same variables)
-	$(RUN) python -m flux_triton.repository --engine $(SIDECAR)
+repo: setup  ## generate and check the flux_dit repository of a built engine (same variables)
+	$(FLUX) repo $(SELECT)
 
-serve: tiny engines/tiny-flux-dev-fp32.onnxruntime.json  ## serve model_repository/ on loopback (ports 8000/8001/8002)
-	$(RUN) python -m flux_triton.server --model-repository model_repository
+serve: default-engine  ## serve model_repository/ on loopback (ports 8000/8001/8002)
+	$(FLUX) serve
 
 standalone: tiny  ## one denoising step outside Triton
 	$(RUN) python model_repository/dit_transformer/1/model.py
@@ -51,8 +50,8 @@ test: tiny lint  ## lint, then every test (GPU tests skip without CUDA)
 test-gpu: tiny  ## the GPU tests only
 	$(RUN) pytest -q -m gpu
 
-load: tiny  ## bounded load test on its own loopback server: 16 clients, 800 mixed requests, cross-talk checked
-	$(RUN) python -m flux_triton.loadtest --clients 16 --requests 800
+load: default-engine  ## bounded load test on its own loopback server: 16 clients, 800 mixed requests
+	$(FLUX) load --clients 16 --requests 800
 
 lint: setup  ## ruff check and format check
 	$(RUN) ruff check .

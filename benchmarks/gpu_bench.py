@@ -6,8 +6,8 @@ warm-up), effective TFLOP/s from the analytic FLOP count, peak GPU memory, time 
 per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the final latents of a
 28-step dev-like loop against an fp32 reference of the same weights.
 
-    python benchmarks/gpu_bench.py --out bench.json                          # every path, AOTI built here
-    python benchmarks/gpu_bench.py --engines .engines-gpu --out bench.json   # AOTI engines of make engine
+    python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
+    python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
 """
 
 from __future__ import annotations
@@ -15,46 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchmarks.random_model import MODEL, build_model
-from export import aoti
-from export.engine import sidecar_path
-from export.precision import precision_for
-from export.profiles import PROFILE_PRESETS
-from flux_triton import denoise, model_store, reference, speedups
-from flux_triton.contract import DitSignature
-from flux_triton.runner import pipeline_call
-from flux_triton.sidecar import EngineSidecar
-
-SHAPES = {
-    "1024x1024-b1": (1024, 1024, 1),
-    "1024x1024-b4": (1024, 1024, 4),
-    "512x512-b1": (512, 512, 1),
-    "512x512-b8": (512, 512, 8),
-}
-TEXT_TOKENS = 512
+from flux_triton.engines import aoti
+from flux_triton.engines.aoti_engine import prebuilt_or_build
+from flux_triton.model import speedups
+from flux_triton.model.presets import FULL_SIZE_SHAPES, FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random
+from flux_triton.model.presets import full_size_step as step_for
+from flux_triton.pipeline import loop
+from flux_triton.pipeline.call import reference_call, transformer_call
+from flux_triton.pipeline.inputs import rel_l2
 
 
-def forward_tflop(image_tokens: int, batch: int, text_tokens: int = TEXT_TOKENS) -> float:
-    """Analytic FLOPs of one forward (perf-anchors.md §2): 57 blocks of linears + joint attention."""
+def forward_tflop(image_tokens: int, batch: int, text_tokens: int = FULL_SIZE_TEXT_TOKENS) -> float:
+    """Analytic FLOPs of one forward: 57 blocks of linears and joint attention, plus the embedders."""
     d, tokens = 3072, image_tokens + text_tokens
     linears = 57 * 2 * tokens * d * 36864
     attention = 57 * 4 * tokens * tokens * d
     embed = 2 * image_tokens * 64 * d * 2 + 2 * text_tokens * 4096 * d
     return batch * (linears + attention + embed) / 1e12
-
-
-def step_for(shape: str, seed: int = 0) -> reference.PipelineStep:
-    height, width, batch = SHAPES[shape]
-    signature = DitSignature.from_config(model_store.FLUX_DEV_CONFIG, torch.bfloat16)
-    return reference.random_step(signature, batch, height, width, TEXT_TOKENS, timestep=700.0, seed=seed, device="cuda")
 
 
 def time_steps(fn, step, warmup: int, iters: int) -> list[float]:
@@ -71,23 +54,16 @@ def time_steps(fn, step, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def rel_l2(value: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((value.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def fp32_reference(model, accuracy_step, loop_steps: int):
     """noise_pred and 28-step latents in fp32; bf16 -> fp32 -> bf16 round-trips exactly."""
     model.float()
-    step32 = reference.PipelineStep(**{**vars(accuracy_step)})
-    for name in ("latents", "pooled_prompt_embeds", "prompt_embeds"):
-        setattr(step32, name, getattr(step32, name).float())
+    floats = ("hidden_states", "pooled_projections", "encoder_hidden_states")
+    step32 = accuracy_step.replace(**{name: getattr(accuracy_step, name).float() for name in floats})
     with torch.inference_mode():
-        noise = reference.diffusers_call(model, step32)
+        noise = reference_call(model, step32)
         latents = None
         if loop_steps:
-            latents = denoise.denoise(
-                lambda s: reference.diffusers_call(model, s), denoise.make_scheduler("dev"), step32, loop_steps
-            )
+            latents = loop.denoise(partial(reference_call, model), loop.make_scheduler("dev"), step32, loop_steps)
     model.to(torch.bfloat16)
     torch.cuda.empty_cache()
     return noise, latents
@@ -99,7 +75,7 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
         noise = fn(accuracy_step)
         entry["noise_pred_rel_l2_vs_fp32"] = rel_l2(noise, refs[0])
         if args.loop_steps:
-            latents = denoise.denoise(fn, denoise.make_scheduler("dev"), accuracy_step, args.loop_steps)
+            latents = loop.denoise(fn, loop.make_scheduler("dev"), accuracy_step, args.loop_steps)
             entry["latents_rel_l2_vs_fp32"] = rel_l2(latents, refs[1])
         for shape in args.shapes.split(","):
             if name == "compile" and shape != "1024x1024-b1":
@@ -107,7 +83,7 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
             step = step_for(shape, seed=1)
             torch.cuda.reset_peak_memory_stats()
             times = time_steps(fn, step, args.warmup, args.iters)
-            height, width, batch = SHAPES[shape]
+            height, width, batch = FULL_SIZE_SHAPES[shape]
             median = statistics.median(times)
             entry["shapes"][shape] = {
                 "median_ms": median,
@@ -124,18 +100,18 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="eager,compile,regional,aoti,fp8,aoti-fp8")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--loop-steps", type=int, default=28)
     parser.add_argument("--engines", type=Path, default=None, help="prebuilt AOTI engines of make engine "
-                        f"(MODEL={MODEL}, --max-batch 8); default: build them here")  # fmt: skip
+                        f"(MODEL={RANDOM_MODEL}, --max-batch 8); default: build them here")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args()
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "paths": []}
     started = time.perf_counter()
-    model = build_model()
+    model = build_random()
     build_s = time.perf_counter() - started
     results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     accuracy_step = step_for("1024x1024-b1")
@@ -158,12 +134,12 @@ def prepare_path(name: str, model, args, results: dict, started: float):
     """The step function of one path, and when its time to ready starts. Paths mutate the model
     in order: the bf16 ones first, then FP8 (which drops the bf16 block weights)."""
     cudnn = "_native_cudnn"
-    call = partial(step_call, model)
+    call = partial(transformer_call, model)
     reset_blocks(model)
     if name == "eager":
         return call, started
     if name == "compile":
-        return partial(step_call, torch.compile(model, fullgraph=True)), started
+        return partial(transformer_call, torch.compile(model, fullgraph=True)), started
     if name in ("regional", "fp8"):  # dit_transformer's optimized paths
         speedups.apply_speedups(
             model, speedups.Speedups(attention_backend=cudnn, fp8=name == "fp8", compile="regional")
@@ -171,27 +147,11 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return call, started
     if name in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
-        engine_dir, packages, record = aoti_engine(name, model, args.engines)
-        results.setdefault("aoti_build", {})[name] = record
+        engine_dir, packages = prebuilt_or_build(name, model, args.engines, RANDOM_MODEL)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
         aoti.attach(model, engine_dir, packages)
         return call, started
     raise ValueError(f"unknown path {name}")
-
-
-def aoti_engine(kind: str, model, engines: Path | None = None) -> tuple[Path, dict[str, str], dict]:
-    """The engine ``make engine`` built into ``engines`` (packages hold code only, so any weights of
-    this architecture attach), else one built here; returns its folder, packages and build record."""
-    if engines:
-        path = sidecar_path(engines, MODEL, precision_for(kind, None).name, kind)
-        sidecar = EngineSidecar.read(path)
-        packages = {block: package["file"] for block, package in sidecar.packages.items()}
-        return path.with_suffix(""), packages, {"sidecar": path.name, **sidecar.export}
-    engine_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
-    max_batch = max(batch for _, _, batch in SHAPES.values())
-    profile = aoti.AotiProfile.from_profile(replace(PROFILE_PRESETS["default"], batch=(1, 1, max_batch)))
-    record = aoti.build(model, engine_dir, profile)
-    return engine_dir, record["packages"], record
 
 
 def reset_blocks(model) -> None:
@@ -200,24 +160,6 @@ def reset_blocks(model) -> None:
         for block in blocks:
             block._compiled_call_impl = None
             block.__dict__.pop("forward", None)
-
-
-def step_call(transformer, step: reference.PipelineStep) -> torch.Tensor:
-    return pipeline_call(transformer, reference_to_inputs(step))
-
-
-def reference_to_inputs(step: reference.PipelineStep):
-    from flux_triton.validation import StepInputs
-
-    return StepInputs(
-        hidden_states=step.latents,
-        timestep=step.t.expand(step.latents.shape[0]).float(),
-        guidance=step.guidance,
-        pooled_projections=step.pooled_prompt_embeds,
-        encoder_hidden_states=step.prompt_embeds,
-        txt_ids=step.text_ids,
-        img_ids=step.latent_image_ids,
-    )
 
 
 def print_table(results: dict) -> None:

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu_bench import reference_to_inputs, step_for
-from benchmarks.random_model import build_model
-from flux_triton.runner import pipeline_call
-from flux_triton.speedups import Speedups, apply_speedups
+from flux_triton.model.presets import build_random, full_size_step
+from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.pipeline.call import transformer_call
 
 CATEGORIES = {
     "attention": re.compile(r"flash|fmha|cudnn|attention|sdpa", re.IGNORECASE),
@@ -59,14 +58,14 @@ def main() -> None:
     parser.add_argument("--shape", default="1024x1024-b1")
     parser.add_argument("--out", type=Path, default=Path("profile.json"))
     args = parser.parse_args()
-    model = build_model()
-    step = step_for(args.shape)
+    model = build_random()
+    step = full_size_step(args.shape)
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "paths": {}}
     with torch.inference_mode():
         for name, fp8 in (("bf16", False), ("fp8", True)):  # bf16 first: FP8 replaces the block weights
             torch._dynamo.reset()
             apply_speedups(model, Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional"))
-            results["paths"][name] = breakdown(lambda s: pipeline_call(model, reference_to_inputs(s)), step)
+            results["paths"][name] = breakdown(lambda s: transformer_call(model, s), step)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"{results['gpu']} {args.shape}: GPU kernel time per step (ms)")
     for name, row in results["paths"].items():

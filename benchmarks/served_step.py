@@ -2,13 +2,12 @@
 ones) through the real tritonserver, client -> server -> client, against the same step run in
 process by the same serving code. The model served is ``dit_transformer``, or with ``--engine``
 the ``flux_dit`` ensemble (``dit_preprocess`` -> ``dit_engine``) on a prebuilt engine of
-``make engine`` for the random model (``benchmarks/random_model.py``).
+``make engine`` for the random model (``flux-dev-random``, saved here first if the model root lacks it).
 
 Served and in-process steps alternate, so clock drift affects both alike; the server's own
 per-model times (Triton's statistics extension) show where the difference goes.
 
-    benchmarks/pack_for_gpu.sh   # here: the server tree and wheels for a host without network
-    python benchmarks/served_step.py --out served.json   # there
+    python benchmarks/served_step.py --out served.json
     python benchmarks/served_step.py --engine engines/flux-dev-random-bf16.aoti.json --out served-aoti.json
 """
 
@@ -26,19 +25,19 @@ from pathlib import Path
 import torch
 import tritonclient.http as httpclient
 
-from benchmarks.gpu_bench import step_for
-from benchmarks.random_model import MODEL, save_random_model
-from client.transport import make_transport
-from client.wire import infer_step
-from flux_triton import model_store
-from flux_triton.engine_runner import preprocess, run_batched
-from flux_triton.engines import load_engine
-from flux_triton.repository import ENSEMBLE, write_repository
-from flux_triton.server import TritonServer, set_parameter
-from flux_triton.service import DitService, ServeSettings
-from flux_triton.speedups import Speedups
+from flux_triton.client.transport import make_transport
+from flux_triton.client.wire import infer_step
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, set_parameter
+from flux_triton.deploy.repository import write_repository
+from flux_triton.deploy.server import TritonServer
+from flux_triton.engines.kinds import load_engine
+from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.model.presets import RANDOM_MODEL, full_size_step, save_random
+from flux_triton.model.speedups import Speedups
+from flux_triton.serving.merging import run_engine_batched
+from flux_triton.serving.preprocess import preprocess
+from flux_triton.serving.service import DitService, ServeSettings
 
-REPOSITORY = model_store.REPO_ROOT / "model_repository"
 PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -54,16 +53,16 @@ def summary(times: list[float]) -> dict:
 
 def dit_transformer_step(args, models: Path, wire: dict):
     speedups = Speedups(attention_backend=args.attention_backend, compile=args.compile)
-    service = DitService(ServeSettings(model_dir=MODEL, speedups=speedups), models, torch.device("cuda"))
+    service = DitService(ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups), models, torch.device("cuda"))
     prepared = service.prepare(wire)
     return lambda: service.execute([prepared])[0]
 
 
-def engine_step(sidecar_path: Path, wire: dict):
+def engine_step(sidecar_path: Path, models: Path, wire: dict):
     """``dit_preprocess`` then ``dit_engine``, as the ensemble runs them."""
-    sidecar, engine = load_engine(sidecar_path, torch.device("cuda"))
+    sidecar, engine = load_engine(sidecar_path, torch.device("cuda"), models)
     signature, limits = sidecar.dit_signature, sidecar.limits
-    return lambda: run_batched(engine, [preprocess(wire, signature, limits)])[0]
+    return lambda: run_engine_batched(engine, [preprocess(wire, signature, limits)])[0]
 
 
 def write_served_repository(args, repository: Path) -> str:
@@ -71,12 +70,12 @@ def write_served_repository(args, repository: Path) -> str:
     if args.engine:
         write_repository(args.engine.resolve(), repository)
         return ENSEMBLE
-    shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
-    config = repository / "dit_transformer" / "config.pbtxt"
-    set_parameter(config, "model_dir", MODEL)
+    shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
+    config = repository / DIT_TRANSFORMER / "config.pbtxt"
+    set_parameter(config, "model_dir", RANDOM_MODEL)
     set_parameter(config, "attention_backend", args.attention_backend)
     set_parameter(config, "compile", args.compile)
-    return "dit_transformer"
+    return DIT_TRANSFORMER
 
 
 def generation_steps(wire: dict, count: int) -> list[dict]:
@@ -150,16 +149,15 @@ def main() -> None:
         "server_env": args.server_env,
     }
 
-    models = model_store.model_root(work / "models")  # $FLUX_MODEL_ROOT if set
-    if not (models / MODEL / "transformer" / "config.json").is_file():
+    models = Path(os.environ.get(MODEL_ROOT_ENV) or work / "models")
+    if not (models / RANDOM_MODEL / "transformer" / "config.json").is_file():
         started = time.perf_counter()
-        save_random_model(models)
+        save_random(models)
         results["save_s"] = time.perf_counter() - started
-    os.environ[model_store.MODEL_ROOT_ENV] = str(models)  # where the engine's source model is
 
-    wire = {name: tensor.contiguous() for name, tensor in step_for(args.shape).wire().items()}
+    wire = full_size_step(args.shape).wire()
     started = time.perf_counter()
-    local_step = engine_step(args.engine, wire) if args.engine else dit_transformer_step(args, models, wire)
+    local_step = engine_step(args.engine, models, wire) if args.engine else dit_transformer_step(args, models, wire)
     first = local_step().cpu()
     results["in_process_ready_s"] = time.perf_counter() - started
 
@@ -167,7 +165,7 @@ def main() -> None:
     model_name = results["model"] = write_served_repository(args, repository)
     server = TritonServer(
         repository,
-        env={model_store.MODEL_ROOT_ENV: str(models), **dict(item.split("=", 1) for item in args.server_env)},
+        env={MODEL_ROOT_ENV: str(models), **dict(item.split("=", 1) for item in args.server_env)},
         log_path=work / "tritonserver.log",
         cache=work / "triton",
         args=["--exit-timeout-secs=5", "--backend-config=python,shm-default-byte-size=67108864"],

@@ -6,7 +6,7 @@ into a temporary repository; the model costs next to nothing, so a round trip is
 Each transport runs steps the way ``FluxPipeline`` makes them (new latents and timestep each
 step, the same embeddings) through ``RemoteFluxTransformer``.
 
-    python -m benchmarks.transport --iters 30 --dtype BF16 FP32
+    python benchmarks/transport.py --iters 30 --dtype BF16 FP32
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from client.remote import RemoteFluxTransformer
-from client.transport import TRANSPORTS
-from flux_triton import model_store
+from flux_triton.client.remote import RemoteFluxTransformer
+from flux_triton.client.transport import TRANSPORTS
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature
-from flux_triton.repository import to_pbtxt
-from flux_triton.server import TritonServer
+from flux_triton.deploy.pbtxt import to_pbtxt
+from flux_triton.deploy.server import TritonServer
 
 MODEL = "dit_echo"
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512  # 1024x1024
@@ -134,7 +133,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             server = TritonServer(
                 repository,
                 log_path=Path(folder) / "tritonserver.log",
-                cache=model_store.REPO_ROOT / ".triton",
                 args=["--exit-timeout-secs=5"],
             )
             with server.start():

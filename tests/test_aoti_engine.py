@@ -17,20 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import infer_concurrently, start_engine_server
-from test_flux_dit_parity import BUSY_SIZE, DEV, SCHNELL
+from helpers import BUSY_SIZE, CHECKOUT, DEV, SCHNELL, infer_concurrently, start_engine_server
 
-from client.wire import infer_step
-from export import aoti
-from export.profiles import PROFILE_PRESETS
-from export.verify import measure
-from flux_triton import denoise, model_store, reference
-from flux_triton.engine_io import engine_tensors
-from flux_triton.engines import load_engine
-from flux_triton.model_store import REPO_ROOT
-from flux_triton.repository import engine_config
-from flux_triton.sidecar import EngineSidecar, sha256_files
-from flux_triton.validation import validate
+from flux_triton.client.wire import infer_step
+from flux_triton.contract import validate
+from flux_triton.deploy.repository import engine_config
+from flux_triton.engines import aoti
+from flux_triton.engines.kinds import load_engine
+from flux_triton.engines.profiles import PROFILE_PRESETS
+from flux_triton.engines.sidecar import EngineSidecar, sha256_files
+from flux_triton.engines.verify import measure
+from flux_triton.pipeline import call, inputs, loop
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -39,21 +36,16 @@ CASES = ((1, 256, 256, 8), (2, 256, 384, 8), (3, 512, 512, 8), (4, 768, 512, 8))
 SIGNATURES = {"tiny-flux-dev": DEV, "tiny-flux-schnell": SCHNELL}
 
 
-@pytest.fixture
-def runner_env(monkeypatch, model_root):
-    """The runner finds the source model through FLUX_MODEL_ROOT, as dit_engine does in the server."""
-    monkeypatch.setenv(model_store.MODEL_ROOT_ENV, str(model_root))
-
-
 def test_sidecar_records_the_build_and_round_trips(aoti_engines):
     profile = PROFILE_PRESETS["tiny"]
     for name, path in aoti_engines.items():
         sidecar = EngineSidecar.read(path)
         assert path.name == f"{name}-fp32.aoti.json" and sidecar.engine_file == f"{name}-fp32.aoti"
         assert (sidecar.kind, sidecar.precision, sidecar.source_model) == ("aoti", "fp32", name)
-        assert (sidecar.device_type, sidecar.gpu, sidecar.torch_version) == ("cpu", None, torch.__version__)
+        assert sidecar.device == {"type": "cpu", "gpu": None, "compute_capability": None}
+        assert sidecar.build["torch_version"] == torch.__version__
         assert sidecar.dit_signature == SIGNATURES[name]
-        assert sidecar.export["aoti_profile"] == {
+        assert sidecar.build["aoti_profile"] == {
             "min_batch": profile.batch[0],
             "max_batch": profile.batch[2],
             "min_image_tokens": profile.image_tokens[0],
@@ -64,46 +56,41 @@ def test_sidecar_records_the_build_and_round_trips(aoti_engines):
         assert sidecar.shapes["encoder_hidden_states"] == {"min": [1, 8, 32], "opt": [1, 8, 32], "max": [4, 8, 32]}
         limits = sidecar.limits
         assert (limits.max_batch, limits.max_image_tokens, limits.max_text_tokens) == (4, 7056, 8)
-        assert set(sidecar.packages) == {"double", "single"} and set(sidecar.export["compile_s"]) == {
-            "double",
-            "single",
-        }
-        for package in sidecar.packages.values():
-            assert sha256_files(path.parent / sidecar.engine_file / package["file"]) == package["sha256"]
+        assert set(sidecar.artifacts) == set(sidecar.build["compile_s"]) == {"double", "single"}
+        for package in sidecar.artifacts.values():
+            assert sha256_files(path.parent / package["file"]) == package["sha256"]
         assert EngineSidecar.read(sidecar.write(path.with_name("copy.json"))) == sidecar
         config = engine_config(sidecar, path.name)  # make repo: a Python-backend runner on the compiled device type
         assert config["backend"] == "python" and config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
 
 
 @pytest.mark.parametrize("name", list(SIGNATURES))
-def test_attached_engine_matches_diffusers(aoti_engines, runner_env, name, tiny_dev, tiny_schnell):
-    _, run = load_engine(aoti_engines[name], torch.device("cpu"))
+def test_attached_engine_matches_diffusers(aoti_engines, model_root, name, tiny_dev, tiny_schnell):
+    _, run = load_engine(aoti_engines[name], torch.device("cpu"), model_root)
     blocks = [*run.transformer.transformer_blocks, *run.transformer.single_transformer_blocks]
     assert blocks and all(isinstance(block.forward, aoti.CompiledBlock) for block in blocks), "blocks not attached"
     transformer = tiny_dev if name == "tiny-flux-dev" else tiny_schnell
     for measured in measure(run, transformer, SIGNATURES[name], cases=CASES):
         print(f"aoti vs diffusers ({name}): {measured}")
         assert measured.max_abs < TOL["atol"], measured
-    step = reference.random_step(SIGNATURES[name], text_tokens=16, height=256, width=256)
+    step = inputs.random_step(SIGNATURES[name], text_tokens=16, height=256, width=256)
     with pytest.raises(ValueError, match="compiled for 8 text tokens, got 16"):
-        run(engine_tensors(validate(step.wire(), SIGNATURES[name]), SIGNATURES[name]))
+        run(validate(step.wire(), SIGNATURES[name]).engine_tensors(SIGNATURES[name]))
 
 
-def test_runner_refuses_packages_compiled_for_another_device(aoti_engines, runner_env):
+def test_runner_refuses_packages_compiled_for_another_device(aoti_engines, model_root):
     path = aoti_engines["tiny-flux-dev"]
     data = json.loads(path.read_text())
-    data.update(device_type="cuda", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    data["device"] = {"type": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     other = path.with_name("tiny-flux-dev-gpu.aoti.json")
     other.write_text(json.dumps(data))
-    with pytest.raises(
-        ValueError, match=rf"{other}: the aoti packages were compiled for NVIDIA H100.*runner is on cpu"
-    ):
-        load_engine(other, torch.device("cpu"))
-    data.update(device_type="cpu", gpu=None, compute_capability=None)
-    data["packages"]["single"]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match=rf"{other}: the aoti engine was built for NVIDIA H100.*runner is on cpu"):
+        load_engine(other, torch.device("cpu"), model_root)
+    data["device"] = {"type": "cpu", "gpu": None, "compute_capability": None}
+    data["artifacts"]["single"]["sha256"] = "0" * 64
     other.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="does not match its recorded sha256"):
-        load_engine(other, torch.device("cpu"))
+        load_engine(other, torch.device("cpu"), model_root)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -113,21 +100,21 @@ def test_make_engine_aoti_fp8_fails_at_once_on_cpu(tmp_path):
     venv = ["UV=/bin/true", "RUN="]
     result = subprocess.run(
         ["make", "--no-print-directory", "engine", "ENGINE=aoti-fp8", f"ENGINE_ARGS=--engines-dir {tmp_path}", *venv],
-        cwd=REPO_ROOT,
+        cwd=CHECKOUT,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode != 0
-    assert "ENGINE=aoti-fp8 needs an NVIDIA GPU with FP8 matmuls" in result.stderr, result.stderr
+    assert "PRECISION=fp8 needs an NVIDIA GPU of compute capability 8.9+" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == [], "nothing may be built before the device check"
     assert time.monotonic() - start < 60
 
 
 def test_build_refuses_a_compiler_that_links_libstdcxx_statically(tmp_path, tiny_dev):
-    """The lent GPU image's CXX=/opt/gcc/bin/g++ adds -static-libstdc++; packages built so crashed at
-    load. A g++ doing the same must stop the build before anything is compiled."""
+    """Packages built by a compiler that links libstdc++ statically crash at load: such a compiler
+    must stop the build before anything is compiled."""
     compiler = tmp_path / "g++"
     compiler.write_text('#!/bin/sh\nexec g++ "$@" -static-libstdc++\n')
     compiler.chmod(0o755)
@@ -158,15 +145,15 @@ def schnell_aoti_server(tmp_path_factory, model_root, aoti_engines):
 
 @pytest.mark.server
 def test_served_single_step_matches_diffusers(dev_aoti_server, http_client, tiny_dev):
-    step = reference.random_step(DEV, batch=1, seed=1, height=256, width=256)
+    step = inputs.random_step(DEV, batch=1, seed=1, height=256, width=256)
     served = infer_step(http_client(dev_aoti_server), "flux_dit", step.wire())
-    torch.testing.assert_close(served, reference.diffusers_call(tiny_dev, step), **TOL)
+    torch.testing.assert_close(served, call.reference_call(tiny_dev, step), **TOL)
 
 
 @pytest.mark.server
 def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_server, tiny_dev):
     steps = [
-        reference.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, **BUSY_SIZE)
+        inputs.random_step(DEV, timestep=100.0 * (i + 1), guidance_scale=1.0 + i, seed=20 + i, **BUSY_SIZE)
         for i in range(6)
     ]
     merged, inferences, executions = infer_concurrently(
@@ -174,15 +161,15 @@ def test_served_concurrent_requests_are_merged_and_split_in_order(dev_aoti_serve
     )
     assert inferences == len(steps) and executions < inferences, "dit_engine merged no requests"
     for step, result in zip(steps, merged, strict=True):
-        torch.testing.assert_close(result, reference.diffusers_call(tiny_dev, step), **TOL)
+        torch.testing.assert_close(result, call.reference_call(tiny_dev, step), **TOL)
 
 
 @pytest.mark.server
 def test_served_schnell_loop_matches_flux_pipeline(schnell_aoti_server, http_client, tiny_schnell):
     client = http_client(schnell_aoti_server)
-    first = reference.random_step(SCHNELL, height=256, width=320, guidance_scale=0, seed=5)
-    scheduler = denoise.make_scheduler("schnell")
-    served = denoise.denoise(lambda step: infer_step(client, "flux_dit", step.wire()), scheduler, first, 4)
-    expected = denoise.pipeline_latents(tiny_schnell, "schnell", first, 4, height=256, width=320)
+    first = inputs.random_step(SCHNELL, height=256, width=320, guidance_scale=0, seed=5)
+    scheduler = loop.make_scheduler("schnell")
+    served = loop.denoise(lambda step: infer_step(client, "flux_dit", step.wire()), scheduler, first, 4)
+    expected = loop.pipeline_latents(tiny_schnell, "schnell", first, 4, height=256, width=320)
     torch.testing.assert_close(served, expected, **LOOP_TOL)
-    assert not torch.allclose(served, first.latents, atol=1e-2)
+    assert not torch.allclose(served, first.hidden_states, atol=1e-2)

@@ -9,16 +9,14 @@ import math
 import pytest
 import torch
 import tritonclient.http as httpclient
+from helpers import DEV, SCHNELL
 from tritonclient.utils import InferenceServerException
 
-from client.wire import infer_step
-from flux_triton import reference
-from flux_triton.contract import DitSignature
+from flux_triton.client.wire import infer_step
+from flux_triton.pipeline import inputs
 
 pytestmark = pytest.mark.server
 
-DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
-SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
 FLOAT_INPUTS = (
     "hidden_states",
     "timestep",
@@ -46,7 +44,7 @@ def server_limits(client, model: str) -> dict[str, int]:
 
 
 def valid(batch: int = 1, **kwargs) -> dict[str, torch.Tensor]:
-    return reference.random_step(DEV, batch=batch, seed=7, **kwargs).wire()
+    return inputs.random_step(DEV, batch=batch, seed=7, **kwargs).wire()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +134,7 @@ def test_guidance_missing_for_a_guidance_model(public_dev, client, baseline):
 
 
 def test_guidance_given_to_a_model_without_it(public_schnell):
-    wire = reference.random_step(SCHNELL, seed=7).wire()
+    wire = inputs.random_step(SCHNELL, seed=7).wire()
     with httpclient.InferenceServerClient(public_schnell.server.url, network_timeout=60) as client:
         before = infer_step(client, public_schnell.model, wire)
         baseline = (wire, before)
@@ -205,7 +203,7 @@ def test_missing_required_input(public_dev, client, baseline, name):
 
 def test_a_bad_request_merged_with_good_ones_fails_alone(public_dev, client):
     """Requests arriving together are batched; the bad one fails, the others are answered."""
-    goods = [reference.random_step(DEV, timestep=100.0 * i, seed=20 + i).wire() for i in range(1, 6)]
+    goods = [inputs.random_step(DEV, timestep=100.0 * i, seed=20 + i).wire() for i in range(1, 6)]
     singles = [infer_step(client, public_dev.model, wire) for wire in goods]
     bad = {**goods[0], "timestep": torch.tensor([[math.nan]])}
 

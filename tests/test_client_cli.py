@@ -5,19 +5,17 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import CHECKOUT
 from safetensors.torch import load_file, save_file
 
-from client.cli import main
-from flux_triton import denoise
-from flux_triton.server import free_port
+from flux_triton.client.cli import main
+from flux_triton.deploy.server import free_port
+from flux_triton.pipeline import loop
 
 pytestmark = pytest.mark.server
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_runs_a_loop_with_progress_and_matches_flux_pipeline(dev_server, tiny_dev, tmp_path):
@@ -29,7 +27,7 @@ def test_cli_runs_a_loop_with_progress_and_matches_flux_pipeline(dev_server, tin
     command = [
         sys.executable,
         "-m",
-        "client",
+        "flux_triton.client",
         "--url",
         dev_server.url,
         "--embeds",
@@ -37,13 +35,13 @@ def test_cli_runs_a_loop_with_progress_and_matches_flux_pipeline(dev_server, tin
     ]
     command += ["--steps", "5", "--guidance", "4.0", "--seed", "3", "--height", "64", "--width", "48"]
     done = subprocess.run(
-        [*command, "--output", str(output)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [*command, "--output", str(output)], cwd=CHECKOUT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     assert "5/5" in done.stderr  # the pipeline's progress bar
     assert done.stdout.count("ms (server calls") == 5  # per-step latency
     served = load_file(output)["latents"]
-    pipe = denoise.flux_pipeline(tiny_dev, "dev")
+    pipe = loop.flux_pipeline(tiny_dev, "dev")
     expected = pipe(
         **embeds,
         height=64,

@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
-from conftest import start_server
+from helpers import start_server
 
-from client.connection import RemoteDitError
-from client.remote import RemoteFluxTransformer
-from flux_triton import denoise
+from flux_triton.client.connection import RemoteDitError
+from flux_triton.client.remote import RemoteFluxTransformer
+from flux_triton.pipeline import loop
 
 pytestmark = pytest.mark.server
 
@@ -51,7 +51,7 @@ def _run(pipe, seed: int, **kwargs) -> torch.Tensor:
 def _local_then_remote(local, remote, preset: str, seed: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The same pipeline twice: with its local transformer, then with ``pipe.transformer`` swapped."""
 
-    pipe = denoise.flux_pipeline(local, preset)
+    pipe = loop.flux_pipeline(local, preset)
     expected = _run(pipe, seed, **kwargs)
     pipe.transformer = remote
     assert pipe.transformer is remote
@@ -65,7 +65,7 @@ def test_the_remote_describes_the_served_model(remote_dev, remote_schnell):
     assert remote_schnell.config.guidance_embeds is False
     assert remote_dev.dtype == remote_schnell.dtype == torch.float32
 
-    pipe = denoise.flux_pipeline(remote_dev, "dev").to("cpu")
+    pipe = loop.flux_pipeline(remote_dev, "dev").to("cpu")
     assert pipe.transformer is remote_dev and pipe._execution_device == torch.device("cpu")
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 
-from client.connection import RemoteDitError
-from client.remote import RemoteFluxTransformer
-from client.shm import KEY_PREFIX
-from flux_triton import denoise
+from flux_triton.client.connection import RemoteDitError
+from flux_triton.client.remote import RemoteFluxTransformer
+from flux_triton.client.shm import KEY_PREFIX
+from flux_triton.pipeline import loop
 
 pytestmark = pytest.mark.server
 
@@ -53,7 +53,7 @@ def embeds(seed: int) -> dict[str, torch.Tensor]:
 def pipeline(transformer, preset: str):
     from diffusers import FluxPipeline
 
-    return FluxPipeline(denoise.make_scheduler(preset), None, None, None, None, None, transformer)
+    return FluxPipeline(loop.make_scheduler(preset), None, None, None, None, None, transformer)
 
 
 def generate(transformer, preset: str, seed: int, size: int = 64, **kwargs) -> torch.Tensor:
@@ -210,14 +210,15 @@ def test_regions_are_released_on_close_on_collection_and_at_exit(dev_server):
     assert not shm_entries(prefix) and not [r for r in server_regions(dev_server.url) if r.startswith(prefix)]
 
     script = (
-        "import torch, tests.test_client_shm as t\n"
-        "from client.remote import RemoteFluxTransformer\n"
+        "import torch\n"
+        "from flux_triton.client.remote import RemoteFluxTransformer\n"
         f"r = RemoteFluxTransformer(url={dev_server.url!r}, transport='shm')\n"
-        "r(**t.step_call(torch.randn(1, 8, 32)))\n"
+        "r(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 8, 32), "
+        "pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), "
+        "txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))\n"
         "print(r.transport.prefix)\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     prefix = done.stdout.strip().splitlines()[-1]
     assert prefix.startswith(KEY_PREFIX)
@@ -238,7 +239,7 @@ def test_prefix_names_this_process(dev_server):
 def test_cli_transport_shm_matches_http(dev_server, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from client.cli import main
+    from flux_triton.client.cli import main
 
     argv = ["--url", dev_server.url, "--random-embeds", "--text-tokens", "8", "--steps", "3", "--true-cfg", "4"]
     argv += ["--height", "32", "--width", "32", "--seed", "4"]
@@ -255,7 +256,7 @@ def test_cli_transport_shm_matches_http(dev_server, tmp_path, capsys):
 def test_bf16_server_fp32_pipeline(tmp_path, model_root):
     """A BF16 model: the fp32 pipeline's embeddings become new BF16 tensors every call, so they are
     compared by content (equal: not rewritten); the results are bitwise those of HTTP."""
-    from conftest import start_server
+    from helpers import start_server
 
     parameters = {"dit_transformer": {"dtype": "bfloat16"}}
     server = start_server(tmp_path, model_root, ["dit_transformer"], parameters=parameters)

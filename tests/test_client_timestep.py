@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.timestep import TimestepError, raw_timestep, server_scaling
-from flux_triton import denoise, reference
+from flux_triton.client.timestep import TimestepError, raw_timestep, server_scaling
+from flux_triton.pipeline import inputs, loop
 
 # (preset, steps, (height, width)): the timesteps FluxPipeline makes for these runs.
 SCHEDULES = [
@@ -20,8 +20,8 @@ SCHEDULES = [
 def _pipeline_timesteps() -> torch.Tensor:
     found = []
     for preset, steps, (height, width) in SCHEDULES:
-        seq_len = reference.image_ids(height, width).shape[0]
-        found.append(denoise.timesteps_for(denoise.make_scheduler(preset), steps, seq_len))
+        seq_len = inputs.image_ids(height, width).shape[0]
+        found.append(loop.timesteps_for(loop.make_scheduler(preset), steps, seq_len))
     return torch.cat(found).float()
 
 

@@ -4,51 +4,45 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import infer_concurrently
+from helpers import DEV, SCHNELL, infer_concurrently
 
-from client.wire import infer_step
-from flux_triton import denoise, reference
-from flux_triton.contract import DitSignature
+from flux_triton.client.wire import infer_step
+from flux_triton.pipeline import call, inputs, loop
 
 pytestmark = pytest.mark.server
 
-DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
-SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
-
 
 def test_single_latent_is_bitwise_equal_to_the_pipeline_call(dev_server, http_client, tiny_dev):
-    step = reference.random_step(DEV, batch=1, seed=1)
+    step = inputs.random_step(DEV, batch=1, seed=1)
     served = infer_step(http_client(dev_server), "dit_transformer", step.wire())
-    expected = reference.diffusers_call(tiny_dev, step)
-    assert served.shape == expected.shape == step.latents.shape
+    expected = call.reference_call(tiny_dev, step)
+    assert served.shape == expected.shape == step.hidden_states.shape
     assert torch.equal(served, expected)
 
 
 @pytest.mark.parametrize("timestep", [0.0, 1.0, 137.25, 500.0, 999.5, 1000.0])
 def test_timesteps_across_the_range(dev_server, http_client, tiny_dev, timestep):
-    step = reference.random_step(DEV, timestep=timestep, seed=2)
+    step = inputs.random_step(DEV, timestep=timestep, seed=2)
     served = infer_step(http_client(dev_server), "dit_transformer", step.wire())
-    assert torch.equal(served, reference.diffusers_call(tiny_dev, step))
+    assert torch.equal(served, call.reference_call(tiny_dev, step))
     # The scaling is t / 1000 exactly: the raw timestep fed unscaled would not match.
-    wrong = reference.PipelineStep(**{**vars(step), "t": step.t / 1000})
+    wrong = step.replace(timestep=step.timestep / 1000)
     if timestep > 0:
-        assert not torch.allclose(served, reference.diffusers_call(tiny_dev, wrong), atol=1e-4)
+        assert not torch.allclose(served, call.reference_call(tiny_dev, wrong), atol=1e-4)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.5, 7.0])
 def test_guidance_scales(dev_server, http_client, tiny_dev, guidance_scale):
-    step = reference.random_step(DEV, guidance_scale=guidance_scale, seed=3)
+    step = inputs.random_step(DEV, guidance_scale=guidance_scale, seed=3)
     served = infer_step(http_client(dev_server), "dit_transformer", step.wire())
-    assert torch.equal(served, reference.diffusers_call(tiny_dev, step))
-    other = reference.random_step(DEV, guidance_scale=guidance_scale + 1.0, seed=3)
-    assert not torch.allclose(served, reference.diffusers_call(tiny_dev, other), atol=1e-4)
+    assert torch.equal(served, call.reference_call(tiny_dev, step))
+    other = inputs.random_step(DEV, guidance_scale=guidance_scale + 1.0, seed=3)
+    assert not torch.allclose(served, call.reference_call(tiny_dev, other), atol=1e-4)
 
 
 def test_batch_in_one_request_matches_single_requests(dev_server, http_client, tiny_dev):
     client = http_client(dev_server)
-    step = reference.random_step(DEV, batch=3, seed=4)
-    step.t = torch.tensor(400.0)
-    wire = step.wire()
+    wire = inputs.random_step(DEV, batch=3, seed=4).wire()
     wire["timestep"] = torch.tensor([[10.0], [400.0], [900.0]])  # per-sample timesteps
     wire["guidance"] = torch.tensor([[1.0], [3.5], [7.0]])  # per-sample guidance
     served = infer_step(client, "dit_transformer", wire)
@@ -62,7 +56,7 @@ def test_batch_in_one_request_matches_single_requests(dev_server, http_client, t
 
 def test_concurrent_requests_are_merged_and_split_in_order(dev_server, http_client):
     client = http_client(dev_server)
-    steps = [reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i) for i in range(8)]
+    steps = [inputs.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i) for i in range(8)]
     singles = [infer_step(client, "dit_transformer", s.wire()) for s in steps]
     merged, inferences, executions = infer_concurrently(dev_server, "dit_transformer", [s.wire() for s in steps])
     assert inferences == len(steps)
@@ -80,10 +74,10 @@ def test_denoising_loop_matches_flux_pipeline(
     signature, transformer = (SCHNELL, tiny_schnell) if preset == "schnell" else (DEV, tiny_dev)
     server = request.getfixturevalue(f"{preset}_server")
     client = http_client(server)
-    first = reference.random_step(signature, batch=1, height=64, width=48, guidance_scale=guidance_scale or 0, seed=5)
-    served = denoise.denoise(
-        lambda step: infer_step(client, "dit_transformer", step.wire()), denoise.make_scheduler(preset), first, steps
+    first = inputs.random_step(signature, batch=1, height=64, width=48, guidance_scale=guidance_scale or 0, seed=5)
+    served = loop.denoise(
+        lambda step: infer_step(client, "dit_transformer", step.wire()), loop.make_scheduler(preset), first, steps
     )
-    expected = denoise.pipeline_latents(transformer, preset, first, steps, height=64, width=48)
+    expected = loop.pipeline_latents(transformer, preset, first, steps, height=64, width=48)
     assert torch.equal(served, expected)
-    assert not torch.allclose(served, first.latents, atol=1e-2)
+    assert not torch.allclose(served, first.hidden_states, atol=1e-2)

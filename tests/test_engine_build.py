@@ -4,22 +4,23 @@ failure of ``make engine ENGINE=tensorrt`` where TensorRT is missing."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 import time
 import types
-from dataclasses import asdict
 
 import pytest
 import torch
+from helpers import CHECKOUT
 
-from export.precision import PRECISIONS, precision_for
-from export.profiles import PROFILE_PRESETS, ProfileConfig, image_tokens
-from export.tensorrt_build import builder_flag_names, network_flags
 from flux_triton.contract import DitSignature
-from flux_triton.model_store import FLUX_DEV_CONFIG, REPO_ROOT
-from flux_triton.sidecar import EngineSidecar
+from flux_triton.engines.kinds import KINDS, kind_named
+from flux_triton.engines.precision import PRECISIONS
+from flux_triton.engines.profiles import PROFILE_PRESETS, ProfileConfig
+from flux_triton.engines.sidecar import EngineSidecar
+from flux_triton.engines.tensorrt_engine import builder_flag_names, network_flags
+from flux_triton.model.presets import FLUX_DEV_CONFIG
+from flux_triton.pipeline.inputs import image_tokens
 
 FLUX_DEV = DitSignature.from_config(FLUX_DEV_CONFIG, torch.bfloat16)
 FLUX_SCHNELL = DitSignature.from_config({**FLUX_DEV_CONFIG, "guidance_embeds": False}, torch.bfloat16)
@@ -63,15 +64,35 @@ def test_inconsistent_profiles_are_rejected(fields):
 
 
 def test_precisions_per_engine_kind():
-    assert precision_for("onnxruntime", None).name == "fp32"
-    assert precision_for("tensorrt", None).name == "bf16"
-    assert precision_for("tensorrt", "fp16").io_dtype == "FP16"
-    assert precision_for("tensorrt", "fp8").io_dtype == "BF16"
+    assert kind_named("onnxruntime").precision().name == "fp32"
+    assert kind_named("tensorrt").precision().name == "bf16"
+    assert kind_named("tensorrt").precision("fp16").io_dtype == "FP16"
+    assert kind_named("tensorrt").precision("fp8").io_dtype == "BF16"
+    assert kind_named("aoti-fp8").precision().name == "fp8"
+    assert (
+        kind_named("aoti").default_precision("cuda") == "bf16" and kind_named("aoti").default_precision("cpu") == "fp32"
+    )
     assert PRECISIONS["fp8"].quantization == "fp8" and PRECISIONS["fp8"].min_compute_capability == (8, 9)
-    with pytest.raises(ValueError, match="not supported by the onnxruntime engine"):
-        precision_for("onnxruntime", "bf16")
+    with pytest.raises(ValueError, match=r"not supported by the onnxruntime engine \(only: fp32\)"):
+        kind_named("onnxruntime").precision("bf16")
     with pytest.raises(ValueError, match="unknown engine kind"):
-        precision_for("tflite", "fp32")
+        kind_named("tflite")
+
+
+def test_every_kind_is_one_complete_entry():
+    """A kind's entry names an importable module with build() (and load() where this runner serves it)."""
+    for kind in KINDS.values():
+        module = kind.implementation()
+        assert callable(module.build), kind.name
+        assert (kind.platform == "python") == callable(getattr(module, "load", None)), kind.name
+        assert all(name in PRECISIONS for name in kind.precisions if name != "device"), kind.name
+
+
+def test_makefile_asks_the_package_for_defaults():
+    """No kind, precision or platform is spelled out in the Makefile."""
+    makefile = (CHECKOUT / "Makefile").read_text()
+    for word in (*KINDS, *PRECISIONS, "tensorrt_plan"):
+        assert word not in makefile, word
 
 
 def test_builder_flags_are_strongly_typed():
@@ -87,28 +108,22 @@ def test_builder_flags_are_strongly_typed():
 
 def test_sidecar_round_trip_and_limits(tmp_path):
     profile = PROFILE_PRESETS["default"]
-    sidecar = EngineSidecar(
-        kind="tensorrt",
-        precision="bf16",
-        engine_file="flux-dev-bf16.plan",
-        source_model="flux-dev",
-        signature=asdict(FLUX_DEV),
-        profile=profile.describe(),
-        shapes={k: {lvl: list(s) for lvl, s in v.items()} for k, v in profile.shapes(FLUX_DEV).items()},
-        onnx_file="flux-dev-bf16.onnx",
-        onnx_sha256="0" * 64,
-        tensorrt_version="10.13.0",
-        gpu="NVIDIA H100",
-        compute_capability="9.0",
+    sidecar = EngineSidecar.for_build(
+        "tensorrt",
+        "bf16",
+        "flux-dev-bf16.plan",
+        "flux-dev",
+        FLUX_DEV,
+        profile,
+        FLUX_DEV_CONFIG,
+        artifacts={"plan": {"file": "flux-dev-bf16.plan", "sha256": "0" * 64}},
+        device={"type": "cuda", "gpu": "NVIDIA H100", "compute_capability": "9.0"},
+        build={"tensorrt_version": "10.13.0"},
     )
     read = EngineSidecar.read(sidecar.write(tmp_path / "flux-dev-bf16.tensorrt.json"))
     assert read == sidecar
     assert read.dit_signature == FLUX_DEV
     assert (read.limits.max_batch, read.limits.max_image_tokens, read.limits.max_text_tokens) == (4, 7056, 512)
-    # Sidecars written before the AOTI fields existed stay readable.
-    legacy = {k: v for k, v in asdict(sidecar).items() if k not in ("device_type", "torch_version", "packages")}
-    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
-    assert EngineSidecar.read(tmp_path / "legacy.json") == sidecar
     (tmp_path / "broken.json").write_text('{"kind": "tensorrt"}')
     with pytest.raises(ValueError, match="lacks"):
         EngineSidecar.read(tmp_path / "broken.json")
@@ -118,8 +133,7 @@ def test_sidecar_round_trip_and_limits(tmp_path):
 def test_make_engine_tensorrt_fails_at_once_without_tensorrt(tmp_path):
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "export.engine", "--kind", "tensorrt", "--engines-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
+        [sys.executable, "-m", "flux_triton", "engine", "--kind", "tensorrt", "--engines-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -130,37 +144,14 @@ def test_make_engine_tensorrt_fails_at_once_without_tensorrt(tmp_path):
     assert time.monotonic() - start < 60
 
 
-def test_runner_loaders_are_chosen_by_the_sidecar_kind(tmp_path):
-    from flux_triton.engines import LOADERS, load_engine, register
+def test_the_runner_refuses_kinds_it_does_not_serve(tmp_path):
+    from flux_triton.engines.kinds import load_engine
 
-    profile = PROFILE_PRESETS["tiny"]
     signature = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
-    (tmp_path / "tiny.pt2").write_bytes(b"compiled")
-    sidecar = EngineSidecar(
-        kind="example-kind",
-        precision="fp32",
-        engine_file="tiny.pt2",
-        source_model="tiny-flux-schnell",
-        signature=asdict(signature),
-        profile=profile.describe(),
-        shapes={},
-        onnx_file="tiny.onnx",
-        onnx_sha256="0" * 64,
-    )
-    path = sidecar.write(tmp_path / "tiny.example-kind.json")
-    with pytest.raises(ValueError, match="engine kind 'example-kind' has no loader"):
-        load_engine(path, torch.device("cpu"))
-
-    @register("example-kind")
-    def load_scaled(engine_path, device, sidecar_path):
-        assert sidecar_path == path
-        scale = len(engine_path.read_bytes())
-        return lambda tensors: tensors["hidden_states"] * scale
-
-    try:
-        loaded, run = load_engine(path, torch.device("cpu"))
-        assert loaded.kind == "example-kind"
-        assert torch.equal(run({"hidden_states": torch.ones(1, 2, 4)}), torch.full((1, 2, 4), 8.0))
-    finally:
-        del LOADERS["example-kind"]
-    assert "onnxruntime" in LOADERS
+    (tmp_path / "tiny.plan").write_bytes(b"plan")
+    for kind in ("tensorrt", "example-kind"):
+        sidecar = EngineSidecar.for_build(kind, "fp32", "tiny.plan", "tiny-flux-schnell", signature,
+                                          PROFILE_PRESETS["tiny"], {})  # fmt: skip
+        path = sidecar.write(tmp_path / f"tiny.{kind}.json")
+        with pytest.raises(ValueError, match=f"engine kind '{kind}' has no loader in this runner"):
+            load_engine(path, torch.device("cpu"), tmp_path)

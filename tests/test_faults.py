@@ -9,17 +9,15 @@ import time
 import pytest
 import torch
 import tritonclient.http as httpclient
-from conftest import start_server
+from helpers import DEV, start_server
 from tritonclient.utils import InferenceServerException
 
-from client.wire import ServerUnavailable, infer_step
-from flux_triton import reference
-from flux_triton.contract import DitSignature
-from flux_triton.faults import FAULT_FORWARD_BYTES_ENV
+from flux_triton.client.wire import ServerUnavailable, infer_step
+from flux_triton.pipeline import call, inputs
+from flux_triton.serving.faults import FAULT_FORWARD_BYTES_ENV
 
 pytestmark = pytest.mark.server
 
-DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
 BUDGET = 1_000_000  # a one-sample 64x64 forward holds ~50 kB, sixteen 256x256 samples ~7.6 MB
 
 
@@ -34,8 +32,8 @@ def oom_server(tmp_path_factory, model_root):
 
 
 def test_out_of_memory_fails_the_batch_frees_memory_and_keeps_serving(oom_server, tiny_dev):
-    small = reference.random_step(DEV, seed=1)
-    large = reference.random_step(DEV, batch=16, height=256, width=256, seed=2).wire()
+    small = inputs.random_step(DEV, seed=1)
+    large = inputs.random_step(DEV, batch=16, height=256, width=256, seed=2).wire()
     with httpclient.InferenceServerClient(oom_server.url, network_timeout=60) as client:
         for _ in range(3):  # repeatedly: nothing leaks from one failure to the next
             with pytest.raises(InferenceServerException) as info:
@@ -46,13 +44,13 @@ def test_out_of_memory_fails_the_batch_frees_memory_and_keeps_serving(oom_server
             assert "memory was released (0 bytes still held)" in message, message
             assert client.is_server_ready() and client.is_model_ready("dit_transformer")
             served = infer_step(client, "dit_transformer", small.wire())
-            assert torch.equal(served, reference.diffusers_call(tiny_dev, small))
+            assert torch.equal(served, call.reference_call(tiny_dev, small))
 
 
 def test_out_of_memory_fails_only_its_own_merged_batch(oom_server):
     """Large requests that merge run out together; a small one of another shape is answered."""
-    large = [reference.random_step(DEV, batch=8, height=256, width=256, seed=s).wire() for s in (3, 4)]
-    small = reference.random_step(DEV, seed=5).wire()
+    large = [inputs.random_step(DEV, batch=8, height=256, width=256, seed=s).wire() for s in (3, 4)]
+    small = inputs.random_step(DEV, seed=5).wire()
     with httpclient.InferenceServerClient(oom_server.url, network_timeout=60) as client:
         alone = infer_step(client, "dit_transformer", small)
 
@@ -75,7 +73,7 @@ def _infer_fresh(url: str, wire) -> torch.Tensor:
 
 def test_client_gets_a_clear_error_when_the_server_dies_mid_request(tmp_path, model_root):
     server = start_server(tmp_path, model_root, ["dit_transformer"])
-    slow = reference.random_step(DEV, batch=16, height=2048, width=1024, text_tokens=512, seed=6).wire()
+    slow = inputs.random_step(DEV, batch=16, height=2048, width=1024, text_tokens=512, seed=6).wire()
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             future = pool.submit(_infer_fresh, server.url, slow)
@@ -86,7 +84,7 @@ def test_client_gets_a_clear_error_when_the_server_dies_mid_request(tmp_path, mo
             error = future.exception(timeout=30)
             assert time.monotonic() - start < 30
         with pytest.raises(ServerUnavailable, match="refused"):  # and a request after the death
-            _infer_fresh(server.url, reference.random_step(DEV).wire())
+            _infer_fresh(server.url, inputs.random_step(DEV).wire())
     finally:
         server.stop()
     assert isinstance(error, ServerUnavailable), repr(error)

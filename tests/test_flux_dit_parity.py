@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import infer_concurrently, start_engine_server
+from helpers import BUSY_SIZE, DEV, SCHNELL, infer_concurrently, start_engine_server
 
-from client.wire import infer_step
-from flux_triton import denoise, reference
-from flux_triton.contract import DitSignature
+from flux_triton.client.wire import infer_step
+from flux_triton.pipeline import call, inputs, loop
 
 pytestmark = pytest.mark.server
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
-DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
-SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
 SIZE = {"height": 256, "width": 256}  # the profiles' minimum: 256 image tokens
-# 4096 image tokens: the engine's forward takes several times the preprocessing hop, so concurrent
-# requests queue at the engine as they do behind a GPU step (the batcher's delay is only 0.1 ms).
-BUSY_SIZE = {"height": 1024, "width": 1024}
 
 
 @pytest.fixture(scope="module")
@@ -44,58 +38,48 @@ def schnell_engine_server(tmp_path_factory, model_root):
 
 
 def test_single_latent_matches_the_pipeline_call(dev_engine_server, http_client, tiny_dev):
-    step = reference.random_step(DEV, batch=1, seed=1, **SIZE)
+    step = inputs.random_step(DEV, batch=1, seed=1, **SIZE)
     served = infer_step(http_client(dev_engine_server), "flux_dit", step.wire())
-    expected = reference.diffusers_call(tiny_dev, step)
-    assert served.shape == expected.shape == step.latents.shape
+    expected = call.reference_call(tiny_dev, step)
+    assert served.shape == expected.shape == step.hidden_states.shape
     torch.testing.assert_close(served, expected, **TOL)
 
 
 @pytest.mark.parametrize("timestep", [0.0, 1.0, 137.25, 500.0, 999.5, 1000.0])
 def test_timesteps_across_the_range(dev_engine_server, http_client, tiny_dev, timestep):
-    step = reference.random_step(DEV, timestep=timestep, seed=2, **SIZE)
+    step = inputs.random_step(DEV, timestep=timestep, seed=2, **SIZE)
     served = infer_step(http_client(dev_engine_server), "flux_dit", step.wire())
-    torch.testing.assert_close(served, reference.diffusers_call(tiny_dev, step), **TOL)
+    torch.testing.assert_close(served, call.reference_call(tiny_dev, step), **TOL)
     # dit_preprocess scales by 1/1000: the timestep fed unscaled (or scaled twice) would not match.
-    wrong = reference.PipelineStep(**{**vars(step), "t": step.t / 1000})
+    wrong = step.replace(timestep=step.timestep / 1000)
     if timestep > 0:
-        assert not torch.allclose(served, reference.diffusers_call(tiny_dev, wrong), atol=1e-4)
+        assert not torch.allclose(served, call.reference_call(tiny_dev, wrong), atol=1e-4)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.5, 7.0])
 def test_guidance_scales(dev_engine_server, http_client, tiny_dev, guidance_scale):
-    step = reference.random_step(DEV, guidance_scale=guidance_scale, seed=3, **SIZE)
+    step = inputs.random_step(DEV, guidance_scale=guidance_scale, seed=3, **SIZE)
     served = infer_step(http_client(dev_engine_server), "flux_dit", step.wire())
-    torch.testing.assert_close(served, reference.diffusers_call(tiny_dev, step), **TOL)
-    other = reference.random_step(DEV, guidance_scale=guidance_scale + 1.0, seed=3, **SIZE)
-    assert not torch.allclose(served, reference.diffusers_call(tiny_dev, other), atol=1e-4)
+    torch.testing.assert_close(served, call.reference_call(tiny_dev, step), **TOL)
+    other = inputs.random_step(DEV, guidance_scale=guidance_scale + 1.0, seed=3, **SIZE)
+    assert not torch.allclose(served, call.reference_call(tiny_dev, other), atol=1e-4)
 
 
 def test_batch_in_one_request_matches_diffusers_per_row(dev_engine_server, http_client, tiny_dev):
     client = http_client(dev_engine_server)
-    step = reference.random_step(DEV, batch=3, seed=4, height=256, width=384)
-    wire = step.wire()
-    wire["timestep"] = torch.tensor([[10.0], [400.0], [900.0]])  # per-sample timesteps
-    wire["guidance"] = torch.tensor([[1.0], [3.5], [7.0]])  # per-sample guidance
-    served = infer_step(client, "flux_dit", wire)
+    step = inputs.random_step(DEV, batch=3, seed=4, height=256, width=384).replace(
+        timestep=torch.tensor([10.0, 400.0, 900.0]),  # per-sample timesteps
+        guidance=torch.tensor([1.0, 3.5, 7.0]),  # per-sample guidance
+    )
+    served = infer_step(client, "flux_dit", step.wire())
     for row in range(3):
-        single = reference.PipelineStep(
-            **{
-                **vars(step),
-                "latents": step.latents[row : row + 1],
-                "t": wire["timestep"][row, 0],
-                "guidance": wire["guidance"][row],
-                "pooled_prompt_embeds": step.pooled_prompt_embeds[row : row + 1],
-                "prompt_embeds": step.prompt_embeds[row : row + 1],
-            }
-        )
-        torch.testing.assert_close(served[row : row + 1], reference.diffusers_call(tiny_dev, single), **TOL)
+        torch.testing.assert_close(served[row : row + 1], call.reference_call(tiny_dev, step.row(row)), **TOL)
     assert not torch.allclose(served[0], served[1], atol=1e-3)
 
 
 def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_engine_server, tiny_dev):
     steps = [
-        reference.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i, **BUSY_SIZE)
+        inputs.random_step(DEV, timestep=50.0 * (i + 1), guidance_scale=1.0 + i, seed=10 + i, **BUSY_SIZE)
         for i in range(8)
     ]
     merged, inferences, executions = infer_concurrently(
@@ -104,7 +88,7 @@ def test_concurrent_requests_are_merged_by_the_engine_and_split_in_order(dev_eng
     assert inferences == len(steps)
     assert executions < inferences, "the dynamic batcher did not merge any requests for dit_engine"
     for step, result in zip(steps, merged, strict=True):
-        torch.testing.assert_close(result, reference.diffusers_call(tiny_dev, step), **TOL)
+        torch.testing.assert_close(result, call.reference_call(tiny_dev, step), **TOL)
 
 
 @pytest.mark.parametrize(
@@ -115,10 +99,10 @@ def test_denoising_loop_matches_flux_pipeline(
 ):
     signature, transformer = (SCHNELL, tiny_schnell) if preset == "schnell" else (DEV, tiny_dev)
     client = http_client(request.getfixturevalue(f"{preset}_engine_server"))
-    first = reference.random_step(signature, height=256, width=320, guidance_scale=guidance_scale or 0, seed=5)
-    served = denoise.denoise(
-        lambda step: infer_step(client, "flux_dit", step.wire()), denoise.make_scheduler(preset), first, steps
+    first = inputs.random_step(signature, height=256, width=320, guidance_scale=guidance_scale or 0, seed=5)
+    served = loop.denoise(
+        lambda step: infer_step(client, "flux_dit", step.wire()), loop.make_scheduler(preset), first, steps
     )
-    expected = denoise.pipeline_latents(transformer, preset, first, steps, height=256, width=320)
+    expected = loop.pipeline_latents(transformer, preset, first, steps, height=256, width=320)
     torch.testing.assert_close(served, expected, **LOOP_TOL)
-    assert not torch.allclose(served, first.latents, atol=1e-2)
+    assert not torch.allclose(served, first.hidden_states, atol=1e-2)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_triton import reference
-from flux_triton.service import DitService, ServeSettings
-from flux_triton.speedups import Speedups, apply_speedups
+from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.pipeline.call import reference_call
+from flux_triton.pipeline.inputs import random_step, rel_l2
+from flux_triton.serving.service import DitService, ServeSettings
 
 pytestmark = pytest.mark.gpu
 
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.gpu
 def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
     service = DitService(ServeSettings(), model_root, torch.device("cuda"))
     assert service.signature.dtype == "BF16"
-    step = reference.random_step(service.signature, batch=2, seed=4, device="cuda")
+    step = random_step(service.signature, batch=2, seed=4, device="cuda")
     (served,) = service.execute([service.prepare(step.wire())])
-    assert torch.equal(served, reference.diffusers_call(service.transformer, step))
+    assert torch.equal(served, reference_call(service.transformer, step))
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,6 @@ def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
 )
 def test_fast_paths_are_as_accurate_as_eager(full_size, speedups, allowed):
     """bf16 speed-ups may not be less accurate than eager bf16; FP8 within 25% of it."""
-    model, step, expected, eager_error, rel_l2 = full_size
-    fast = apply_speedups(model, speedups)
-    error = rel_l2(reference.diffusers_call(fast, step), expected)
-    assert error <= allowed * eager_error, f"{error:.3e} vs eager {eager_error:.3e}"
+    fast = apply_speedups(full_size.model, speedups)
+    error = rel_l2(reference_call(fast, full_size.step), full_size.expected)
+    assert error <= allowed * full_size.eager_error, f"{error:.3e} vs eager {full_size.eager_error:.3e}"

@@ -10,9 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPOSITORY, start_server
+from helpers import REPOSITORY, launch, start_server
 
-from flux_triton.server import ModelLoadError, TritonServer
+from flux_triton.deploy.server import ModelLoadError
+from flux_triton.locations import MODEL_ROOT_ENV
 
 pytestmark = pytest.mark.server
 
@@ -60,13 +61,7 @@ def broken(tmp_path_factory, model_root) -> dict:
         config = target / "config.pbtxt"
         text = config.read_text().replace('name: "dit_transformer"', f'name: "dit_{case}"')
         config.write_text(text.replace('string_value: "tiny-flux-dev"', f'string_value: "{model_dir}"'))
-    server = TritonServer(
-        repository,
-        env={"FLUX_MODEL_ROOT": str(root)},
-        log_path=tmp / "tritonserver.log",
-        cache=Path(REPOSITORY).parent / ".triton",
-        args=["--exit-timeout-secs=5"],
-    ).start(wait_for="live")
+    server = launch(repository, tmp, {MODEL_ROOT_ENV: str(root)}).start(wait_for="live")
     yield {"server": server, "marker": marker, "outside": outside}
     server.stop()
 

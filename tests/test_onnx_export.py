@@ -7,13 +7,13 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import ExportConfig, data_path, export_onnx
-from export.profiles import PROFILE_PRESETS
-from export.verify import measure
-from flux_triton import model_store
 from flux_triton.contract import DitSignature
-from flux_triton.engine_io import AXIS_NAMES, ENGINE_OUTPUTS, engine_inputs
-from flux_triton.engines import load_onnxruntime
+from flux_triton.contract.tensors import AXIS_NAMES, ENGINE_OUTPUTS, engine_inputs
+from flux_triton.engines.onnx_export import ExportConfig, data_path, export_onnx
+from flux_triton.engines.onnxruntime_engine import open_session
+from flux_triton.engines.profiles import PROFILE_PRESETS
+from flux_triton.engines.verify import measure
+from flux_triton.model import store
 
 # (batch, height, width, text tokens)
 CASES = ((1, 256, 256, 8), (2, 512, 512, 8), (3, 512, 768, 16), (4, 768, 512, 64))
@@ -22,9 +22,9 @@ _ONNX_TYPES = {"FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16,
 
 
 def _export(model_root, tmp_path, name, **config):
-    model_dir = model_store.resolve_model_dir(name, model_root)
-    signature = DitSignature.from_config(model_store.read_config(model_dir), torch.float32)
-    transformer = model_store.load_transformer(model_dir, torch.float32, "cpu")
+    model_dir = store.resolve_model_dir(name, model_root)
+    signature = DitSignature.from_config(store.read_config(model_dir), torch.float32)
+    transformer = store.load_transformer(model_dir, torch.float32, "cpu")
     path = export_onnx(
         transformer, signature, tmp_path / f"{name}.onnx", ExportConfig(**config), PROFILE_PRESETS["tiny"]
     )
@@ -54,7 +54,7 @@ def test_graph_io_comes_from_the_contract(model_root, tmp_path, name):
 
 def test_onnxruntime_matches_diffusers_inside_the_profile(dev_onnx, tiny_dev):
     path, signature = dev_onnx
-    results = measure(load_onnxruntime(path, torch.device("cpu")), tiny_dev, signature, CASES)
+    results = measure(open_session(path, torch.device("cpu")), tiny_dev, signature, CASES)
     for result in results:
         print(result)
         assert result.rel < FP32_REL, str(result)
@@ -76,5 +76,5 @@ def test_graph_has_no_double_tensors(dev_onnx):
 def test_external_data_graph_loads_in_onnxruntime(model_root, tmp_path, tiny_dev):
     path, signature = _export(model_root, tmp_path, "tiny-flux-dev", external_data=True)
     assert data_path(path).stat().st_size > path.stat().st_size
-    (result,) = measure(load_onnxruntime(path, torch.device("cpu")), tiny_dev, signature, CASES[:1])
+    (result,) = measure(open_session(path, torch.device("cpu")), tiny_dev, signature, CASES[:1])
     assert result.rel < FP32_REL, str(result)

@@ -3,32 +3,22 @@ against the IO contract, the tensorrt_plan config, and the committed default rep
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CHECKOUT, REPOSITORY
 
-from export.engine import build_engine
-from export.profiles import PROFILE_PRESETS
 from flux_triton.contract import DitSignature
-from flux_triton.engine_io import engine_inputs
-from flux_triton.model_store import FLUX_DEV_CONFIG
-from flux_triton.repository import (
-    ENGINE,
-    ENSEMBLE,
-    PREPROCESS,
-    REPOSITORY,
-    engine_config,
-    ensemble_config,
-    model_config_pb2,
-    parse_pbtxt,
-    preprocess_config,
-    to_pbtxt,
-    write_repository,
-)
-from flux_triton.repository_check import RepositoryError, check_repository
-from flux_triton.sidecar import EngineSidecar
+from flux_triton.contract.tensors import engine_inputs
+from flux_triton.deploy.check import RepositoryError, check_repository
+from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, model_config_pb2, parse_pbtxt, to_pbtxt
+from flux_triton.deploy.repository import engine_config, ensemble_config, preprocess_config, write_repository
+from flux_triton.engines.build import build_engine
+from flux_triton.engines.profiles import PROFILE_PRESETS
+from flux_triton.engines.sidecar import EngineSidecar
+from flux_triton.locations import Locations
+from flux_triton.model.presets import FLUX_DEV_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +29,7 @@ def ort_sidecar(tmp_path_factory, model_root) -> Path:
 
 @pytest.fixture
 def ort_repository(tmp_path, ort_sidecar) -> Path:
-    write_repository(ort_sidecar, tmp_path / "repo")
+    write_repository(ort_sidecar, tmp_path / "repo", Locations(CHECKOUT))
     return tmp_path / "repo"
 
 
@@ -98,16 +88,15 @@ def _tensorrt_sidecar(folder: Path, precision: str, dtype: torch.dtype) -> Path:
     signature = DitSignature.from_config(FLUX_DEV_CONFIG, dtype)
     profile = PROFILE_PRESETS["default"]
     (folder / f"flux-dev-{precision}.plan").write_bytes(b"plan built by TensorRT")
-    sidecar = EngineSidecar(
-        kind="tensorrt",
-        precision=precision,
-        engine_file=f"flux-dev-{precision}.plan",
-        source_model="flux-dev",
-        signature=asdict(signature),
-        profile=profile.describe(),
-        shapes={k: {lvl: list(s) for lvl, s in v.items()} for k, v in profile.shapes(signature).items()},
-        onnx_file=f"flux-dev-{precision}.onnx",
-        onnx_sha256="0" * 64,
+    sidecar = EngineSidecar.for_build(
+        "tensorrt",
+        precision,
+        f"flux-dev-{precision}.plan",
+        "flux-dev",
+        signature,
+        profile,
+        FLUX_DEV_CONFIG,
+        device={"type": "cuda", "gpu": "NVIDIA H100", "compute_capability": "9.0"},
     )
     return sidecar.write(folder / f"flux-dev-{precision}.tensorrt.json")
 
@@ -116,7 +105,7 @@ def _tensorrt_sidecar(folder: Path, precision: str, dtype: torch.dtype) -> Path:
 def test_tensorrt_plan_config_follows_the_contract(tmp_path, precision, dtype):
     sidecar_path = _tensorrt_sidecar(tmp_path, precision, dtype)
     repository = tmp_path / "repo"
-    write_repository(sidecar_path, repository)
+    write_repository(sidecar_path, repository, Locations(CHECKOUT))
     check_repository(repository)
     engine = parse_pbtxt(repository / ENGINE / "config.pbtxt")
     assert engine.platform == "tensorrt_plan" and not engine.backend

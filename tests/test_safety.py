@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flux_triton.server import TritonServer, free_port
+from flux_triton.deploy.server import TritonServer, free_port
 
 pytestmark = pytest.mark.server
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def listening(port: int) -> set[str]:
@@ -57,12 +55,12 @@ def test_launcher_class_binds_loopback_by_default(dev_server):
 
 
 def test_launch_script_binds_loopback_by_default(tmp_path):
-    """`python -m flux_triton.server` (what `make serve` runs) with no --address."""
+    """`python -m flux_triton serve` (what `make serve` runs) with no --address."""
     ports = [free_port() for _ in range(3)]
     (tmp_path / "empty_repository").mkdir()
-    command = [sys.executable, "-m", "flux_triton.server", "--model-repository", str(tmp_path / "empty_repository")]
+    command = [sys.executable, "-m", "flux_triton", "serve", "--model-repository", str(tmp_path / "empty_repository")]
     command += [f"--{kind}-port={port}" for kind, port in zip(("http", "grpc", "metrics"), ports, strict=True)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_listening(ports)
         assert all(only_loopback(port) for port in ports), [listening(port) for port in ports]

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_triton import model_store, reference
 from flux_triton.contract import DitSignature
-from flux_triton.service import ServeSettings
-from flux_triton.speedups import Speedups, apply_speedups
+from flux_triton.model.presets import build_tiny
+from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.pipeline import call, inputs
+from flux_triton.serving.service import ServeSettings
 
 
 def _config(**parameters) -> dict:
@@ -31,13 +32,13 @@ def test_an_unknown_compile_mode_is_refused():
 
 
 def test_fused_qkv_keeps_the_output_and_frees_the_unfused_weights():
-    transformer = model_store.build_tiny("tiny-flux-dev")
+    transformer = build_tiny("tiny-flux-dev")
     signature = DitSignature.from_config(transformer.config, torch.float32)
-    step = reference.random_step(signature, batch=2, seed=3)
-    expected = reference.diffusers_call(transformer, step)
+    step = inputs.random_step(signature, batch=2, seed=3)
+    expected = call.reference_call(transformer, step)
     before = sum(p.numel() for p in transformer.parameters())
     assert apply_speedups(transformer, Speedups(fuse_qkv=True)) is transformer
-    torch.testing.assert_close(reference.diffusers_call(transformer, step), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(call.reference_call(transformer, step), expected, rtol=1e-5, atol=1e-6)
     attention = transformer.transformer_blocks[0].attn
     assert hasattr(attention, "to_qkv") and not hasattr(attention, "to_q")
     assert sum(p.numel() for p in transformer.parameters()) == before  # one copy of the q/k/v weights

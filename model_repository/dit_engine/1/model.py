@@ -1,8 +1,8 @@
-"""Triton Python-backend model ``dit_engine``: runs a compiled DiT engine chosen by its sidecar.
+"""Triton Python-backend model ``dit_engine``: runs the compiled DiT engine its sidecar names.
 
-The loader comes from ``flux_triton.engines.LOADERS`` by the sidecar's ``kind`` (onnxruntime, aoti,
-aoti-fp8; new kinds register there), so this file does not change with the engine. Requests that Triton's
-dynamic batcher lists together are concatenated when their shapes and ids agree.
+The runner comes from the engine kind's table (``flux_triton.engines.kinds``) by the sidecar's ``kind``,
+so this file does not change with the engine. Requests that Triton's dynamic batcher lists together
+run as one batch when their shapes and ids agree.
 """
 
 from __future__ import annotations
@@ -10,51 +10,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from flux_triton.contract import OUTPUT_NAME
-from flux_triton.engine_runner import engine_path, run_batched
-from flux_triton.engines import load_engine
-from flux_triton.runner import limit_cpu_threads
+from flux_triton.engines.kinds import load_engine
+from flux_triton.locations import Locations
+from flux_triton.serving import triton
+from flux_triton.serving.merging import run_engine_batched
 
-try:
-    import triton_python_backend_utils as pb_utils
-except ImportError:  # imported outside the server
-    pb_utils = None
-
-REPOSITORY_DIR = Path(__file__).resolve().parents[2]
+REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.input_names = [entry["name"] for entry in config["input"]]
-        parameter = config["parameters"]["engine"]["string_value"]
-        if args["model_instance_kind"] == "GPU" and torch.cuda.is_available():
-            device = torch.device("cuda", int(args["model_instance_device_id"]))
-        else:
-            device = torch.device("cpu")
-        limit_cpu_threads(device)
-        self.sidecar, self.engine = load_engine(engine_path(parameter, REPOSITORY_DIR), device)
-        pb_utils.Logger.log_info(
-            f"dit_engine: {self.sidecar.kind} {self.sidecar.precision} engine {self.sidecar.engine_file} on {device}"
-        )
+        locations = Locations.of_repository(REPOSITORY)
+        sidecar_path = locations.engine(config["parameters"]["engine"]["string_value"])
+        device = triton.instance_device(args)
+        self.sidecar, self.engine = load_engine(sidecar_path, device, locations.model_root)
+        triton.log_info(f"dit_engine: {self.sidecar.kind} {self.sidecar.precision} {sidecar_path} on {device}")
 
     def execute(self, requests):
-        batch = []
-        for request in requests:
-            tensors = {}
-            for name in self.input_names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                tensors[name] = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
-            batch.append(tensors)
+        batch = [triton.request_tensors(request, self.input_names) for request in requests]
         responses = []
-        for result in run_batched(self.engine, batch):
+        for result in run_engine_batched(self.engine, batch):
             if isinstance(result, Exception):
                 message = f"dit_engine ({self.sidecar.kind}) failed: {type(result).__name__}: {result}"
-                error = pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
-                responses.append(pb_utils.InferenceResponse(error=error))
+                responses.append(triton.error_response(message))
             else:
-                output = pb_utils.Tensor.from_dlpack(OUTPUT_NAME, torch.utils.dlpack.to_dlpack(result.contiguous()))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[output]))
+                responses.append(triton.response({OUTPUT_NAME: result}))
         return responses

@@ -1,8 +1,8 @@
 """Triton Python-backend model ``dit_transformer``: one FLUX denoising step per request.
 
-Inside Triton it serves diffusers' ``FluxTransformer2DModel`` with dynamic batching; run as a
-script (``uv run model_repository/dit_transformer/1/model.py``) it does one step on the default
-model outside Triton and compares it with a direct diffusers call.
+Inside Triton it serves diffusers' ``FluxTransformer2DModel`` with dynamic batching
+(``flux_triton.serving.service``); run as a script (``uv run model_repository/dit_transformer/1/model.py``)
+it does one step on the default model outside Triton and compares it with a direct diffusers call.
 """
 
 from __future__ import annotations
@@ -13,22 +13,14 @@ from pathlib import Path
 
 import torch
 
-from flux_triton import model_store, reference
-from flux_triton.contract import INPUTS, OUTPUT_NAME, OUTPUTS
-from flux_triton.runner import limit_cpu_threads
-from flux_triton.service import DitService, ServeSettings, pick_device, signature_for
-from flux_triton.validation import InputError
+from flux_triton.contract import INPUTS, OUTPUT_NAME, OUTPUTS, InputError
+from flux_triton.locations import Locations
+from flux_triton.pipeline.call import reference_call
+from flux_triton.pipeline.inputs import random_step
+from flux_triton.serving import triton
+from flux_triton.serving.service import DitService, ServeSettings, pick_device, signature_for
 
-try:
-    import triton_python_backend_utils as pb_utils
-except ImportError:  # standalone run, outside the server
-    pb_utils = None
-
-REPOSITORY_DIR = Path(__file__).resolve().parents[2]
-
-
-def _model_root() -> Path:
-    return model_store.model_root(default=REPOSITORY_DIR.parent / "models")
+REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository, also when run as a script
 
 
 class TritonPythonModel:
@@ -37,7 +29,7 @@ class TritonPythonModel:
         """Inputs and outputs from the IO contract, sized by the model's config.json."""
         config = auto_complete_model_config.as_dict()
         settings = ServeSettings.from_model_config(config)
-        _, signature = signature_for(settings, _model_root(), pick_device())
+        _, signature = signature_for(settings, Locations.of_repository(REPOSITORY).model_root, pick_device())
         for spec in INPUTS:
             auto_complete_model_config.add_input(signature.tensor_config(spec))
         for spec in OUTPUTS:
@@ -48,18 +40,13 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
-        model_config = json.loads(args["model_config"])
-        settings = ServeSettings.from_model_config(model_config)
-        if args["model_instance_kind"] == "GPU":
-            device = pick_device(int(args["model_instance_device_id"]))
-        else:
-            device = torch.device("cpu")
-        limit_cpu_threads(device)
-        self.service = DitService(settings, _model_root(), device)
-        self.logger = pb_utils.Logger
-        self.logger.log_info(
-            f"dit_transformer: {self.service.model_dir} on {device} as {self.service.signature.dtype}, "
-            f"guidance_embeds={self.service.signature.guidance_embeds}"
+        settings = ServeSettings.from_model_config(json.loads(args["model_config"]))
+        device = triton.instance_device(args)
+        self.service = DitService(settings, Locations.of_repository(REPOSITORY).model_root, device)
+        signature = self.service.signature
+        triton.log_info(
+            f"dit_transformer: {self.service.model_dir} on {device} as {signature.dtype}, "
+            f"guidance_embeds={signature.guidance_embeds}"
         )
 
     def execute(self, requests):
@@ -67,47 +54,33 @@ class TritonPythonModel:
         steps, positions = [], []
         for position, request in enumerate(requests):
             try:
-                steps.append(self.service.prepare(_request_tensors(request)))
+                steps.append(self.service.prepare(triton.request_tensors(request, [spec.name for spec in INPUTS])))
                 positions.append(position)
             except InputError as exc:
-                responses[position] = _error(str(exc), invalid_arg=True)
+                responses[position] = triton.error_response(str(exc), invalid_arg=True)
         for position, result in zip(positions, self.service.execute(steps), strict=True):
             if isinstance(result, Exception):
-                responses[position] = _error(f"dit_transformer forward failed: {type(result).__name__}: {result}")
+                message = f"dit_transformer forward failed: {type(result).__name__}: {result}"
+                responses[position] = triton.error_response(message)
             else:
-                tensor = pb_utils.Tensor.from_dlpack(OUTPUT_NAME, torch.utils.dlpack.to_dlpack(result.contiguous()))
-                responses[position] = pb_utils.InferenceResponse(output_tensors=[tensor])
+                responses[position] = triton.response({OUTPUT_NAME: result})
         return responses
 
     def finalize(self):
         self.service = None
 
 
-def _request_tensors(request) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for spec in INPUTS:
-        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
-        if tensor is not None:
-            tensors[spec.name] = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
-    return tensors
-
-
-def _error(message: str, invalid_arg: bool = False):
-    code = pb_utils.TritonError.INVALID_ARG if invalid_arg else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-
-
 def main() -> None:
     device = pick_device()
-    service = DitService(ServeSettings(), _model_root(), device)
-    step = reference.random_step(service.signature, batch=1, device=device)
+    service = DitService(ServeSettings(), Locations.of_repository(REPOSITORY).model_root, device)
+    step = random_step(service.signature, batch=1, device=device)
     prepared = service.prepare(step.wire())
     start = time.perf_counter()
     noise_pred = service.execute([prepared])[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed_ms = (time.perf_counter() - start) * 1e3
-    expected = reference.diffusers_call(service.transformer, step)
+    expected = reference_call(service.transformer, step)
     diff = (noise_pred.float() - expected.float()).abs().max().item()
     print(f"model        {service.model_dir} ({service.signature.dtype} on {device})")
     for name, tensor in step.wire().items():

@@ -1,8 +1,0 @@
-"""``python -m client``: see ``client/cli.py``."""
-
-import sys
-
-from client.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,29 @@
+"""``python -m flux_triton <command>``: the commands the Makefile runs (``--help`` on each)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("flux_triton.tools.demo:main", "the main job: a denoising loop through each public model, with parity"),
+    "serve": ("flux_triton.deploy.commands:serve", "serve a model repository on loopback"),
+    "engine": ("flux_triton.deploy.commands:engine", "build an engine, then its flux_dit repository"),
+    "repo": ("flux_triton.deploy.commands:repo", "generate and check the flux_dit repository of an engine"),
+    "load": ("flux_triton.tools.loadtest:main", "bounded load test with cross-talk checks"),
+    "tiny": ("flux_triton.tools.tiny:main", "write the embedded tiny FLUX transformers"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:<8} {summary}" for name, (_, summary) in COMMANDS.items())
+        sys.exit(f"usage: python -m flux_triton <command> [--help]\n\n{lines}")
+    target, _ = COMMANDS[argv[0]]
+    module, function = target.split(":")
+    getattr(importlib.import_module(module), function)(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The connection to one served DiT: settings, readiness, and the model's concrete contract as
+the server describes it (its config), with server failures turned into clear exceptions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from flux_triton.client.transport import TRANSPORTS
+from flux_triton.client.wire import infer_step
+from flux_triton.contract import INPUT_BY_NAME, OUTPUT_NAME, TRITON_TO_TORCH, DitSignature
+
+
+class RemoteDitError(RuntimeError):
+    """The server is unreachable or not ready, the model is missing, or a request failed; the
+    message names the URL and model and carries the server's own message."""
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Where and how to reach the DiT; the defaults match the shipped server and model repository."""
+
+    url: str = "localhost:8000"
+    model_name: str = "dit_transformer"
+    model_version: str = ""
+    connection_timeout_s: float = 5.0
+    network_timeout_s: float = 300.0
+    wire_dtype: str = "auto"  # auto: the served model's dtype; else FP32/BF16/FP16, checked against the server
+    guidance_embeds: bool | None = None  # None: ask the server
+    transport: str = "http"  # http: tensors in the request body; shm: system shared memory (same host only)
+
+    def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: expected one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+
+
+def connect(settings: RemoteSettings) -> httpclient.InferenceServerClient:
+    """A client for a live, ready server with the model ready; raises ``RemoteDitError`` fast otherwise."""
+    client = httpclient.InferenceServerClient(
+        settings.url,
+        connection_timeout=settings.connection_timeout_s,
+        network_timeout=settings.network_timeout_s,
+    )
+    where = f"Triton server at {settings.url}"
+    try:
+        ready = client.is_server_ready()
+    except Exception as exc:  # connection refused, DNS, timeout: geventhttpclient raises several types
+        client.close()
+        raise RemoteDitError(f"{where} is not reachable: {type(exc).__name__}: {exc}") from exc
+    if not ready:
+        client.close()
+        raise RemoteDitError(f"{where} is reachable but not ready (still loading, or shutting down)")
+    if not client.is_model_ready(settings.model_name, settings.model_version):
+        known = _model_names(client)
+        client.close()
+        raise RemoteDitError(
+            f"model '{settings.model_name}' is not ready on the {where}; models there: {', '.join(known) or 'none'}"
+        )
+    return client
+
+
+def _model_names(client: httpclient.InferenceServerClient) -> list[str]:
+    try:
+        return [f"{m['name']} ({m.get('state', '?')})" for m in client.get_model_repository_index()]
+    except InferenceServerException:
+        return []
+
+
+def _dims(config: Mapping, name: str) -> list[int]:
+    for entry in config.get("input", []) + config.get("output", []):
+        if entry["name"] == name:
+            return [int(d) for d in entry["dims"]]
+    raise RemoteDitError(f"model '{config.get('name')}' has no tensor '{name}'; is it a FLUX DiT?")
+
+
+def _config_entry(config: Mapping, name: str) -> Mapping | None:
+    return next((entry for entry in config.get("input", []) if entry["name"] == name), None)
+
+
+def _size(config: Mapping, tensor: str, symbol: str) -> int:
+    """The size of ``symbol`` in the served tensor, located through the contract's dims."""
+    position = INPUT_BY_NAME[tensor].dims.index(symbol)
+    size = _dims(config, tensor)[position]
+    if size <= 0:
+        raise RemoteDitError(f"model '{config.get('name')}': {tensor} has a dynamic {symbol}; expected it fixed")
+    return size
+
+
+def signature_from_config(config: Mapping, guidance_embeds: bool) -> DitSignature:
+    """The served model's contract from its Triton config (per-sample dims, as the contract has them)."""
+    datatype = next(e["data_type"] for e in config["input"] if e["name"] == "hidden_states").removeprefix("TYPE_")
+    if datatype not in TRITON_TO_TORCH:
+        raise RemoteDitError(f"model '{config.get('name')}': unsupported hidden_states dtype {datatype}")
+    if not config.get("max_batch_size"):
+        raise RemoteDitError(f"model '{config.get('name')}' has max_batch_size 0; the contract wants a batch dim")
+    _dims(config, OUTPUT_NAME)
+    return DitSignature(
+        in_channels=_size(config, "hidden_states", "C"),
+        pooled_dim=_size(config, "pooled_projections", "P"),
+        text_dim=_size(config, "encoder_hidden_states", "D"),
+        guidance_embeds=guidance_embeds,
+        dtype=datatype,
+    )
+
+
+def _probe_tensors(signature: DitSignature) -> dict[str, torch.Tensor]:
+    """The smallest valid request without guidance: one image token, one text token."""
+    dtype = signature.torch_dtype
+    return {
+        "hidden_states": torch.zeros(1, 1, signature.in_channels, dtype=dtype),
+        "timestep": torch.zeros(1, 1),
+        "pooled_projections": torch.zeros(1, signature.pooled_dim, dtype=dtype),
+        "encoder_hidden_states": torch.zeros(1, 1, signature.text_dim, dtype=dtype),
+        "txt_ids": torch.zeros(1, 1, 3),
+        "img_ids": torch.zeros(1, 1, 3),
+    }
+
+
+def takes_guidance(client: httpclient.InferenceServerClient, settings: RemoteSettings, config: Mapping) -> bool:
+    """Whether the served model has guidance embeddings.
+
+    A required ``guidance`` input means yes and no ``guidance`` input means no. The contract
+    declares it optional for every model (so a wrong request gets a clear error), so then one
+    one-token request without guidance asks the model: a guidance model refuses it with
+    "guidance: required". Validation checks guidance before anything else, so any other answer
+    (an engine's minimum size, say) means the model has no guidance embeddings."""
+    entry = _config_entry(config, "guidance")
+    if entry is None:
+        return False
+    if not entry.get("optional", False):
+        return True
+    signature = signature_from_config(config, guidance_embeds=False)
+    try:
+        infer_step(client, settings.model_name, _probe_tensors(signature), settings.model_version)
+    except InferenceServerException as exc:
+        return "guidance: required" in str(exc.message())
+    return False
+
+
+def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings) -> DitSignature:
+    """The served model's signature, honouring ``settings.wire_dtype`` and ``settings.guidance_embeds``."""
+    config = client.get_model_config(settings.model_name, settings.model_version)
+    guidance = settings.guidance_embeds
+    if guidance is None:
+        guidance = takes_guidance(client, settings, config)
+    signature = signature_from_config(config, guidance)
+    if settings.wire_dtype not in ("auto", signature.dtype):
+        raise RemoteDitError(
+            f"wire_dtype {settings.wire_dtype} does not match model '{settings.model_name}' at {settings.url}, "
+            f"which takes {signature.dtype} floats"
+        )
+    return signature

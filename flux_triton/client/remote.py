@@ -1,0 +1,176 @@
+"""``RemoteFluxTransformer``: a stand-in for ``FluxPipeline.transformer`` that runs every DiT call
+on Triton. ``pipe.transformer = RemoteFluxTransformer(RemoteSettings(url=...))`` and the pipeline
+denoises on the server, with the latents it would get from the local transformer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from tritonclient.utils import InferenceServerException
+from tritonclient.utils.shared_memory import SharedMemoryException
+
+from flux_triton.client.connection import RemoteDitError, RemoteSettings, connect, describe
+from flux_triton.client.timestep import raw_timestep
+from flux_triton.client.transport import make_transport
+from flux_triton.contract import DitSignature
+
+
+class RemoteFluxTransformer:
+    """What ``FluxPipeline`` uses of ``FluxTransformer2DModel``: ``config.in_channels``,
+    ``config.guidance_embeds``, ``dtype``, ``cache_context(name)`` and the call. Not an
+    ``nn.Module``: the pipeline's device is then its other modules' (CPU when it has none)."""
+
+    def __init__(self, settings: RemoteSettings | None = None, **overrides):
+        if settings is not None and overrides:
+            raise TypeError("pass either settings or keyword overrides, not both")
+        self.settings = settings or RemoteSettings(**overrides)
+        self._client = connect(self.settings)
+        try:
+            self.signature: DitSignature = describe(self._client, self.settings)
+            self.transport = make_transport(self.settings.transport, self._client)
+        except Exception:
+            self._client.close()
+            raise
+        self.config = FrozenDict(
+            in_channels=self.signature.in_channels,
+            out_channels=self.signature.in_channels,
+            patch_size=1,
+            guidance_embeds=self.signature.guidance_embeds,
+            pooled_projection_dim=self.signature.pooled_dim,
+            joint_attention_dim=self.signature.text_dim,
+        )
+        self.cache_name: str | None = None
+        self.latencies_s: list[float] = []  # one entry per server call, in order
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.signature.torch_dtype
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """The pipeline's "cond"/"uncond" marker; the server keeps no cache, so only recorded."""
+        previous, self.cache_name = self.cache_name, name
+        try:
+            yield
+        finally:
+            self.cache_name = previous
+
+    def close(self) -> None:
+        try:
+            self.transport.close()
+        finally:
+            self._client.close()
+
+    def __enter__(self) -> RemoteFluxTransformer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"RemoteFluxTransformer(url={s.url!r}, model={s.model_name!r}, transport={s.transport!r}, "
+            f"signature={self.signature})"
+        )
+
+    def wire_tensors(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        txt_ids: torch.Tensor,
+        img_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The pipeline's call arguments as one Triton request (batch dim on every input)."""
+        sig = self.signature
+        batch = hidden_states.shape[0]
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != sig.in_channels:
+            raise ValueError(f"hidden_states: expected [B, N, {sig.in_channels}], got {list(hidden_states.shape)}")
+        if guidance is None and sig.guidance_embeds:
+            raise ValueError(f"guidance: required, model '{self.settings.model_name}' has guidance embeddings")
+        if guidance is not None and not sig.guidance_embeds:
+            raise ValueError(f"guidance: model '{self.settings.model_name}' has no guidance embeddings")
+        model_dtype = sig.torch_dtype
+        tensors = {
+            "hidden_states": hidden_states.to(model_dtype),
+            "timestep": raw_timestep(timestep.expand(batch), model_dtype),
+            # Embeddings of batch 1 broadcast over the latents, as in the local transformer (FluxPipeline
+            # with num_images_per_prompt > 1 and prompt_embeds passed in does not repeat them).
+            "pooled_projections": _batched("pooled_projections", pooled_projections, batch).to(model_dtype),
+            "encoder_hidden_states": _batched("encoder_hidden_states", encoder_hidden_states, batch).to(model_dtype),
+            # 2-D ids as the pipeline has them (3-D, deprecated in diffusers: the first row).
+            "txt_ids": _rows(txt_ids).float().expand(batch, -1, -1),
+            "img_ids": _rows(img_ids).float().expand(batch, -1, -1),
+        }
+        if guidance is not None:
+            tensors["guidance"] = guidance.float().expand(batch).reshape(batch, 1)
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        joint_attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+        **unsupported,
+    ):
+        if unsupported or (joint_attention_kwargs or {}):
+            raise NotImplementedError(
+                f"the remote transformer does not support {sorted({*unsupported, *(joint_attention_kwargs or {})})}"
+            )
+        tensors = self.wire_tensors(
+            hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids, guidance
+        )
+        noise_pred = self._infer(tensors).to(hidden_states.device, hidden_states.dtype)
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=noise_pred)
+        return (noise_pred,)
+
+    def _infer(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        where = f"model '{self.settings.model_name}' at {self.settings.url}"
+        start = time.perf_counter()
+        slot = self.cache_name or "call"
+        try:
+            result = self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot)
+        except InferenceServerException as exc:
+            hint = ""
+            if self.settings.transport == "shm" and "shared memory" in str(exc.message()).lower():
+                hint = " (transport shm needs the server on this host, sharing its /dev/shm)"
+            raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}{hint}") from exc
+        except SharedMemoryException as exc:
+            raise RemoteDitError(f"{where}: shared memory failed ({slot}): {exc} ({exc.__cause__})") from exc
+        except Exception as exc:  # the connection dropped or timed out mid-run
+            raise RemoteDitError(f"{where} is not reachable: {type(exc).__name__}: {exc}") from exc
+        self.latencies_s.append(time.perf_counter() - start)
+        return result
+
+
+def _batched(name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise ValueError(f"{name}: batch {tensor.shape[0]} does not match the {batch} latents")
+
+
+def _rows(ids: torch.Tensor) -> torch.Tensor:
+    if ids.ndim == 3:
+        return ids[0]
+    if ids.ndim != 2 or ids.shape[-1] != 3:
+        raise ValueError(f"ids: expected [L, 3], got {list(ids.shape)}")
+    return ids

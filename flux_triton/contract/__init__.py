@@ -1,0 +1,31 @@
+"""The IO contract: tensor specs (public and engine side), the one step type, request validation."""
+
+from flux_triton.contract.step import Step
+from flux_triton.contract.tensors import (
+    INPUT_BY_NAME,
+    INPUTS,
+    OUTPUT_NAME,
+    OUTPUTS,
+    TIMESTEP_RANGE,
+    TORCH_TO_TRITON,
+    TRITON_TO_TORCH,
+    DitSignature,
+    TensorSpec,
+)
+from flux_triton.contract.validation import InputError, Limits, validate
+
+__all__ = [
+    "INPUTS",
+    "INPUT_BY_NAME",
+    "OUTPUTS",
+    "OUTPUT_NAME",
+    "TIMESTEP_RANGE",
+    "TORCH_TO_TRITON",
+    "TRITON_TO_TORCH",
+    "DitSignature",
+    "InputError",
+    "Limits",
+    "Step",
+    "TensorSpec",
+    "validate",
+]

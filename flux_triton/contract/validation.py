@@ -1,0 +1,136 @@
+"""Request validation against the IO contract: every error names the input and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from flux_triton.contract.step import Step
+from flux_triton.contract.tensors import INPUT_BY_NAME, TIMESTEP_RANGE, TRITON_TO_TORCH, DitSignature, TensorSpec
+
+_ORIGIN = {
+    "B": "the batch size of hidden_states",
+    "N": "hidden_states",
+    "S": "encoder_hidden_states",
+    "C": "the model config's in_channels",
+    "P": "the model config's pooled_projection_dim",
+    "D": "the model config's joint_attention_dim",
+}
+
+
+class InputError(ValueError):
+    """A request that does not fit the contract; the message names the input."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the model (a compiled engine's profile, or memory)."""
+
+    max_batch: int = 64
+    max_image_tokens: int = 16384
+    max_text_tokens: int = 512
+    min_image_tokens: int = 1
+    min_text_tokens: int = 1
+
+
+def _check_shape(spec: TensorSpec, tensor: torch.Tensor, signature: DitSignature, sizes: dict[str, int]) -> None:
+    if tensor.dtype != TRITON_TO_TORCH[spec.wire_dtype(signature.dtype)]:
+        raise InputError(f"{spec.name}: expected dtype {spec.wire_dtype(signature.dtype)}, got {tensor.dtype}")
+    wanted = ("B", *spec.dims)
+    if tensor.ndim != len(wanted):
+        raise InputError(
+            f"{spec.name}: expected rank {len(wanted)} with shape [{', '.join(map(str, wanted))}], "
+            f"got shape {list(tensor.shape)}"
+        )
+    for symbol, size in zip(wanted, tensor.shape, strict=True):
+        if size == 0:
+            raise InputError(f"{spec.name}: dimension {symbol} is zero in shape {list(tensor.shape)}")
+        known = symbol if isinstance(symbol, int) else sizes.get(symbol)
+        if known is None:
+            sizes[symbol] = size
+        elif known != size:
+            raise InputError(
+                f"{spec.name}: expected {symbol}={known} (from {_ORIGIN.get(symbol, 'the contract')}), "
+                f"got shape {list(tensor.shape)}"
+            )
+
+
+def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits = Limits()) -> Step:
+    """Check one request's tensors and return its step."""
+    # Guidance first: clients learn whether a model takes guidance from this answer to a minimal
+    # request (client.connection), whatever else that request lacks.
+    if "guidance" in tensors and not signature.guidance_embeds:
+        raise InputError("guidance: this model has no guidance embeddings (schnell-like); do not send guidance")
+    if "guidance" not in tensors and signature.guidance_embeds:
+        raise InputError("guidance: required, this model has guidance embeddings (dev-like); send the guidance scale")
+    sizes: dict[str, int] = dict(signature.sizes)
+    # Checked in this order so that B, N and S are taken from the main tensors first.
+    order = (
+        "hidden_states",
+        "encoder_hidden_states",
+        "timestep",
+        "guidance",
+        "pooled_projections",
+        "img_ids",
+        "txt_ids",
+    )
+    for name in order:
+        spec = INPUT_BY_NAME[name]
+        if name not in tensors:
+            if spec.optional:
+                continue
+            raise InputError(f"{name}: missing required input")
+        _check_shape(spec, tensors[name], signature, sizes)
+    _check_limits(sizes, limits)
+    _check_values(tensors)
+    return Step.from_wire(tensors)
+
+
+def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
+    for symbol, name, low, high in (
+        ("B", "hidden_states", 1, limits.max_batch),
+        ("N", "hidden_states", limits.min_image_tokens, limits.max_image_tokens),
+        ("S", "encoder_hidden_states", limits.min_text_tokens, limits.max_text_tokens),
+    ):
+        if sizes[symbol] > high:
+            raise InputError(f"{name}: {symbol}={sizes[symbol]} exceeds this server's limit of {high}")
+        if sizes[symbol] < low:
+            raise InputError(f"{name}: {symbol}={sizes[symbol]} is below this engine's minimum of {low}")
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Value checks, gathered into one device-to-host transfer."""
+    names, flags = [], []
+    for name, tensor in tensors.items():
+        names.append(f"{name}: expected finite values, got NaN or Inf")
+        flags.append(~_all_finite(tensor))
+    low, high = TIMESTEP_RANGE
+    timestep = tensors["timestep"]
+    out_of_range = (timestep < low) | (timestep > high)
+    names.append(f"timestep: expected raw scheduler timesteps (sigma * 1000) in [{low:g}, {high:g}]")
+    flags.append(out_of_range.any())
+    for name in ("txt_ids", "img_ids"):
+        ids = tensors[name]
+        names.append(f"{name}: rows differ within the request; expected the same ids for every sample")
+        flags.append((ids != ids[:1]).any())
+    failed = [message for message, bad in zip(names, torch.stack(flags).tolist(), strict=True) if bad]
+    if failed:
+        failed = [_with_values(message, timestep[out_of_range]) for message in failed]
+        raise InputError("; ".join(failed))
+
+
+def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """Finite iff the min and max are (NaN propagates through both): one reduction, not a mask."""
+    if tensor.numel() == 0:
+        return torch.tensor(True, device=tensor.device)
+    return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
+
+
+def _with_values(message: str, bad_timesteps: torch.Tensor) -> str:
+    """The timestep message with the offending values (only on the error path: one more transfer)."""
+    if not message.startswith("timestep: expected raw"):
+        return message
+    values = ", ".join(f"{value:g}" for value in bad_timesteps.flatten()[:4].tolist())
+    return f"{message}, got {values}{', ...' if bad_timesteps.numel() > 4 else ''}"

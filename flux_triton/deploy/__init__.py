@@ -1,0 +1,1 @@
+"""Deployment: generating and checking model repositories, launching tritonserver, the make commands."""

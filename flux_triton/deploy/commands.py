@@ -1,0 +1,102 @@
+"""The commands ``make`` runs, as ``python -m flux_triton <command>``: build an engine, generate its
+repository, serve a repository. Their defaults are the shipped configuration."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from flux_triton.engines.kinds import DEFAULT_KIND, KINDS, kind_named, sidecar_path
+from flux_triton.engines.profiles import PROFILE_PRESETS, ProfileConfig, preset_for
+from flux_triton.locations import Locations
+from flux_triton.model import store
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", choices=list(KINDS), default=DEFAULT_KIND, help="engine kind (engines.kinds)")
+    parser.add_argument("--precision", default=None, help="default: the kind's")
+    parser.add_argument("--model", default=store.DEFAULT_MODEL, help="model name under the model root")
+    parser.add_argument("--engines-dir", type=Path, default=None, help="default: $FLUX_ENGINE_DIR or engines/")
+
+
+def _sidecar(args: argparse.Namespace) -> Path:
+    precision = kind_named(args.kind).precision(args.precision).name
+    return sidecar_path(args.engines_dir or Locations.here().engines_dir, args.model, precision, args.kind)
+
+
+def engine(argv: list[str] | None = None) -> None:
+    """``make engine``: build an engine and its sidecar, then generate and check its repository."""
+    parser = argparse.ArgumentParser(prog="python -m flux_triton engine", description=engine.__doc__)
+    _engine_arguments(parser)
+    parser.add_argument("--profile", choices=sorted(PROFILE_PRESETS), default=None, help="default: by model")
+    parser.add_argument("--max-batch", type=int, default=None, help="override the profile's max batch")
+    parser.add_argument("--max-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="max pixels")
+    parser.add_argument("--text-tokens", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"))
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset of the ONNX kinds (default 19)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the engine vs diffusers check")
+    parser.add_argument("--if-missing", action="store_true", help="build only if the engine's sidecar is missing")
+    parser.add_argument("--no-repo", action="store_true", help="do not generate the flux_dit repository")
+    args = parser.parse_args(argv)
+    from flux_triton.engines.build import build_engine
+
+    try:
+        path = _sidecar(args)
+        if args.if_missing and path.is_file():
+            print(f"{path} exists")
+        else:
+            options = {"opset": args.opset} if args.opset else {}
+            precision = kind_named(args.kind).precision(args.precision).name
+            build_engine(
+                args.kind, args.model, precision, _profile(args), path.parent, verify=not args.no_verify, **options
+            )
+    except (RuntimeError, ValueError) as exc:  # a missing toolchain or device, bad arguments: say which
+        sys.exit(f"make engine: {exc}")
+    if not args.no_repo:
+        from flux_triton.deploy.repository import generate
+
+        generate(path)
+
+
+def _profile(args: argparse.Namespace) -> ProfileConfig:
+    profile = PROFILE_PRESETS[args.profile or preset_for(args.model)]
+    overrides = {}
+    if args.max_batch:
+        overrides["batch"] = (profile.batch[0], min(profile.batch[1], args.max_batch), args.max_batch)
+    if args.max_size:
+        overrides["max_size"] = tuple(args.max_size)
+    if args.text_tokens:
+        overrides["text_tokens"] = tuple(args.text_tokens)
+    return ProfileConfig(**{**asdict(profile), **overrides})
+
+
+def repo(argv: list[str] | None = None) -> None:
+    """``make repo``: generate and check the flux_dit repository for a built engine."""
+    parser = argparse.ArgumentParser(prog="python -m flux_triton repo", description=repo.__doc__)
+    _engine_arguments(parser)
+    parser.add_argument("--engine", type=Path, default=None, help="a sidecar (instead of --kind/--model/--precision)")
+    parser.add_argument("--output", type=Path, default=None, help="default: model_repository/ for the default kind, "
+                        "out/model_repository-<kind>/ otherwise")  # fmt: skip
+    args = parser.parse_args(argv)
+    from flux_triton.deploy.repository import generate
+
+    generate(args.engine or _sidecar(args), args.output)
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """``make serve``: tritonserver over a model repository, bound to loopback unless told otherwise;
+    further arguments go to tritonserver."""
+    from flux_triton.deploy.server import LOOPBACK, TritonServer, server_environment
+
+    parser = argparse.ArgumentParser(prog="python -m flux_triton serve", description=serve.__doc__)
+    parser.add_argument("--model-repository", type=Path, default=None, help="default: model_repository/")
+    parser.add_argument("--address", default=LOOPBACK, help="bind address (default: loopback only)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    args, extra = parser.parse_known_args(argv)
+    repository = (args.model_repository or Locations.here().repository).resolve()
+    server = TritonServer(repository, args.address, args.http_port, args.grpc_port, args.metrics_port, args=extra)
+    os.execve(server.command()[0], server.command(), server_environment())

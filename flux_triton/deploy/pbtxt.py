@@ -1,0 +1,50 @@
+"""Triton model configs as text (``config.pbtxt``): read, write and edit them through Triton's own
+``ModelConfig`` protobuf, which tritonclient ships."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+
+# The Triton model names of the repository.
+DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE = "dit_transformer", "flux_dit", "dit_preprocess", "dit_engine"
+
+
+def model_config_pb2():
+    """Triton's ``ModelConfig`` protobuf module, loaded by path because ``tritonclient.grpc``'s package
+    import needs grpcio, which the HTTP client does not."""
+    import tritonclient
+
+    name = "flux_triton._model_config_pb2"
+    if name not in sys.modules:
+        path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def to_pbtxt(config: dict, header: str = "") -> str:
+    message = json_format.ParseDict(config, model_config_pb2().ModelConfig())
+    return header + text_format.MessageToString(message)
+
+
+def parse_pbtxt(path: Path):
+    return text_format.Parse(Path(path).read_text(), model_config_pb2().ModelConfig())
+
+
+def dtype_enum(name: str) -> int:
+    return model_config_pb2().DataType.Value(name)
+
+
+def set_parameter(config: Path, key: str, value: str) -> None:
+    """Set (or add) one string parameter of a config.pbtxt."""
+    entry = f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+    pattern = rf'parameters: {{ key: "{key}" value: {{ string_value: "[^"]*" }} }}'
+    text, count = re.subn(pattern, entry, config.read_text())
+    config.write_text(text if count else f"{text.rstrip()}\n{entry}\n")

@@ -1,0 +1,168 @@
+"""Generate the ``flux_dit`` model repository for one engine, from the IO contract and the engine's
+sidecar: ``flux_dit`` (ensemble, the public endpoint) -> ``dit_preprocess`` (Python backend) ->
+``dit_engine`` (the kind's platform: ``tensorrt_plan``, or this package's Python-backend runner).
+``make repo`` writes the configs (and, for TensorRT, links the plan into ``dit_engine/1/``) and
+checks the result (``deploy.check``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from flux_triton.contract import INPUTS, OUTPUTS, DitSignature, TensorSpec
+from flux_triton.contract.tensors import ENGINE_OUTPUTS, engine_inputs, engine_tensor_name
+from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, to_pbtxt
+from flux_triton.engines.kinds import DEFAULT_KIND, KINDS
+from flux_triton.engines.sidecar import EngineSidecar
+from flux_triton.locations import Locations
+
+PYTHON_MODELS = (PREPROCESS, ENGINE)  # their model.py live in model_repository/<name>/1/
+QUEUE_DELAY_US = 100  # lets simultaneous requests merge; a busy engine batches its queue anyway
+
+
+def _tensor(spec: TensorSpec, signature: DitSignature, name: str | None = None) -> dict:
+    entry = signature.tensor_config(spec)
+    entry["name"] = name or spec.name
+    return entry
+
+
+def _public_inputs(signature: DitSignature) -> list[dict]:
+    """The public inputs of flux_dit and dit_preprocess, all declared optional: Triton's ensemble
+    scheduler does not reject a request that lacks a required input (the step never becomes ready
+    and the request fails as a "deadlock"), so dit_preprocess's validation names what is missing."""
+    return [{**_tensor(spec, signature), "optional": True} for spec in INPUTS]
+
+
+def _params(**values) -> dict:
+    return {key: {"string_value": str(value)} for key, value in values.items()}
+
+
+def engine_config(sidecar: EngineSidecar, engine_ref: str) -> dict:
+    signature, limits = sidecar.dit_signature, sidecar.limits
+    config = {
+        "name": ENGINE,
+        "max_batch_size": limits.max_batch,
+        "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
+        "input": [_tensor(spec, signature) for spec in engine_inputs(signature.guidance_embeds)],
+        "output": [_tensor(spec, signature) for spec in ENGINE_OUTPUTS],
+        "model_warmup": [_warmup(sidecar)],
+    }
+    platform = KINDS[sidecar.kind].platform
+    if platform == "python":
+        config["backend"] = "python"
+        config["parameters"] = _params(engine=engine_ref, FORCE_CPU_ONLY_INPUT_TENSORS="no")
+    else:
+        config["platform"] = platform
+        config["default_model_filename"] = sidecar.engine_file
+    if sidecar.device:  # an engine bound to a device type runs only there
+        kind = "KIND_GPU" if sidecar.device["type"] == "cuda" else "KIND_CPU"
+        config["instance_group"] = [{"kind": kind, "count": 1}]
+    return config
+
+
+def _warmup(sidecar: EngineSidecar) -> dict:
+    """One zero-valued request at the profile's opt shapes, run while the model loads: the first
+    forward's one-time costs (attention plans, kernel loading) are paid before the server reports
+    ready, not by the first client."""
+    signature, inputs = sidecar.dit_signature, {}
+    for spec in engine_inputs(signature.guidance_embeds):
+        batch, *dims = sidecar.shapes[spec.name]["opt"]
+        inputs[spec.name] = {"data_type": _tensor(spec, signature)["data_type"], "dims": dims, "zero_data": True}
+    return {"name": "opt_shape_zeros", "batch_size": batch, "inputs": inputs}
+
+
+def preprocess_config(sidecar: EngineSidecar) -> dict:
+    signature, limits = sidecar.dit_signature, sidecar.limits
+    return {
+        "name": PREPROCESS,
+        "backend": "python",
+        "max_batch_size": limits.max_batch,
+        "input": _public_inputs(signature),
+        "output": [_tensor(s, signature, engine_tensor_name(s.name)) for s in engine_inputs(signature.guidance_embeds)],
+        "parameters": _params(
+            in_channels=signature.in_channels,
+            pooled_dim=signature.pooled_dim,
+            text_dim=signature.text_dim,
+            guidance_embeds=int(signature.guidance_embeds),
+            dtype=signature.dtype,
+            **asdict(limits),
+        ),
+    }
+
+
+def ensemble_config(sidecar: EngineSidecar) -> dict:
+    """Same public contract as ``dit_transformer``: a client switches by model name."""
+    signature, limits = sidecar.dit_signature, sidecar.limits
+    engine_specs = engine_inputs(signature.guidance_embeds)
+    steps = [
+        {
+            "model_name": PREPROCESS,
+            "model_version": -1,
+            "input_map": {spec.name: spec.name for spec in INPUTS},
+            "output_map": {engine_tensor_name(s.name): engine_tensor_name(s.name) for s in engine_specs},
+        },
+        {
+            "model_name": ENGINE,
+            "model_version": -1,
+            "input_map": {spec.name: engine_tensor_name(spec.name) for spec in engine_specs},
+            "output_map": {spec.name: spec.name for spec in ENGINE_OUTPUTS},
+        },
+    ]
+    return {
+        "name": ENSEMBLE,
+        "platform": "ensemble",
+        "max_batch_size": limits.max_batch,
+        "input": _public_inputs(signature),
+        "output": [_tensor(spec, signature) for spec in OUTPUTS],
+        "ensemble_scheduling": {"step": steps},
+    }
+
+
+def write_repository(sidecar_path: Path, output: Path, locations: Locations | None = None) -> list[Path]:
+    """The three configs into ``output`` (and the Python models' files, from ``locations.repository``)."""
+    locations = locations or Locations.here()
+    sidecar = EngineSidecar.read(sidecar_path)
+    header = f"# Generated by `make repo` from {sidecar_path.name}; do not edit.\n"
+    configs = {
+        ENSEMBLE: ensemble_config(sidecar),
+        PREPROCESS: preprocess_config(sidecar),
+        ENGINE: engine_config(sidecar, locations.engine_reference(sidecar_path)),
+    }
+    written = []
+    for name, config in configs.items():
+        folder = output / name
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        (folder / "config.pbtxt").write_text(to_pbtxt(config, header))
+        written.append(folder / "config.pbtxt")
+    for name in PYTHON_MODELS:
+        source, target = locations.repository / name / "1" / "model.py", output / name / "1" / "model.py"
+        if name == ENGINE and KINDS[sidecar.kind].platform != "python":
+            target.unlink(missing_ok=True)
+            plan = output / ENGINE / "1" / sidecar.engine_file
+            plan.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(sidecar_path.parent.resolve() / sidecar.engine_file, plan.parent), plan)
+        elif source.resolve() != target.resolve():
+            shutil.copy2(source, target)
+    return written
+
+
+def default_output(sidecar: EngineSidecar, locations: Locations) -> Path:
+    """The default engine's repository is the shipped one; the others go to ``out/model_repository-<kind>``."""
+    return locations.repository if sidecar.kind == DEFAULT_KIND else locations.out / f"model_repository-{sidecar.kind}"
+
+
+def generate(sidecar_path: Path, output: Path | None = None) -> Path:
+    """``make repo``: write the repository for one engine and check it; returns the repository."""
+    from flux_triton.deploy.check import check_repository
+
+    locations = Locations.here()
+    sidecar = EngineSidecar.read(sidecar_path)
+    output = output or default_output(sidecar, locations)
+    for path in write_repository(sidecar_path, output, locations):
+        print(f"wrote {path}")
+    check_repository(output, engines_dir=Path(sidecar_path).parent)
+    print(f"{output}: {ENSEMBLE} -> {PREPROCESS} -> {ENGINE} ({sidecar.kind}) checked against the IO contract")
+    return output

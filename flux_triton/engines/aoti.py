@@ -1,0 +1,174 @@
+"""Ahead-of-time compiled GPU engines: each repeated FLUX block compiled once with torch.export +
+AOTInductor, with dynamic batch and image-token ranges (like a TensorRT profile).
+
+The engine holds code only: one package per block kind (19 double-stream blocks share one, 38
+single-stream blocks the other), compiled with the block's weights as inputs. At load each kind's
+package is loaded once and every block calls it with its own weights (the loaded model's tensors,
+not copies), so the server is ready in seconds with no JIT compile, and GPU memory holds the
+weights once. The embedders and the final norm (a few small ops) stay eager."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BLOCK_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+
+
+@dataclass(frozen=True)
+class AotiProfile:
+    """The compiled ranges: dynamic batch and image tokens, text tokens fixed per build."""
+
+    min_batch: int
+    max_batch: int
+    min_image_tokens: int
+    max_image_tokens: int
+    text_tokens: int  # fixed per build, as FluxPipeline pads T5 to max_sequence_length
+
+    @classmethod
+    def from_profile(cls, profile) -> AotiProfile:
+        """From an ``engines.profiles.ProfileConfig`` (the one source of profile numbers): its batch
+        and image-token min/max, its opt text length."""
+        batch, tokens, text = profile.batch, profile.image_tokens, profile.text_tokens
+        return cls(batch[0], batch[2], tokens[0], tokens[2], text[1])
+
+    @classmethod
+    def preset(cls, name: str = "default") -> AotiProfile:
+        from flux_triton.engines.profiles import PROFILE_PRESETS
+
+        return cls.from_profile(PROFILE_PRESETS[name])
+
+
+@functools.cache
+def links_libstdcxx_dynamically(compiler: str) -> bool:
+    """Whether ``compiler`` links a shared library against the shared libstdc++ (a tiny one is built
+    and its NEEDED entries read, as inductor builds the packages' wrappers); once per compiler."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, library = Path(folder) / "probe.cpp", Path(folder) / "probe.so"
+        source.write_text("#include <string>\nstd::string probe() { return std::to_string(1); }\n")
+        try:
+            build = [compiler, "-shared", "-fPIC", str(source), "-o", str(library)]
+            subprocess.run(build, check=True, capture_output=True, text=True)
+            dynamic = subprocess.run(["readelf", "-d", str(library)], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or error
+            raise RuntimeError(f"AOTInductor needs a C++ compiler and binutils: {compiler}: {detail}") from error
+    return "libstdc++.so" in dynamic.stdout
+
+
+def check_compiler_runtime() -> None:
+    """Fail before compiling where the packages could not be loaded: a wrapper with its own static copy
+    of libstdc++ indexes the process's std::locale facets with its own ids and crashes at load."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    compiler = get_cpp_compiler()
+    if not links_libstdcxx_dynamically(compiler):
+        raise RuntimeError(
+            f"{compiler} links libstdc++ statically into shared libraries, so the AOTInductor packages it "
+            "builds would crash when loaded next to the process's own libstdc++. Point CXX at a compiler "
+            "that links it dynamically (e.g. CXX=/usr/bin/g++) and build again"
+        )
+
+
+def block_weights(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(block.named_parameters()), **dict(block.named_buffers())}
+
+
+class FunctionalBlock(nn.Module):
+    """A block as a pure function of its weights and tensor inputs (RoPE as two tensors)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.__dict__["block"] = block  # not a submodule: its weights are inputs, not constants
+        self.names = tuple(block_weights(block))
+
+    def forward(self, weights, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
+        inputs = dict(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            image_rotary_emb=(rope_cos, rope_sin),
+        )
+        return torch.func.functional_call(self.block, dict(zip(self.names, weights, strict=True)), (), inputs)
+
+
+def _example(transformer, profile: AotiProfile, batch: int = 2, image_tokens: int = 1024) -> tuple:
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    head_dim = transformer.config.attention_head_dim
+    dtype, device = transformer.dtype, transformer.device
+    tokens = image_tokens + profile.text_tokens
+    return (
+        torch.randn(batch, image_tokens, dim, dtype=dtype, device=device),
+        torch.randn(batch, profile.text_tokens, dim, dtype=dtype, device=device),
+        torch.randn(batch, dim, dtype=dtype, device=device),
+        torch.randn(tokens, head_dim, device=device),
+        torch.randn(tokens, head_dim, device=device),
+    )
+
+
+def _dynamic_shapes(profile: AotiProfile, weight_count: int) -> tuple:
+    batch = torch.export.Dim("batch", min=profile.min_batch, max=profile.max_batch)
+    image = torch.export.Dim("image_tokens", min=profile.min_image_tokens, max=profile.max_image_tokens)
+    rope = {0: image + profile.text_tokens}
+    return ((None,) * weight_count, {0: batch, 1: image}, {0: batch}, {0: batch}, rope, rope)
+
+
+def build(transformer, engine_dir: Path, profile: AotiProfile | None = None) -> dict:
+    """Compile one package per block kind of ``transformer`` (on its device, speed-ups such as FP8
+    already applied) into ``engine_dir``; returns the build record."""
+    profile = profile or AotiProfile.preset()
+    check_compiler_runtime()
+    detach(transformer)  # compile the blocks' own forward, not an attached package
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    record = {"profile": asdict(profile), "packages": {}, "compile_s": {}}
+    for kind, attribute in BLOCK_KINDS.items():
+        started = time.perf_counter()
+        block = getattr(transformer, attribute)[0]
+        weights = tuple(block_weights(block).values())
+        with torch.inference_mode():
+            exported = torch.export.export(
+                FunctionalBlock(block),
+                (weights, *_example(transformer, profile)),
+                dynamic_shapes=_dynamic_shapes(profile, len(weights)),
+                strict=False,
+            )
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(engine_dir / f"{kind}.pt2"))
+        record["packages"][kind] = Path(path).name
+        record["compile_s"][kind] = time.perf_counter() - started
+    return record
+
+
+class CompiledBlock:
+    """Stands in for a block's forward: its kind's compiled function with this block's weights."""
+
+    def __init__(self, runner, weights: tuple[torch.Tensor, ...]):
+        self.runner, self.weights = runner, weights
+
+    def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs=None):
+        if joint_attention_kwargs:
+            raise ValueError("the AOTI engine does not take joint_attention_kwargs")
+        cos, sin = image_rotary_emb
+        return tuple(self.runner(self.weights, hidden_states, encoder_hidden_states, temb, cos, sin))
+
+
+def attach(transformer, engine_dir: Path, packages: dict[str, str]) -> None:
+    """Route every block's forward through its kind's compiled package (loaded once per kind)."""
+    for kind, attribute in BLOCK_KINDS.items():
+        device_index = transformer.device.index if transformer.device.type == "cuda" else -1
+        runner = torch._inductor.aoti_load_package(str(engine_dir / packages[kind]), device_index=device_index or 0)
+        for block in getattr(transformer, attribute):
+            block.forward = CompiledBlock(runner, tuple(block_weights(block).values()))
+
+
+def detach(transformer) -> None:
+    """Give every block its own forward back (undo ``attach``)."""
+    for attribute in BLOCK_KINDS.values():
+        for block in getattr(transformer, attribute):
+            block.__dict__.pop("forward", None)

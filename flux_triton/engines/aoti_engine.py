@@ -1,0 +1,130 @@
+"""``aoti`` and ``aoti-fp8`` engines: the DiT's blocks compiled ahead of time (``engines.aoti``) for the
+build device, into ``engines/<model>-<precision>.<kind>/`` with a JSON sidecar.
+
+- ``aoti``: the model dtype (bf16 on CUDA, fp32 on CPU), attention through cuDNN on CUDA.
+- ``aoti-fp8``: bf16 with FP8 block linears (``model.fp8``); needs an FP8 GPU (8.9+).
+
+The packages hold code only. Loading one means loading the source model's safetensors onto the
+runner's device, applying the speed-ups the packages were compiled with, and routing every block's
+forward through its kind's package with the loaded weights: no JIT, no second copy of the weights.
+A package only runs on the device type (and GPU architecture) it was compiled for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from flux_triton.engines import aoti
+from flux_triton.engines.build import default_device
+from flux_triton.engines.kinds import kind_named, sidecar_path
+from flux_triton.engines.profiles import ProfileConfig
+from flux_triton.engines.sidecar import EngineSidecar, artifact, device_record
+from flux_triton.model import store
+from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.pipeline.call import engine_call
+
+CUDNN_ATTENTION = "_native_cudnn"
+
+
+def speedups_for(kind: str, device: torch.device) -> Speedups:
+    """The speed-ups an AOTI engine of ``kind`` is compiled with and must run with."""
+    attention = CUDNN_ATTENTION if device.type == "cuda" else "native"
+    return Speedups(attention_backend=attention, fp8=kind == "aoti-fp8")
+
+
+def fixed_text(profile: ProfileConfig) -> ProfileConfig:
+    """The profile as compiled: text tokens fixed at the profile's opt length."""
+    text = profile.text_tokens[1]
+    return replace(profile, text_tokens=(text, text, text))
+
+
+def build(job) -> Path:
+    """Load, speed up, compile and describe one AOTI engine (``engines.build.BuildJob``)."""
+    device = default_device(job.precision)  # before anything is loaded
+    aoti.check_compiler_runtime()
+    profile = fixed_text(job.profile)
+    aoti_profile = aoti.AotiProfile.from_profile(profile)
+    source_config, signature = job.signature()
+    started = time.perf_counter()
+    transformer = store.load_transformer(job.model_dir(), job.precision.dtype, device)
+    speedups = speedups_for(job.kind.name, device)
+    apply_speedups(transformer, speedups)
+    load_s = time.perf_counter() - started
+    engine_dir = job.engine_stem.with_suffix(f".{job.kind.name}")
+    print(f"compiling {job.model} ({job.precision.name}, {job.kind.name}) for {device} into {engine_dir}")
+    record = aoti.build(transformer, engine_dir, aoti_profile)
+    sidecar = EngineSidecar.for_build(
+        job.kind.name,
+        job.precision.name,
+        engine_dir.name,
+        job.model,
+        signature,
+        profile,
+        source_config,
+        artifacts={kind: artifact(engine_dir.parent, engine_dir / file) for kind, file in record["packages"].items()},
+        device=device_record(device),
+        build={
+            "exporter": "torch.export + AOTInductor",
+            "torch_version": torch.__version__,
+            "aoti_profile": asdict(aoti_profile),
+            "speedups": asdict(speedups),
+            "load_s": round(load_s, 3),
+            "compile_s": {name: round(seconds, 3) for name, seconds in record["compile_s"].items()},
+        },
+    )
+    path = sidecar.write(job.sidecar_path)
+    print(f"wrote {engine_dir} and {path} (compile {sum(record['compile_s'].values()):.1f} s)")
+    return path
+
+
+def packages(sidecar: EngineSidecar) -> dict[str, str]:
+    """``{block kind: package file}`` inside the engine folder."""
+    return {kind: Path(entry["file"]).name for kind, entry in sidecar.artifacts.items()}
+
+
+def load(sidecar: EngineSidecar, sidecar_path: Path, device: torch.device, model_root: Path) -> AotiEngine:
+    """The source model on ``device`` with every block routed through its kind's package."""
+    sidecar.check_device(sidecar_path, device)
+    sidecar.check_artifacts(sidecar_path)
+    model_dir = store.resolve_model_dir(sidecar.source_model, model_root)
+    transformer = store.load_transformer(model_dir, sidecar.dit_signature.torch_dtype, device)
+    apply_speedups(transformer, speedups_for(sidecar.kind, device))
+    aoti.attach(transformer, sidecar_path.parent / sidecar.engine_file, packages(sidecar))
+    return AotiEngine(sidecar, transformer, device)
+
+
+def prebuilt_or_build(kind: str, transformer, engines_dir: Path | None, model: str) -> tuple[Path, dict[str, str]]:
+    """The folder and packages of ``model``'s engine of ``kind`` in ``engines_dir`` (packages hold code only,
+    so any weights of the architecture attach), else of one compiled here for ``transformer``."""
+    if engines_dir is not None:
+        path = sidecar_path(engines_dir, model, kind_named(kind).precision().name, kind)
+        sidecar = EngineSidecar.read(path)
+        return path.parent / sidecar.engine_file, packages(sidecar)
+    import tempfile
+
+    from flux_triton.engines.profiles import PROFILE_PRESETS
+
+    engine_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
+    profile = replace(PROFILE_PRESETS["default"], batch=(1, 1, 8))
+    record = aoti.build(transformer, engine_dir, aoti.AotiProfile.from_profile(fixed_text(profile)))
+    return engine_dir, record["packages"]
+
+
+class AotiEngine:
+    """``run(engine tensors) -> noise_pred`` on the attached model."""
+
+    def __init__(self, sidecar: EngineSidecar, transformer, device: torch.device):
+        self.kind, self.transformer, self.device = sidecar.kind, transformer, device
+        self.text_tokens = sidecar.build["aoti_profile"]["text_tokens"]
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}
+        text_tokens = tensors["encoder_hidden_states"].shape[1]
+        if text_tokens != self.text_tokens:
+            raise ValueError(f"this {self.kind} engine is compiled for {self.text_tokens} text tokens, got {text_tokens}")
+        with torch.inference_mode():
+            return engine_call(self.transformer, tensors)

@@ -1,0 +1,89 @@
+"""Build the engine of a kind (``engines.kinds``) for a model, with its JSON sidecar, into the engines
+folder (``make engine``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from flux_triton.contract import DitSignature
+from flux_triton.engines.kinds import EngineKind, kind_named, sidecar_path
+from flux_triton.engines.precision import Precision
+from flux_triton.engines.profiles import PROFILE_PRESETS, ProfileConfig, preset_for
+from flux_triton.locations import Locations
+from flux_triton.model import store
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """One engine to build: what every kind's ``build(job)`` gets."""
+
+    kind: EngineKind
+    model: str
+    precision: Precision
+    profile: ProfileConfig
+    sidecar_path: Path
+    model_root: Path
+    verify: bool = True  # measure the engine against diffusers where it can run here
+    options: dict = field(default_factory=dict)  # kind-specific: e.g. {"opset": 19} for the ONNX kinds
+
+    @property
+    def engine_stem(self) -> Path:
+        """The engine's path without suffix: ``<engines>/<model>-<precision>``."""
+        return self.sidecar_path.parent / self.sidecar_path.name.split(".")[0]
+
+    def model_dir(self) -> Path:
+        return store.resolve_model_dir(self.model, self.model_root)
+
+    def signature(self) -> tuple[dict, DitSignature]:
+        """The source model's config and its concrete contract at this precision."""
+        config = store.read_config(self.model_dir())
+        return config, DitSignature.from_config(config, self.precision.dtype)
+
+
+def build_engine(
+    kind: str,
+    model: str,
+    precision: str | None = None,
+    profile: ProfileConfig | None = None,
+    engines_dir: Path | None = None,
+    model_root: Path | None = None,
+    verify: bool = True,
+    **options,
+) -> Path:
+    """Build one engine; returns its sidecar path."""
+    engine_kind = kind_named(kind)
+    chosen = engine_kind.precision(precision)
+    locations = Locations.here()
+    job = BuildJob(
+        kind=engine_kind,
+        model=model,
+        precision=chosen,
+        profile=profile or PROFILE_PRESETS[preset_for(model)],
+        sidecar_path=sidecar_path(engines_dir or locations.engines_dir, model, chosen.name, kind),
+        model_root=model_root or locations.model_root,
+        verify=verify,
+        options=options,
+    )
+    job.sidecar_path.parent.mkdir(parents=True, exist_ok=True)
+    return engine_kind.implementation().build(job)
+
+
+def default_device(precision: Precision) -> torch.device:
+    """CUDA if available, else CPU; fails at once where the precision needs a GPU that is not here."""
+    if not torch.cuda.is_available():
+        if precision.min_compute_capability > (8, 0):
+            raise RuntimeError(
+                f"PRECISION={precision.name} needs an NVIDIA GPU of compute capability "
+                f"{precision.min_capability_text}+ (e.g. Hopper); no CUDA device here"
+            )
+        return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device())
+    if torch.cuda.get_device_capability(device) < precision.min_compute_capability:
+        raise RuntimeError(
+            f"PRECISION={precision.name} needs compute capability {precision.min_capability_text}+; "
+            f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+        )
+    return device

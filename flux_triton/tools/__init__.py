@@ -1,0 +1,1 @@
+"""Tools over the package: the demo, the load test, the tiny models. Nothing imports tools."""

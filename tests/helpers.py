@@ -1,0 +1,105 @@
+"""Helpers shared by the tests: the tiny models' signatures, real tritonserver processes on loopback
+over copies of the repository's models, and concurrent requests with the server's own counts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import tritonclient.http as httpclient
+
+from flux_triton.client.wire import infer_step
+from flux_triton.contract import DitSignature
+from flux_triton.deploy.check import check_repository
+from flux_triton.deploy.pbtxt import set_parameter
+from flux_triton.deploy.repository import write_repository
+from flux_triton.deploy.server import TritonServer
+from flux_triton.locations import MODEL_ROOT_ENV, Locations
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+REPOSITORY = CHECKOUT / "model_repository"
+STUB_CACHE = CHECKOUT / ".triton"  # the Python-backend stub, copied once for every test server
+
+DEV = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=True, dtype="FP32")
+SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embeds=False, dtype="FP32")
+# 4096 image tokens: the engine's forward takes several times the preprocessing hop, so concurrent
+# requests queue at the engine as they do behind a GPU step (the batcher waits only 0.1 ms).
+BUSY_SIZE = {"height": 1024, "width": 1024}
+
+
+def start_server(
+    tmp_path: Path,
+    model_root: Path,
+    models: list[str],
+    env: dict[str, str] | None = None,
+    wait_for: str = "ready",
+    parameters: dict[str, dict[str, str]] | None = None,
+) -> TritonServer:
+    """A tritonserver over a copy of the listed repository models, bound to loopback.
+    ``parameters`` sets config parameters per model; ``wait_for="live"`` returns before the
+    models are loaded (to check why one does not load)."""
+    repository = tmp_path / "model_repository"
+    for name in models:
+        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for key, value in (parameters or {}).get(name, {}).items():
+            set_parameter(repository / name / "config.pbtxt", key, value)
+    return launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root), **(env or {})}).start(wait_for=wait_for)
+
+
+def launch(repository: Path, folder: Path, env: dict[str, str]) -> TritonServer:
+    """A server (not started) over ``repository``, logging into ``folder``."""
+    return TritonServer(
+        repository, env=env, log_path=folder / "tritonserver.log", cache=STUB_CACHE, args=["--exit-timeout-secs=5"]
+    )
+
+
+def start_engine_server(
+    folder: Path, model_root: Path, preset: str, kind: str = "onnxruntime", sidecar: Path | None = None
+) -> TritonServer:
+    """flux_dit over an engine of ``kind`` for ``preset``, built with ``make engine``'s code (or the
+    already built ``sidecar``), in a repository generated and checked like ``make repo``."""
+    from flux_triton.engines.build import build_engine
+
+    if sidecar is None:
+        sidecar = build_engine(kind, preset, engines_dir=folder / "engines", model_root=model_root, verify=False)
+    repository = folder / "model_repository"
+    write_repository(sidecar, repository, Locations(CHECKOUT))
+    check_repository(repository)
+    return launch(repository, folder, {MODEL_ROOT_ENV: str(model_root)}).start()
+
+
+def settled_counts(client: httpclient.InferenceServerClient, model: str) -> tuple[int, int]:
+    """``(inference_count, execution_count)`` of ``model`` once they stop moving: the server
+    updates its statistics just after it answers, so a read right after a response can lag."""
+    previous = None
+    for _ in range(40):
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        counts = stats["inference_count"], stats["execution_count"]
+        if counts == previous:
+            return counts
+        previous = counts
+        time.sleep(0.05)
+    return previous
+
+
+def infer_concurrently(
+    server: TritonServer, model: str, wires: list[dict[str, torch.Tensor]], batching_model: str | None = None
+) -> tuple[list[torch.Tensor], int, int]:
+    """Send ``wires`` at once, each on its own connection, so that the dynamic batcher can merge
+    them; returns the results in order, and how many inferences and executions ``batching_model``
+    (default ``model``) ran for them."""
+
+    def infer(wire):
+        with httpclient.InferenceServerClient(server.url) as client:
+            return infer_step(client, model, wire)
+
+    counted = batching_model or model
+    with httpclient.InferenceServerClient(server.url) as client:
+        before = settled_counts(client, counted)
+        with concurrent.futures.ThreadPoolExecutor(len(wires)) as pool:
+            results = list(pool.map(infer, wires))
+        after = settled_counts(client, counted)
+    return results, after[0] - before[0], after[1] - before[1]
