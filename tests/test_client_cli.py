@@ -1,4 +1,4 @@
-"""``python -m client`` end to end against a real server."""
+"""``python -m flux_triton.client`` end to end against a real server."""
 
 from __future__ import annotations
 

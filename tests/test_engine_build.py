@@ -155,3 +155,14 @@ def test_the_runner_refuses_kinds_it_does_not_serve(tmp_path):
         path = sidecar.write(tmp_path / f"tiny.{kind}.json")
         with pytest.raises(ValueError, match=f"engine kind '{kind}' has no loader in this runner"):
             load_engine(path, torch.device("cpu"), tmp_path)
+
+
+def test_engine_files_keep_dotted_model_names(tmp_path):
+    from flux_triton.engines.build import BuildJob
+    from flux_triton.engines.kinds import sidecar_path
+
+    for kind, suffix in (("aoti", ".aoti"), ("tensorrt", ".plan"), ("onnxruntime", ".onnx")):
+        path = sidecar_path(tmp_path, "FLUX.1-dev", "bf16", kind)
+        job = BuildJob(KINDS[kind], "FLUX.1-dev", PRECISIONS["bf16"], PROFILE_PRESETS["default"], path, tmp_path)
+        assert path.name == f"FLUX.1-dev-bf16.{kind}.json"
+        assert job.engine_path(suffix) == tmp_path / f"FLUX.1-dev-bf16{suffix}"

@@ -22,9 +22,10 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines-dir", type=Path, default=None, help="default: $FLUX_ENGINE_DIR or engines/")
 
 
-def _sidecar(args: argparse.Namespace) -> Path:
+def _sidecar(args: argparse.Namespace) -> tuple[str, Path]:
+    """The chosen precision (the kind's default if none) and the engine's sidecar path."""
     precision = kind_named(args.kind).precision(args.precision).name
-    return sidecar_path(args.engines_dir or Locations.here().engines_dir, args.model, precision, args.kind)
+    return precision, sidecar_path(args.engines_dir or Locations.here().engines_dir, args.model, precision, args.kind)
 
 
 def engine(argv: list[str] | None = None) -> None:
@@ -43,12 +44,11 @@ def engine(argv: list[str] | None = None) -> None:
     from flux_triton.engines.build import build_engine
 
     try:
-        path = _sidecar(args)
+        precision, path = _sidecar(args)
         if args.if_missing and path.is_file():
             print(f"{path} exists")
         else:
             options = {"opset": args.opset} if args.opset else {}
-            precision = kind_named(args.kind).precision(args.precision).name
             build_engine(
                 args.kind, args.model, precision, _profile(args), path.parent, verify=not args.no_verify, **options
             )
@@ -82,7 +82,7 @@ def repo(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from flux_triton.deploy.repository import generate
 
-    generate(args.engine or _sidecar(args), args.output)
+    generate(args.engine or _sidecar(args)[1], args.output)
 
 
 def serve(argv: list[str] | None = None) -> None:

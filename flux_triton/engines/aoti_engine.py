@@ -54,7 +54,7 @@ def build(job) -> Path:
     speedups = speedups_for(job.kind.name, device)
     apply_speedups(transformer, speedups)
     load_s = time.perf_counter() - started
-    engine_dir = job.engine_stem.with_suffix(f".{job.kind.name}")
+    engine_dir = job.engine_path(f".{job.kind.name}")
     print(f"compiling {job.model} ({job.precision.name}, {job.kind.name}) for {device} into {engine_dir}")
     record = aoti.build(transformer, engine_dir, aoti_profile)
     sidecar = EngineSidecar.for_build(

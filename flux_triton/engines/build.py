@@ -29,10 +29,10 @@ class BuildJob:
     verify: bool = True  # measure the engine against diffusers where it can run here
     options: dict = field(default_factory=dict)  # kind-specific: e.g. {"opset": 19} for the ONNX kinds
 
-    @property
-    def engine_stem(self) -> Path:
-        """The engine's path without suffix: ``<engines>/<model>-<precision>``."""
-        return self.sidecar_path.parent / self.sidecar_path.name.split(".")[0]
+    def engine_path(self, suffix: str) -> Path:
+        """``<engines>/<model>-<precision><suffix>``, beside the sidecar (model names may hold dots)."""
+        stem = self.sidecar_path.name.removesuffix(f".{self.kind.name}.json")
+        return self.sidecar_path.parent / f"{stem}{suffix}"
 
     def model_dir(self) -> Path:
         return store.resolve_model_dir(self.model, self.model_root)

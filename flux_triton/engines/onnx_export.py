@@ -124,7 +124,7 @@ def export_for_engine(job) -> EngineSidecar:
         from flux_triton.engines.quantize_fp8 import quantize_fp8
 
         quantize_fp8(transformer, signature, job.profile)
-    path = job.engine_stem.with_suffix(".onnx")
+    path = job.engine_path(".onnx")
     print(f"exporting {model_dir} ({job.precision.name}) to {path}")
     export_onnx(transformer, signature, path, config, job.profile)
     artifacts = {"onnx": artifact(path.parent, path)}

@@ -115,7 +115,7 @@ def build(job) -> Path:
     """Export, then build the plan; fails before the (long) export where TensorRT is missing."""
     require_tensorrt()
     sidecar = export_for_engine(job)
-    plan_path = job.engine_stem.with_suffix(".plan")
+    plan_path = job.engine_path(".plan")
     onnx_path = job.sidecar_path.parent / sidecar.engine_file
     built = build_plan(onnx_path, plan_path, job.profile.shapes(sidecar.dit_signature), job.precision)
     sidecar.engine_file = plan_path.name
