@@ -128,6 +128,34 @@ def test_timestep_outside_the_scheduler_range(public_dev, client, baseline, time
     assert_rejected(public_dev, client, baseline, wire, "timestep", "in [0, 1000]")
 
 
+@pytest.mark.parametrize("guidance", [-0.5, 50.5, -1e30, 1e30])
+def test_guidance_outside_the_served_range(public_dev, client, baseline, guidance):
+    wire = {**valid(), "guidance": torch.tensor([[guidance]])}
+    assert_rejected(public_dev, client, baseline, wire, "guidance", "guidance scales in [0, 50]")
+
+
+def test_a_timestep_just_past_1000_is_shown_as_it_is(public_dev, client, baseline):
+    wire = {**valid(), "timestep": torch.tensor([[1000.00006]])}
+    assert_rejected(public_dev, client, baseline, wire, "timestep", "got 1000.00006")
+
+
+def test_inputs_that_overflow_the_model_get_an_error_not_nan(public_dev, client, baseline):
+    """Finite but huge inputs make the model's answer NaN: the server refuses to return it, names the
+    request's inputs, and keeps serving."""
+    wire = valid()
+    wire["pooled_projections"] = torch.full_like(wire["pooled_projections"], 3e38)
+    with pytest.raises(InferenceServerException) as info:
+        infer_step(client, public_dev.model, wire)
+    message = info.value.message()
+    assert info.value.status() == "500", message
+    assert "noise_pred: NaN or Inf for the request with" in message, message
+    assert "max |pooled_projections| 3e+38" in message and "guidance 3.5" in message, message
+    assert ("scaled timestep 0.5" if public_dev.model == "flux_dit" else "timestep 500") in message, message
+    assert client.is_server_ready() and client.is_model_ready(public_dev.model)
+    good, expected = baseline
+    assert torch.equal(infer_step(client, public_dev.model, good), expected)
+
+
 def test_guidance_missing_for_a_guidance_model(public_dev, client, baseline):
     wire = {name: tensor for name, tensor in valid().items() if name != "guidance"}
     assert_rejected(public_dev, client, baseline, wire, "guidance", "required")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import BUSY_SIZE, DEV, SCHNELL, infer_concurrently, start_engine_server
+from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.wire import infer_step
 from flux_triton.pipeline import call, inputs, loop
@@ -106,3 +107,40 @@ def test_denoising_loop_matches_flux_pipeline(
     expected = loop.pipeline_latents(transformer, preset, first, steps, height=256, width=320)
     torch.testing.assert_close(served, expected, **LOOP_TOL)
     assert not torch.allclose(served, first.hidden_states, atol=1e-2)
+
+
+def engine_request(step) -> dict[str, torch.Tensor]:
+    return step.engine_tensors(DEV)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unscaled timestep", "timestep: expected scaled timesteps (t / 1000) in [0, 1], got 500"),
+        ("nan timestep", "timestep: expected finite values, got NaN or Inf"),
+        ("beyond the profile", "hidden_states: N=7057 exceeds this server's limit of 7056"),
+        ("ids differ", "img_ids: rows differ within the request"),
+        ("guidance", "guidance: expected guidance scales in [0, 50], got -3"),
+    ],
+)
+def test_dit_engine_checks_its_own_inputs(dev_engine_server, http_client, tiny_dev, case, message):
+    """dit_engine called directly (not through dit_preprocess) refuses what the engine may not run."""
+    client = http_client(dev_engine_server)
+    step = inputs.random_step(DEV, batch=2, seed=6, **SIZE)
+    tensors = engine_request(step)
+    if case == "unscaled timestep":
+        tensors["timestep"] = torch.full_like(tensors["timestep"], 500.0)
+    elif case == "nan timestep":
+        tensors["timestep"][1, 0] = float("nan")
+    elif case == "beyond the profile":
+        tensors = engine_request(inputs.random_step(DEV, seed=6, height=16, width=16 * 7057))
+    elif case == "ids differ":
+        tensors["img_ids"][1, 0, 1] += 1.0
+    else:
+        tensors["guidance"] = torch.full_like(tensors["guidance"], -3.0)
+    with pytest.raises(InferenceServerException) as info:
+        infer_step(client, "dit_engine", tensors)
+    assert info.value.status() == "400" and message in info.value.message(), info.value.message()
+    # and the same engine answers a valid request of its own, as diffusers does
+    served = infer_step(client, "dit_engine", engine_request(step))
+    torch.testing.assert_close(served, call.reference_call(tiny_dev, step), **TOL)

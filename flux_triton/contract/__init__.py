@@ -12,7 +12,7 @@ from flux_triton.contract.tensors import (
     DitSignature,
     TensorSpec,
 )
-from flux_triton.contract.validation import InputError, Limits, validate
+from flux_triton.contract.validation import InputError, Limits, OutputError, check_output, validate
 
 __all__ = [
     "INPUTS",
@@ -25,7 +25,9 @@ __all__ = [
     "DitSignature",
     "InputError",
     "Limits",
+    "OutputError",
     "Step",
     "TensorSpec",
+    "check_output",
     "validate",
 ]

@@ -33,6 +33,10 @@ class Step:
     def replace(self, **changes) -> Step:
         return replace(self, **changes)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by contract name (no copies)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
     def scaled_timestep(self, dtype: torch.dtype) -> torch.Tensor:
         """What the pipeline hands its transformer: ``t.to(dtype) / 1000`` (the transformer multiplies
         by 1000 again in the same dtype)."""

@@ -35,6 +35,9 @@ TORCH_TO_TRITON = {dtype: name for name, dtype in TRITON_TO_TORCH.items()}
 
 TIMESTEP_RANGE = (0.0, 1000.0)
 """Raw scheduler timesteps (``FlowMatchEulerDiscreteScheduler``: sigma * 1000)."""
+GUIDANCE_RANGE = (0.0, 50.0)
+"""Guidance scales served: FLUX.1-dev is used at about 1-10; the model embeds ``guidance * 1000`` in its
+dtype, which stays finite in FP16 up to 65."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Request validation against the IO contract: every error names the input and what was expected."""
+"""Validation against the IO contract, of a public request, of an engine's inputs, and of the answer:
+every error names the tensor and what was expected."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from flux_triton.contract.step import Step
-from flux_triton.contract.tensors import INPUT_BY_NAME, TIMESTEP_RANGE, TRITON_TO_TORCH, DitSignature, TensorSpec
+from flux_triton.contract.tensors import (
+    ENGINE_INPUTS,
+    GUIDANCE_RANGE,
+    INPUT_BY_NAME,
+    OUTPUT_NAME,
+    TIMESTEP_RANGE,
+    TRITON_TO_TORCH,
+    DitSignature,
+    TensorSpec,
+)
 
 _ORIGIN = {
     "B": "the batch size of hidden_states",
@@ -22,6 +32,23 @@ _ORIGIN = {
 
 class InputError(ValueError):
     """A request that does not fit the contract; the message names the input."""
+
+
+class OutputError(RuntimeError):
+    """The model's answer to a valid request is not finite; the message names the request's inputs."""
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the contract: the public request, or an engine's inputs (timestep already scaled)."""
+
+    specs: Mapping[str, TensorSpec]
+    timestep_range: tuple[float, float]
+    timestep_meaning: str
+
+
+PUBLIC = Side(INPUT_BY_NAME, TIMESTEP_RANGE, "raw scheduler timesteps (sigma * 1000)")
+ENGINE = Side({spec.name: spec for spec in ENGINE_INPUTS}, (0.0, 1.0), "scaled timesteps (t / 1000)")
 
 
 @dataclass(frozen=True)
@@ -58,13 +85,22 @@ def _check_shape(spec: TensorSpec, tensor: torch.Tensor, signature: DitSignature
 
 
 def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits = Limits()) -> Step:
-    """Check one request's tensors and return its step."""
+    """Check one public request's tensors and return its step."""
+    check(tensors, signature, limits, PUBLIC)
+    return Step.from_wire(tensors)
+
+
+def check(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits, side: Side = PUBLIC) -> None:
+    """Check one request's tensors against a side of the contract; raises ``InputError``."""
     # Guidance first: clients learn whether a model takes guidance from this answer to a minimal
     # request (client.connection), whatever else that request lacks.
     if "guidance" in tensors and not signature.guidance_embeds:
         raise InputError("guidance: this model has no guidance embeddings (schnell-like); do not send guidance")
     if "guidance" not in tensors and signature.guidance_embeds:
         raise InputError("guidance: required, this model has guidance embeddings (dev-like); send the guidance scale")
+    unknown = sorted(set(tensors) - set(side.specs))
+    if unknown:
+        raise InputError(f"{unknown[0]}: not an input of this model (inputs: {', '.join(side.specs)})")
     sizes: dict[str, int] = dict(signature.sizes)
     # Checked in this order so that B, N and S are taken from the main tensors first.
     order = (
@@ -77,15 +113,14 @@ def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limit
         "txt_ids",
     )
     for name in order:
-        spec = INPUT_BY_NAME[name]
+        spec = side.specs[name]
         if name not in tensors:
             if spec.optional:
                 continue
             raise InputError(f"{name}: missing required input")
         _check_shape(spec, tensors[name], signature, sizes)
     _check_limits(sizes, limits)
-    _check_values(tensors)
-    return Step.from_wire(tensors)
+    _check_values(tensors, side)
 
 
 def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
@@ -100,25 +135,45 @@ def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
             raise InputError(f"{name}: {symbol}={sizes[symbol]} is below this engine's minimum of {low}")
 
 
-def _check_values(tensors: Mapping[str, torch.Tensor]) -> None:
+def _check_values(tensors: Mapping[str, torch.Tensor], side: Side) -> None:
     """Value checks, gathered into one device-to-host transfer."""
     names, flags = [], []
     for name, tensor in tensors.items():
         names.append(f"{name}: expected finite values, got NaN or Inf")
         flags.append(~_all_finite(tensor))
-    low, high = TIMESTEP_RANGE
-    timestep = tensors["timestep"]
-    out_of_range = (timestep < low) | (timestep > high)
-    names.append(f"timestep: expected raw scheduler timesteps (sigma * 1000) in [{low:g}, {high:g}]")
-    flags.append(out_of_range.any())
+    ranges = {"timestep": (side.timestep_range, side.timestep_meaning), "guidance": (GUIDANCE_RANGE, "guidance scales")}
+    outside = {}
+    for name, ((low, high), meaning) in ranges.items():
+        if name in tensors:
+            outside[name] = (tensors[name] < low) | (tensors[name] > high)
+            names.append(f"{name}: expected {meaning} in [{low:g}, {high:g}]")
+            flags.append(outside[name].any())
     for name in ("txt_ids", "img_ids"):
         ids = tensors[name]
         names.append(f"{name}: rows differ within the request; expected the same ids for every sample")
         flags.append((ids != ids[:1]).any())
     failed = [message for message, bad in zip(names, torch.stack(flags).tolist(), strict=True) if bad]
     if failed:
-        failed = [_with_values(message, timestep[out_of_range]) for message in failed]
+        # Only on the error path: the offending values, one more transfer.
+        failed = [_with_values(message, tensors, outside) for message in failed]
         raise InputError("; ".join(failed))
+
+
+def check_output(noise_pred: torch.Tensor, tensors: Mapping[str, torch.Tensor], side: Side = PUBLIC) -> torch.Tensor:
+    """``noise_pred`` if finite; else ``OutputError`` naming the request's timesteps, guidance and largest inputs."""
+    if bool(_all_finite(noise_pred)):
+        return noise_pred
+    described = []
+    for name, tensor in tensors.items():
+        if name in ("timestep", "guidance"):
+            scaled = "scaled " if name == "timestep" and side is ENGINE else ""
+            described.append(f"{scaled}{name} {_values(tensor)}")
+        elif name not in ("txt_ids", "img_ids"):
+            described.append(f"max |{name}| {tensor.abs().max().item():.3g}")
+    raise OutputError(
+        f"{OUTPUT_NAME}: NaN or Inf for the request with {', '.join(described)}; inputs this large overflow the "
+        f"model's {str(noise_pred.dtype).removeprefix('torch.')} arithmetic"
+    )
 
 
 def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
@@ -128,9 +183,14 @@ def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
 
 
-def _with_values(message: str, bad_timesteps: torch.Tensor) -> str:
-    """The timestep message with the offending values (only on the error path: one more transfer)."""
-    if not message.startswith("timestep: expected raw"):
+def _values(tensor: torch.Tensor, most: int = 4) -> str:
+    values = tensor.flatten().tolist()
+    return ", ".join(f"{value:.9g}" for value in values[:most]) + (", ..." if len(values) > most else "")
+
+
+def _with_values(message: str, tensors: Mapping[str, torch.Tensor], outside: Mapping[str, torch.Tensor]) -> str:
+    """A range message with the offending values."""
+    name = message.split(":", 1)[0]
+    if name not in outside or "finite" in message:
         return message
-    values = ", ".join(f"{value:g}" for value in bad_timesteps.flatten()[:4].tolist())
-    return f"{message}, got {values}{', ...' if bad_timesteps.numel() > 4 else ''}"
+    return f"{message}, got {_values(tensors[name][outside[name]])}"

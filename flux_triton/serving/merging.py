@@ -1,5 +1,6 @@
 """Requests that Triton's dynamic batcher lists together, merged into as few forwards as their shapes
-allow and split back in order. Triton only lists the requests; concatenating them is the model's job."""
+allow and split back in order (Triton only lists the requests; concatenating them is the model's job),
+each answer checked finite."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Generic, TypeVar
 
 import torch
 
-from flux_triton.contract import Step
+from flux_triton.contract import DitSignature, InputError, Limits, OutputError, Step, check_output
+from flux_triton.contract.validation import ENGINE, PUBLIC, Side, check
 
 Item = TypeVar("Item")
 
@@ -82,3 +84,36 @@ def run_engine_batched(
     """Engine requests of equal shapes and ids run as one batch (Triton already capped the total at the
     engine's ``max_batch_size``)."""
     return run_merged(engine, requests, max_batch=sys.maxsize, merging=ENGINE_MERGING)
+
+
+def finite_or_error(
+    result: torch.Tensor | Exception, tensors: Mapping[str, torch.Tensor], side: Side = PUBLIC
+) -> torch.Tensor | Exception:
+    """A request's result, or the ``OutputError`` naming its inputs where ``noise_pred`` is not finite."""
+    if isinstance(result, Exception):
+        return result
+    try:
+        return check_output(result, tensors, side)
+    except OutputError as exc:
+        return exc
+
+
+def run_engine_requests(
+    engine: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    requests: Sequence[Mapping[str, torch.Tensor]],
+    signature: DitSignature,
+    limits: Limits,
+) -> list[torch.Tensor | Exception]:
+    """dit_engine's work: each request checked against the engine side of the contract and the engine's
+    profile (``InputError`` for a bad one), the valid ones run batched, every answer checked finite."""
+    results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
+    valid = []
+    for index, tensors in enumerate(requests):
+        try:
+            check(tensors, signature, limits, ENGINE)
+            valid.append(index)
+        except InputError as exc:
+            results[index] = exc
+    for index, result in zip(valid, run_engine_batched(engine, [requests[i] for i in valid]), strict=True):
+        results[index] = finite_or_error(result, requests[index], ENGINE)
+    return results

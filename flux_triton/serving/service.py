@@ -16,7 +16,7 @@ from flux_triton.model import store
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import faults
-from flux_triton.serving.merging import run_merged
+from flux_triton.serving.merging import finite_or_error, run_merged
 
 MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"
 
@@ -116,4 +116,6 @@ class DitService:
         )
 
     def execute(self, steps: Sequence[Step]) -> list[torch.Tensor | Exception]:
-        return run_merged(self.forward, steps, self.settings.max_batch)
+        """One result per step: ``noise_pred``, or the error of its merged forward or of its answer."""
+        results = run_merged(self.forward, steps, self.settings.max_batch)
+        return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 import torch
 
+from flux_triton.contract import OUTPUT_NAME, InputError, OutputError
+
 
 def _pb():
     import triton_python_backend_utils as pb_utils
@@ -48,6 +50,17 @@ def error_response(message: str, invalid_arg: bool = False):
     pb = _pb()
     code = pb.TritonError.INVALID_ARG if invalid_arg else pb.TritonError.INTERNAL
     return pb.InferenceResponse(error=pb.TritonError(message, code))
+
+
+def result_response(model: str, result: torch.Tensor | Exception):
+    """A request's response: ``noise_pred``, a 400 for a request the contract refuses, else a 500."""
+    if isinstance(result, InputError):
+        return error_response(str(result), invalid_arg=True)
+    if isinstance(result, OutputError):
+        return error_response(f"{model}: {result}")
+    if isinstance(result, Exception):
+        return error_response(f"{model} failed: {type(result).__name__}: {result}")
+    return response({OUTPUT_NAME: result})
 
 
 def log_info(message: str) -> None:

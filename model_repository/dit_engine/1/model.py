@@ -1,8 +1,9 @@
 """Triton Python-backend model ``dit_engine``: runs the compiled DiT engine its sidecar names.
 
 The runner comes from the engine kind's table (``flux_triton.engines.kinds``) by the sidecar's ``kind``,
-so this file does not change with the engine. Requests that Triton's dynamic batcher lists together
-run as one batch when their shapes and ids agree.
+so this file does not change with the engine. Each request is checked against the engine side of the
+contract and the engine's profile; requests that Triton's dynamic batcher lists together run as one
+batch when their shapes and ids agree; every answer is checked finite.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flux_triton.contract import OUTPUT_NAME
 from flux_triton.engines.kinds import load_engine
 from flux_triton.locations import Locations
 from flux_triton.serving import triton
-from flux_triton.serving.merging import run_engine_batched
+from flux_triton.serving.merging import run_engine_requests
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 
@@ -31,11 +31,6 @@ class TritonPythonModel:
 
     def execute(self, requests):
         batch = [triton.request_tensors(request, self.input_names) for request in requests]
-        responses = []
-        for result in run_engine_batched(self.engine, batch):
-            if isinstance(result, Exception):
-                message = f"dit_engine ({self.sidecar.kind}) failed: {type(result).__name__}: {result}"
-                responses.append(triton.error_response(message))
-            else:
-                responses.append(triton.response({OUTPUT_NAME: result}))
-        return responses
+        signature, limits = self.sidecar.dit_signature, self.sidecar.limits
+        results = run_engine_requests(self.engine, batch, signature, limits)
+        return [triton.result_response(f"dit_engine ({self.sidecar.kind})", result) for result in results]

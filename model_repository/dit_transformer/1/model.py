@@ -57,13 +57,9 @@ class TritonPythonModel:
                 steps.append(self.service.prepare(triton.request_tensors(request, [spec.name for spec in INPUTS])))
                 positions.append(position)
             except InputError as exc:
-                responses[position] = triton.error_response(str(exc), invalid_arg=True)
+                responses[position] = triton.result_response("dit_transformer", exc)
         for position, result in zip(positions, self.service.execute(steps), strict=True):
-            if isinstance(result, Exception):
-                message = f"dit_transformer forward failed: {type(result).__name__}: {result}"
-                responses[position] = triton.error_response(message)
-            else:
-                responses[position] = triton.response({OUTPUT_NAME: result})
+            responses[position] = triton.result_response("dit_transformer", result)
         return responses
 
     def finalize(self):
