@@ -98,3 +98,21 @@ def test_pickle_weights_are_never_unpickled(broken):
 def test_launcher_fails_fast_with_the_reason(tmp_path, model_root):
     with pytest.raises(ModelLoadError, match=r"dit_transformer: .*no FluxTransformer2DModel config.json in"):
         start_server(tmp_path, model_root, ["dit_transformer"], parameters={"dit_transformer": {"model_dir": "gone"}})
+
+
+def test_a_damaged_engine_does_not_load_and_the_server_says_why(tmp_path, model_root):
+    """flux_dit over an ONNX graph changed after its build: dit_engine refuses it, naming the file."""
+    from helpers import launch
+
+    from flux_triton.deploy.repository import write_repository
+    from flux_triton.engines.build import build_engine
+    from flux_triton.locations import Locations
+
+    sidecar = build_engine("onnxruntime", "tiny-flux-dev", engines_dir=tmp_path / "engines", model_root=model_root,
+                           verify=False)  # fmt: skip
+    graph = tmp_path / "engines" / "tiny-flux-dev-fp32.onnx"
+    graph.write_bytes(graph.read_bytes()[:-64])  # truncated, as by an interrupted copy
+    write_repository(sidecar, tmp_path / "model_repository", Locations(REPOSITORY.parent))
+    server = launch(tmp_path / "model_repository", tmp_path, {MODEL_ROOT_ENV: str(model_root)})
+    with pytest.raises(ModelLoadError, match=rf"dit_engine: .*{graph}.* does not match its recorded sha256"):
+        server.start()

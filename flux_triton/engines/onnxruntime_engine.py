@@ -37,6 +37,8 @@ def verify(onnx_path: Path, job) -> list[str]:
 
 
 def load(sidecar: EngineSidecar, sidecar_path: Path, device: torch.device, model_root: Path):
+    """The graph the sidecar names, if its files still have their recorded sha256."""
+    sidecar.check_artifacts(sidecar_path)
     return open_session(sidecar_path.parent / sidecar.engine_file, device)
 
 
