@@ -1,6 +1,6 @@
 """The package's layers, checked on every module's imports (``ast``, nothing imported):
 ``contract <- pipeline <- model <- serving / engines <- deploy <- tools``; the client uses only the
-contract and the pipeline; the Triton model files only what runs inside a model; nothing imports
+contract and the pipeline (and deploy's health probes use the client); the Triton model files only what runs inside a model; nothing imports
 tools, tests or benchmarks."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ALLOWED = {
     "model": BASE | {"pipeline"},
     "serving": BASE | {"pipeline", "model"},
     "engines": BASE | {"pipeline", "model"},
-    "deploy": BASE | {"pipeline", "model", "serving", "engines"},
+    "deploy": BASE | {"pipeline", "model", "serving", "engines", "client"},  # its health probes are a client
     "client": {"contract", "pipeline"},
     "tools": BASE | {"pipeline", "model", "serving", "engines", "deploy", "client"},
     "__init__": set(),

@@ -34,7 +34,7 @@ def test_the_wheel_installs_flux_triton_only(tmp_path):
 def test_the_entry_point_lists_its_commands():
     done = subprocess.run([sys.executable, "-m", "flux_triton"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    for command in ("demo", "serve", "engine", "repo", "load", "tiny"):
+    for command in ("demo", "serve", "health", "engine", "repo", "load", "tiny"):
         assert f"  {command} " in done.stderr, done.stderr
 
 

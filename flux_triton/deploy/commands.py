@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -86,9 +88,11 @@ def repo(argv: list[str] | None = None) -> None:
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """``make serve``: tritonserver over a model repository, bound to loopback unless told otherwise;
-    further arguments go to tritonserver."""
-    from flux_triton.deploy.server import LOOPBACK, TritonServer, server_environment
+    """``make serve``: tritonserver over a model repository, bound to loopback unless told otherwise, kept
+    serving: every model is probed with a real inference on an interval and reloaded if it fails, and the
+    server restarted if it exits. Further arguments go to tritonserver."""
+    from flux_triton.deploy.health import Supervisor
+    from flux_triton.deploy.server import ADMIN_KEY_ENV, LOOPBACK, TritonServer, server_environment
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton serve", description=serve.__doc__)
     parser.add_argument("--model-repository", type=Path, default=None, help="default: model_repository/")
@@ -96,7 +100,35 @@ def serve(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--heal-interval", type=float, default=10.0, help="seconds between probes; 0: no supervisor")
     args, extra = parser.parse_known_args(argv)
     repository = (args.model_repository or Locations.here().repository).resolve()
     server = TritonServer(repository, args.address, args.http_port, args.grpc_port, args.metrics_port, args=extra)
-    os.execve(server.command()[0], server.command(), server_environment())
+    if args.heal_interval <= 0:
+        os.execve(server.command()[0], server.command(), server_environment())
+    server.admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+    server.log_path = None  # the server's log on this terminal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on the way out
+    try:
+        server.start(timeout_s=3600)
+        print(f"serving {repository} at {server.url}; every model probed every {args.heal_interval:g} s", flush=True)
+        Supervisor(server, args.heal_interval, log=lambda line: print(f"[supervisor] {line}", flush=True)).run()
+    finally:
+        server.stop()
+
+
+def health(argv: list[str] | None = None) -> None:
+    """Probe every model of this project on a running server with a real inference (a liveness check:
+    Triton's own ready endpoint stays 200 when a model's stub has died); exit 1 if one fails."""
+    from flux_triton.deploy.health import check
+    from flux_triton.deploy.server import ADMIN_HEADER, ADMIN_KEY_ENV
+
+    parser = argparse.ArgumentParser(prog="python -m flux_triton health", description=health.__doc__)
+    parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint")
+    args = parser.parse_args(argv)
+    key = os.environ.get(ADMIN_KEY_ENV)
+    results = check(args.url, {ADMIN_HEADER: key} if key else None)
+    for model, why in results.items():
+        print(f"{model:<16} {'ok' if why is None else why}")
+    if not results or any(results.values()):
+        sys.exit(1)

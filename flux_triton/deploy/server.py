@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+ADMIN_HEADER = "flux-admin-key"  # the header that carries the admin key of restricted APIs
+ADMIN_KEY_ENV = "FLUX_ADMIN_KEY"
 TRITON_HOME_ENV = "TRITONSERVER_HOME"
 
 
@@ -96,8 +98,9 @@ class TritonServer:
     metrics_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
-    log_path: Path | None = None
+    log_path: Path | None = None  # None: the server's output goes where this process's does
     cache: Path = Path(".triton")
+    admin_key: str | None = None  # set: model control in explicit mode, its API only with this key
     process: subprocess.Popen | None = None
 
     @property
@@ -117,8 +120,32 @@ class TritonServer:
             f"--metrics-address={self.address}",
             f"--metrics-port={self.metrics_port}",
             "--exit-on-error=false",
+            *self._control_args(),
             *self.args,
         ]
+
+    def _control_args(self) -> list[str]:
+        """With an admin key: every model loaded at start, and the repository API (index, load, unload)
+        restricted to requests that carry the key, over HTTP and gRPC."""
+        if not self.admin_key:
+            return []
+        restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+        return [
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
+        ]
+
+    def _repository_request(self, path: str, timeout_s: float):
+        headers = {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
+        request = urllib.request.Request(f"http://{self.url}/v2/repository/{path}", b"{}", headers, method="POST")
+        return urllib.request.urlopen(request, timeout=timeout_s)
+
+    def reload(self, model: str, timeout_s: float = 600.0) -> None:
+        """Load ``model`` again (new instances, new Python-backend stubs); needs the admin key."""
+        with self._repository_request(f"models/{model}/load", timeout_s):
+            pass
 
     def start(self, timeout_s: float = 180.0, wait_for: str = "ready") -> TritonServer:
         """Start the server and wait until it is ``ready`` (every model loaded) or only ``live``
@@ -128,7 +155,7 @@ class TritonServer:
         for name in ("http_port", "grpc_port", "metrics_port"):
             if not getattr(self, name):
                 setattr(self, name, free_port(LOOPBACK))
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
         self.process = subprocess.Popen(self.command(), env=server_environment(self.env), stdout=log, stderr=log)
         try:
             self.wait_ready(timeout_s, wait_for)
@@ -162,9 +189,8 @@ class TritonServer:
 
     def model_states(self) -> dict[str, tuple[str, str]]:
         """Each model of the repository index: ``(state, reason)``, the reason being a load error."""
-        request = urllib.request.Request(f"http://{self.url}/v2/repository/index", data=b"{}", method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with self._repository_request("index", 5) as response:
                 index = json.load(response)
         except OSError:
             return {}

@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature, Step
+from flux_triton.deploy import health
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
@@ -91,5 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  parity  max |served - FluxPipeline(output_type='latent')| = {diff:.3g} ({verdict})")
                 if diff > bound:
                     failed.append(model)
+        unhealthy = {model: why for model, why in health.check(server.url).items() if why}
+        print(f"health  {unhealthy or 'every model answered its probe'}")
+        failed += list(unhealthy)
     if failed:
-        sys.exit(f"parity failed for {', '.join(failed)}")
+        sys.exit(f"parity or health failed for {', '.join(failed)}")

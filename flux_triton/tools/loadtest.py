@@ -17,6 +17,7 @@ import concurrent.futures
 import ipaddress
 import json
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         report = run_load(args.url, args.model, args.clients, args.requests, not args.no_guidance, args.seed)
     else:
-        with TritonServer(Locations.here().repository, args=["--exit-timeout-secs=5"]) as server:
+        log = Path(tempfile.mkdtemp(prefix="flux-triton-load-")) / "tritonserver.log"
+        with TritonServer(Locations.here().repository, log_path=log, args=["--exit-timeout-secs=5"]) as server:
             report = run_load(server.url, args.model, args.clients, args.requests, not args.no_guidance, args.seed)
     print(report.summary())
     if args.json:
