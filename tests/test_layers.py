@@ -1,7 +1,7 @@
 """The package's layers, checked on every module's imports (``ast``, nothing imported):
 ``contract <- pipeline <- model <- serving / engines <- deploy <- tools``; the client uses only the
-contract and the pipeline (and deploy's health probes use the client); the Triton model files only what runs inside a model; nothing imports
-tools, tests or benchmarks."""
+contract and the pipeline (deploy's health probes use the client); the Triton model files only what
+runs inside a model; nothing imports tools, tests or benchmarks."""
 
 from __future__ import annotations
 
