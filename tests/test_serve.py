@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from helpers import CHECKOUT, DEV
 
 from flux_triton.client.wire import infer_step
-from flux_triton.deploy.server import free_port
+from flux_triton.deploy.server import ADMIN_HEADER, ADMIN_KEY_ENV, free_port
 from flux_triton.locations import ENGINES_DIR_ENV, MODEL_ROOT_ENV
 from flux_triton.pipeline.inputs import random_step
 
@@ -37,6 +37,7 @@ def tracked_repository(target: Path) -> Path:
 def test_every_model_of_a_fresh_clone_is_served(tmp_path, model_root):
     repository = tracked_repository(tmp_path)
     env = {**os.environ, MODEL_ROOT_ENV: str(model_root), ENGINES_DIR_ENV: str(tmp_path / "engines")}
+    env[ADMIN_KEY_ENV] = "test-key"  # the repository index is behind the admin key under the supervisor
     command = [sys.executable, "-m", "flux_triton"]
     built = subprocess.run([*command, "engine", "--if-missing", "--no-repo", "--no-verify"], env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -56,7 +57,8 @@ def test_every_model_of_a_fresh_clone_is_served(tmp_path, model_root):
                 except Exception:  # not listening yet
                     pass
                 time.sleep(0.5)
-            index = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
+            listed = client.get_model_repository_index(headers={ADMIN_HEADER: "test-key"})
+            index = {m["name"]: m.get("state") for m in listed}
             assert index == dict.fromkeys(MODELS, "READY"), (tmp_path / "serve.log").read_text()[-3000:]
             step = random_step(DEV, height=256, width=256)
             for model in ("dit_transformer", "flux_dit"):

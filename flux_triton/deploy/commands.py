@@ -18,7 +18,8 @@ from flux_triton.model import store
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=list(KINDS), default=DEFAULT_KIND, help="engine kind (engines.kinds)")
+    kinds = "; ".join(f"{name}: {kind.summary}" for name, kind in KINDS.items())
+    parser.add_argument("--kind", choices=list(KINDS), default=DEFAULT_KIND, help=f"engine kind ({kinds})")
     parser.add_argument("--precision", default=None, help="default: the kind's")
     parser.add_argument("--model", default=store.DEFAULT_MODEL, help="model name under the model root")
     parser.add_argument("--engines-dir", type=Path, default=None, help="default: $FLUX_ENGINE_DIR or engines/")

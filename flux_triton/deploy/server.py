@@ -143,9 +143,11 @@ class TritonServer:
         return urllib.request.urlopen(request, timeout=timeout_s)
 
     def reload(self, model: str, timeout_s: float = 600.0) -> None:
-        """Load ``model`` again (new instances, new Python-backend stubs); needs the admin key."""
-        with self._repository_request(f"models/{model}/load", timeout_s):
-            pass
+        """Unload ``model``, then load it again: new instances, new Python-backend stubs (a load alone
+        is a no-op for a model whose files did not change). Needs the admin key."""
+        for action in ("unload", "load"):
+            with self._repository_request(f"models/{model}/{action}", timeout_s):
+                pass
 
     def start(self, timeout_s: float = 180.0, wait_for: str = "ready") -> TritonServer:
         """Start the server and wait until it is ``ready`` (every model loaded) or only ``live``
