@@ -279,3 +279,21 @@ def test_bf16_server_fp32_pipeline(tmp_path, model_root):
             assert shm_pred.dtype == torch.bfloat16 and torch.equal(shm_pred, http_pred)
     finally:
         server.stop()
+
+
+def test_regions_the_server_lost_are_registered_again(dev_server, tiny_dev):
+    """An unregister (or a restarted server) leaves the transport's regions unknown to the server: the
+    next call registers them again and is answered, with the embeddings still not rewritten."""
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(9))
+    with RemoteFluxTransformer(url=dev_server.url, transport="shm") as remote:
+        first = generate(remote, "dev", seed=9, **kwargs)
+        with httpclient.InferenceServerClient(dev_server.url) as other:
+            other.unregister_system_shared_memory()  # every region of every client
+        assert not [r for r in server_regions(dev_server.url) if r.startswith(remote.transport.prefix)]
+        calls = len(remote.transport.written)
+        again = generate(remote, "dev", seed=9, **kwargs)
+        assert remote.transport.reregistered == 1
+        assert written_sets(remote, calls) == [PER_STEP] * 4  # the regions kept their contents
+        assert len([r for r in server_regions(dev_server.url) if r.startswith(remote.transport.prefix)]) == 8
+    assert torch.equal(first, again)
+    assert torch.equal(again, generate(tiny_dev, "dev", seed=9, **kwargs))

@@ -149,7 +149,8 @@ class RemoteFluxTransformer:
             result = self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot)
         except InferenceServerException as exc:
             hint = ""
-            if self.settings.transport == "shm" and "shared memory" in str(exc.message()).lower():
+            message = str(exc.message()).lower()
+            if self.settings.transport == "shm" and "shared memory" in message and "unable to find" not in message:
                 hint = " (transport shm needs the server on this host, sharing its /dev/shm)"
             raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}{hint}") from exc
         except SharedMemoryException as exc:

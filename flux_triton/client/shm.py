@@ -9,6 +9,7 @@ region. Regions grow when a larger shape comes and are unregistered and unlinked
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
 from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
 
@@ -132,6 +134,13 @@ class _Regions:
         finally:
             shm.destroy_shared_memory_region(region.handle)
 
+    def register_again(self) -> None:
+        """Register every region anew (after a server restart or an unregister; their contents are ours)."""
+        for region in self.regions:
+            with contextlib.suppress(InferenceServerException):  # not registered any more
+                self.client.unregister_system_shared_memory(region.name)
+            self.client.register_system_shared_memory(region.name, region.key, region.capacity)
+
     def close(self) -> None:
         for region in list(self.regions):
             self.destroy(region)
@@ -144,7 +153,7 @@ class ShmTransport:
     out were unchanged and not rewritten)."""
 
     def __init__(self, client: httpclient.InferenceServerClient):
-        prefix = f"{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+        prefix = f"{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(16)}_"  # unguessable by other local clients
         self._regions = _Regions(client, prefix)
         self._finalizer = weakref.finalize(self, _Regions.close, self._regions)
         self._client = client
@@ -152,6 +161,7 @@ class ShmTransport:
         self._output: Region | None = None
         self._lock = threading.Lock()
         self.written: list[dict[str, int]] = []
+        self.reregistered = 0  # times the regions were registered again after the server lost them
 
     @property
     def prefix(self) -> str:
@@ -193,7 +203,15 @@ class ShmTransport:
             requested = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
             requested.set_shared_memory(output.name, latents.nbytes)
             self.written.append(written)
-            result = self._client.infer(model_name, inputs, model_version=model_version, outputs=[requested])
+            try:
+                result = self._client.infer(model_name, inputs, model_version=model_version, outputs=[requested])
+            except InferenceServerException as exc:
+                if "unable to find shared memory region" not in str(exc.message()).lower():
+                    raise
+                # The server lost the registrations (it restarted, or they were unregistered): once more.
+                self._regions.register_again()
+                self.reregistered += 1
+                result = self._client.infer(model_name, inputs, model_version=model_version, outputs=[requested])
             reply = result.get_output(OUTPUT_NAME)
             if reply is None or reply.get("datatype") != TORCH_TO_TRITON[latents.dtype]:
                 raise RuntimeError(f"{model_name}: unexpected {OUTPUT_NAME} in the reply: {reply}")
