@@ -103,3 +103,25 @@ def infer_concurrently(
             results = list(pool.map(infer, wires))
         after = settled_counts(client, counted)
     return results, after[0] - before[0], after[1] - before[1]
+
+
+def stub_pids(repository: Path, model: str) -> list[int]:
+    """The Python-backend stub processes serving ``model`` (their first argument is its model.py)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        stub = len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub")
+        if stub and Path(argv[1].decode()) == repository / model / "1" / "model.py":
+            found.append(int(entry.name))
+    return found
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for process {pid}")

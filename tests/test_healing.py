@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, DEV, REPOSITORY
+from helpers import CHECKOUT, DEV, REPOSITORY, stub_pids
 
 from flux_triton.client.wire import infer_step
 from flux_triton.deploy import health
@@ -26,20 +25,6 @@ from flux_triton.pipeline import call, inputs
 
 pytestmark = pytest.mark.server
 HEALED_WITHIN_S = 60  # probe interval 1 s, plus reloading a tiny model
-
-
-def stub_pids(repository: Path, model: str) -> list[int]:
-    """The Python-backend stub processes serving ``model`` (their first argument is its model.py)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        stub = len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub")
-        if stub and Path(argv[1].decode()) == repository / model / "1" / "model.py":
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.fixture(scope="module")
