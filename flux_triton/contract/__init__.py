@@ -2,6 +2,7 @@
 
 from flux_triton.contract.step import Step
 from flux_triton.contract.tensors import (
+    GUIDANCE_RANGE,
     INPUT_BY_NAME,
     INPUTS,
     OUTPUT_NAME,
@@ -15,6 +16,7 @@ from flux_triton.contract.tensors import (
 from flux_triton.contract.validation import InputError, Limits, OutputError, check_output, validate
 
 __all__ = [
+    "GUIDANCE_RANGE",
     "INPUTS",
     "INPUT_BY_NAME",
     "OUTPUTS",

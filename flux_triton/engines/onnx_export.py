@@ -105,11 +105,6 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def onnx_files(path: Path) -> list[Path]:
-    """The graph and, if it has one, its external data file."""
-    return [path, *([data_path(path)] if data_path(path).exists() else [])]
-
-
 def export_for_engine(job) -> EngineSidecar:
     """The ONNX kinds' first stage (``engines.build.BuildJob``): load the model on the build device,
     quantize it for FP8, export ``<stem>.onnx``; returns the engine's sidecar, not yet written."""
