@@ -12,13 +12,17 @@ import sys
 import time
 
 import pytest
+import torch
 import tritonclient.http as httpclient
 from helpers import CHECKOUT, DEV, REPOSITORY, stub_pids
+from tritonclient.utils import InferenceServerException
 
+from flux_triton.client.connection import ADMIN_HEADER, ADMIN_KEY_ENV, RemoteDitError
+from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
 from flux_triton.deploy import health
 from flux_triton.deploy.repository import write_repository
-from flux_triton.deploy.server import ADMIN_HEADER, ADMIN_KEY_ENV, free_port
+from flux_triton.deploy.server import free_port
 from flux_triton.engines.build import build_engine
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.pipeline import call, inputs
@@ -100,3 +104,31 @@ def test_the_repository_api_needs_the_admin_key(supervised):
         assert health.check(url, {ADMIN_HEADER: "test-key"}) == dict.fromkeys(
             ("dit_transformer", "flux_dit", "dit_preprocess", "dit_engine")
         )
+
+
+def test_shared_memory_and_logging_need_the_admin_key(supervised, tiny_dev):
+    url, _, _ = supervised
+    call = dict(
+        hidden_states=torch.randn(1, 16, 4),
+        encoder_hidden_states=torch.randn(1, 8, 32),
+        pooled_projections=torch.randn(1, 32),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([3.5]),
+        return_dict=False,
+    )
+    with (
+        RemoteFluxTransformer(url=url, transport="shm", admin_key=None) as remote,
+        pytest.raises(RemoteDitError, match=f"{ADMIN_KEY_ENV}"),
+    ):
+        remote(**call)
+    with RemoteFluxTransformer(url=url, transport="shm", admin_key="test-key") as remote:
+        (served,) = remote(**call)
+    assert torch.equal(served, tiny_dev(**call)[0])
+    with httpclient.InferenceServerClient(url) as client:
+        with pytest.raises(InferenceServerException, match=r"403|restricted"):
+            client.update_log_settings({"log_verbose_level": 1})
+        with pytest.raises(InferenceServerException, match=r"403|restricted"):
+            client.get_system_shared_memory_status()
+        assert client.get_system_shared_memory_status(headers={ADMIN_HEADER: "test-key"}) == []

@@ -3,8 +3,9 @@ the server describes it (its config), with server failures turned into clear exc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import tritonclient.http as httpclient
@@ -13,6 +14,9 @@ from tritonclient.utils import InferenceServerException
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import INPUT_BY_NAME, OUTPUT_NAME, TRITON_TO_TORCH, DitSignature
+
+ADMIN_HEADER = "flux-admin-key"  # the header that carries a server's admin key
+ADMIN_KEY_ENV = "FLUX_ADMIN_KEY"
 
 
 class RemoteDitError(RuntimeError):
@@ -32,6 +36,12 @@ class RemoteSettings:
     wire_dtype: str = "auto"  # auto: the served model's dtype; else FP32/BF16/FP16, checked against the server
     guidance_embeds: bool | None = None  # None: ask the server
     transport: str = "http"  # http: tensors in the request body; shm: system shared memory (same host only)
+    # The server's admin key, for the APIs `make serve` restricts (shared-memory registration among them).
+    admin_key: str | None = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV))
+
+    @property
+    def admin_headers(self) -> dict[str, str] | None:
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:

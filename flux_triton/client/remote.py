@@ -13,7 +13,7 @@ from diffusers.configuration_utils import FrozenDict
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils.shared_memory import SharedMemoryException
 
-from flux_triton.client.connection import RemoteDitError, RemoteSettings, connect, describe
+from flux_triton.client.connection import ADMIN_KEY_ENV, RemoteDitError, RemoteSettings, connect, describe
 from flux_triton.client.timestep import raw_timestep
 from flux_triton.client.transport import make_transport
 from flux_triton.contract import DitSignature
@@ -31,7 +31,7 @@ class RemoteFluxTransformer:
         self._client = connect(self.settings)
         try:
             self.signature: DitSignature = describe(self._client, self.settings)
-            self.transport = make_transport(self.settings.transport, self._client)
+            self.transport = make_transport(self.settings.transport, self._client, self.settings.admin_headers)
         except Exception:
             self._client.close()
             raise
@@ -150,7 +150,9 @@ class RemoteFluxTransformer:
         except InferenceServerException as exc:
             hint = ""
             message = str(exc.message()).lower()
-            if self.settings.transport == "shm" and "shared memory" in message and "unable to find" not in message:
+            if "restricted" in message or "403" in message:
+                hint = f" (this server restricts the API: set {ADMIN_KEY_ENV} or RemoteSettings.admin_key to its key)"
+            elif self.settings.transport == "shm" and "shared memory" in message and "unable to find" not in message:
                 hint = " (transport shm needs the server on this host, sharing its /dev/shm)"
             raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}{hint}") from exc
         except SharedMemoryException as exc:

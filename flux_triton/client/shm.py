@@ -112,6 +112,7 @@ class _Regions:
 
     client: httpclient.InferenceServerClient
     prefix: str
+    headers: dict[str, str] | None = None  # the server's admin key, where the shared-memory API is restricted
     regions: list[Region] = field(default_factory=list)
     count: int = 0
 
@@ -122,13 +123,13 @@ class _Regions:
         handle = shm.create_shared_memory_region(name, key, byte_size, create_only=True)
         region = Region(name, key, byte_size, handle)
         self.regions.append(region)
-        self.client.register_system_shared_memory(name, key, byte_size)
+        self.client.register_system_shared_memory(name, key, byte_size, headers=self.headers)
         return region
 
     def destroy(self, region: Region) -> None:
         self.regions.remove(region)
         try:
-            self.client.unregister_system_shared_memory(region.name)
+            self.client.unregister_system_shared_memory(region.name, headers=self.headers)
         except Exception:  # the server is gone: its mapping went with it
             pass
         finally:
@@ -138,8 +139,8 @@ class _Regions:
         """Register every region anew (after a server restart or an unregister; their contents are ours)."""
         for region in self.regions:
             with contextlib.suppress(InferenceServerException):  # not registered any more
-                self.client.unregister_system_shared_memory(region.name)
-            self.client.register_system_shared_memory(region.name, region.key, region.capacity)
+                self.client.unregister_system_shared_memory(region.name, headers=self.headers)
+            self.client.register_system_shared_memory(region.name, region.key, region.capacity, headers=self.headers)
 
     def close(self) -> None:
         for region in list(self.regions):
@@ -152,9 +153,9 @@ class ShmTransport:
     ``written`` has one entry per call: the bytes written into each input region (inputs left
     out were unchanged and not rewritten)."""
 
-    def __init__(self, client: httpclient.InferenceServerClient):
+    def __init__(self, client: httpclient.InferenceServerClient, headers: dict[str, str] | None = None):
         prefix = f"{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(16)}_"  # unguessable by other local clients
-        self._regions = _Regions(client, prefix)
+        self._regions = _Regions(client, prefix, headers)
         self._finalizer = weakref.finalize(self, _Regions.close, self._regions)
         self._client = client
         self._slots: dict[tuple[str, str], _Slot] = {}

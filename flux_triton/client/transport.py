@@ -37,11 +37,14 @@ class HttpTransport:
         pass
 
 
-def make_transport(kind: str, client: httpclient.InferenceServerClient) -> Transport:
+def make_transport(
+    kind: str, client: httpclient.InferenceServerClient, admin_headers: dict[str, str] | None = None
+) -> Transport:
+    """``admin_headers``: the server's admin key, where its shared-memory API is restricted."""
     if kind == "http":
         return HttpTransport(client)
     if kind == "shm":
         from flux_triton.client.shm import ShmTransport
 
-        return ShmTransport(client)
+        return ShmTransport(client, admin_headers)
     raise ValueError(f"transport: expected one of {', '.join(TRANSPORTS)}, got {kind!r}")

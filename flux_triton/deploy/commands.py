@@ -92,8 +92,9 @@ def serve(argv: list[str] | None = None) -> None:
     """``make serve``: tritonserver over a model repository, bound to loopback unless told otherwise, kept
     serving: every model is probed with a real inference on an interval and reloaded if it fails, and the
     server restarted if it exits. Further arguments go to tritonserver."""
+    from flux_triton.client.connection import ADMIN_KEY_ENV
     from flux_triton.deploy.health import Supervisor
-    from flux_triton.deploy.server import ADMIN_KEY_ENV, LOOPBACK, TritonServer, server_environment
+    from flux_triton.deploy.server import LOOPBACK, TritonServer, server_environment
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton serve", description=serve.__doc__)
     parser.add_argument("--model-repository", type=Path, default=None, help="default: model_repository/")
@@ -121,8 +122,8 @@ def serve(argv: list[str] | None = None) -> None:
 def health(argv: list[str] | None = None) -> None:
     """Probe every model of this project on a running server with a real inference (a liveness check:
     Triton's own ready endpoint stays 200 when a model's stub has died); exit 1 if one fails."""
+    from flux_triton.client.connection import ADMIN_HEADER, ADMIN_KEY_ENV
     from flux_triton.deploy.health import check
-    from flux_triton.deploy.server import ADMIN_HEADER, ADMIN_KEY_ENV
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton health", description=health.__doc__)
     parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint")

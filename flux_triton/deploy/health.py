@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 import tritonclient.http as httpclient
 
-from flux_triton.client.connection import RemoteSettings, signature_from_config, takes_guidance
+from flux_triton.client.connection import ADMIN_HEADER, RemoteSettings, signature_from_config, takes_guidance
 from flux_triton.client.wire import from_numpy, infer_inputs
 from flux_triton.contract import OUTPUT_NAME, DitSignature, Limits, Step
 from flux_triton.contract.tensors import engine_tensor_name
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, PREPROCESS
-from flux_triton.deploy.server import ADMIN_HEADER, TritonServer
+from flux_triton.deploy.server import TritonServer
 from flux_triton.pipeline.inputs import text_ids
 from flux_triton.serving.preprocess import preprocess_settings
 

@@ -20,9 +20,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flux_triton.client.connection import ADMIN_HEADER
+
 LOOPBACK = "127.0.0.1"
-ADMIN_HEADER = "flux-admin-key"  # the header that carries the admin key of restricted APIs
-ADMIN_KEY_ENV = "FLUX_ADMIN_KEY"
+# The APIs a supervised server restricts to requests carrying the admin key.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging")
 TRITON_HOME_ENV = "TRITONSERVER_HOME"
 
 
@@ -125,11 +127,11 @@ class TritonServer:
         ]
 
     def _control_args(self) -> list[str]:
-        """With an admin key: every model loaded at start, and the repository API (index, load, unload)
-        restricted to requests that carry the key, over HTTP and gRPC."""
+        """With an admin key: every model loaded at start, and the repository (index, load, unload),
+        shared-memory and logging APIs restricted to requests that carry the key, over HTTP and gRPC."""
         if not self.admin_key:
             return []
-        restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
         return [
             "--model-control-mode=explicit",
             "--load-model=*",
