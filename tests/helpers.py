@@ -125,3 +125,18 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise ValueError(f"no VmRSS for process {pid}")
+
+
+def step_call(text: torch.Tensor, seed: int = 0) -> dict:
+    """The keyword arguments of one tiny-flux-dev transformer call (16 image tokens, ``text`` as the prompt)."""
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, 16, 4, generator=generator),
+        encoder_hidden_states=text,
+        pooled_projections=torch.randn(1, 32, generator=generator),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(text.shape[1], 3),
+        guidance=torch.tensor([3.5]),
+        return_dict=False,
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import tritonclient.http as httpclient
+from helpers import step_call
 
 from flux_triton.client.connection import RemoteDitError
 from flux_triton.client.remote import RemoteFluxTransformer
@@ -112,20 +113,6 @@ def test_dev_28_steps_embeddings_written_once_per_generation(dev_server, tiny_de
         calls = len(remote.transport.written)
         generate(remote, "dev", seed=2, num_inference_steps=2, guidance_scale=7.0, **second)
         assert "guidance" in written_sets(remote, calls)[0]
-
-
-def step_call(text: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(1, 16, 4, generator=generator),
-        encoder_hidden_states=text,
-        pooled_projections=torch.randn(1, 32, generator=generator),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(text.shape[1], 3),
-        guidance=torch.tensor([3.5]),
-        return_dict=False,
-    )
 
 
 def test_in_place_changes_and_equal_copies(dev_server, tiny_dev):

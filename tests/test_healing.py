@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, DEV, REPOSITORY, stub_pids
+from helpers import CHECKOUT, DEV, REPOSITORY, step_call, stub_pids
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import ADMIN_HEADER, ADMIN_KEY_ENV, RemoteDitError
@@ -108,16 +108,7 @@ def test_the_repository_api_needs_the_admin_key(supervised):
 
 def test_shared_memory_and_logging_need_the_admin_key(supervised, tiny_dev):
     url, _, _ = supervised
-    call = dict(
-        hidden_states=torch.randn(1, 16, 4),
-        encoder_hidden_states=torch.randn(1, 8, 32),
-        pooled_projections=torch.randn(1, 32),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(8, 3),
-        guidance=torch.tensor([3.5]),
-        return_dict=False,
-    )
+    call = step_call(torch.randn(1, 8, 32))
     with (
         RemoteFluxTransformer(url=url, transport="shm", admin_key=None) as remote,
         pytest.raises(RemoteDitError, match=f"{ADMIN_KEY_ENV}"),

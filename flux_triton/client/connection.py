@@ -19,6 +19,11 @@ ADMIN_HEADER = "flux-admin-key"  # the header that carries a server's admin key
 ADMIN_KEY_ENV = "FLUX_ADMIN_KEY"
 
 
+def admin_headers(key: str | None) -> dict[str, str] | None:
+    """The request headers that carry a server's admin key (none without a key)."""
+    return {ADMIN_HEADER: key} if key else None
+
+
 class RemoteDitError(RuntimeError):
     """The server is unreachable or not ready, the model is missing, or a request failed; the
     message names the URL and model and carries the server's own message."""
@@ -41,7 +46,7 @@ class RemoteSettings:
 
     @property
     def admin_headers(self) -> dict[str, str] | None:
-        return {ADMIN_HEADER: self.admin_key} if self.admin_key else None
+        return admin_headers(self.admin_key)
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:

@@ -122,14 +122,13 @@ def serve(argv: list[str] | None = None) -> None:
 def health(argv: list[str] | None = None) -> None:
     """Probe every model of this project on a running server with a real inference (a liveness check:
     Triton's own ready endpoint stays 200 when a model's stub has died); exit 1 if one fails."""
-    from flux_triton.client.connection import ADMIN_HEADER, ADMIN_KEY_ENV
+    from flux_triton.client.connection import ADMIN_KEY_ENV, admin_headers
     from flux_triton.deploy.health import check
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton health", description=health.__doc__)
     parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint")
     args = parser.parse_args(argv)
-    key = os.environ.get(ADMIN_KEY_ENV)
-    results = check(args.url, {ADMIN_HEADER: key} if key else None)
+    results = check(args.url, admin_headers(os.environ.get(ADMIN_KEY_ENV)))
     for model, why in results.items():
         print(f"{model:<16} {'ok' if why is None else why}")
     if not results or any(results.values()):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import tritonclient.http as httpclient
 
-from flux_triton.client.connection import ADMIN_HEADER, RemoteSettings, signature_from_config, takes_guidance
+from flux_triton.client.connection import RemoteSettings, admin_headers, signature_from_config, takes_guidance
 from flux_triton.client.wire import from_numpy, infer_inputs
 from flux_triton.contract import OUTPUT_NAME, DitSignature, Limits, Step
 from flux_triton.contract.tensors import engine_tensor_name
@@ -105,9 +105,6 @@ class Supervisor:
     interval_s: float = 10.0
     log: Callable[[str], None] = print
 
-    def headers(self) -> dict[str, str] | None:
-        return {ADMIN_HEADER: self.server.admin_key} if self.server.admin_key else None
-
     def heal_once(self) -> dict[str, str]:
         """One round: what was wrong (``{model: reason}``), after fixing it."""
         if self.server.process is None or self.server.process.poll() is not None:
@@ -115,7 +112,9 @@ class Supervisor:
             self.log(f"tritonserver exited (code {code}); restarting it")
             self.server.start()
             return {"tritonserver": f"exited with code {code}"}
-        failed = {model: why for model, why in check(self.server.url, self.headers()).items() if why}
+        failed = {
+            model: why for model, why in check(self.server.url, admin_headers(self.server.admin_key)).items() if why
+        }
         # An ensemble fails with its composing models and recovers with them: reload those first.
         for model in [model for model in failed if model != ENSEMBLE] or list(failed):
             started = time.monotonic()

@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flux_triton.client.connection import ADMIN_HEADER
+from flux_triton.client.connection import ADMIN_HEADER, admin_headers
 
 LOOPBACK = "127.0.0.1"
 # The APIs a supervised server restricts to requests carrying the admin key.
@@ -140,7 +140,7 @@ class TritonServer:
         ]
 
     def _repository_request(self, path: str, timeout_s: float):
-        headers = {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
+        headers = admin_headers(self.admin_key) or {}
         request = urllib.request.Request(f"http://{self.url}/v2/repository/{path}", b"{}", headers, method="POST")
         return urllib.request.urlopen(request, timeout=timeout_s)
 
