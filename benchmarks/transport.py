@@ -4,7 +4,8 @@ A local tritonserver serves an echo model (``noise_pred = hidden_states``) with 
 FLUX contract (latents [1, 4096, 64], T5 embeddings [1, 512, 4096], pooled [1, 768]), written
 into a temporary repository; the model costs next to nothing, so a round trip is the overhead.
 Each transport runs steps the way ``FluxPipeline`` makes them (new latents and timestep each
-step, the same embeddings) through ``RemoteFluxTransformer``.
+step, the same embeddings) through ``RemoteFluxTransformer``, straight to the server and through the
+guard that ``make serve`` puts in front of it.
 
     python benchmarks/transport.py --iters 30 --dtype BF16 FP32
 """
@@ -24,10 +25,12 @@ import torch
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature
+from flux_triton.deploy.guard import GuardProcess, GuardSettings
 from flux_triton.deploy.pbtxt import to_pbtxt
-from flux_triton.deploy.server import TritonServer
+from flux_triton.deploy.server import LOOPBACK, TritonServer, free_port
 
 MODEL = "dit_echo"
+ADMIN_KEY = "transport-bench"
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512  # 1024x1024
 ECHO = """
 import torch
@@ -79,42 +82,48 @@ def pipeline_steps(dtype: torch.dtype, count: int, seed: int = 0) -> tuple[dict,
     return fixed, steps
 
 
-def measure(url: str, dtype: str, warmup: int, iters: int) -> list[dict]:
-    """Both transports, one call each per step in alternating order, so that a busy host slows both alike."""
+def measure(urls: dict[str, str], dtype: str, warmup: int, iters: int) -> list[dict]:
+    """Each transport to each endpoint (``{"direct": url, "guard": url}``), one call each per step in
+    alternating order, so that a busy host slows all alike."""
     torch_dtype = {"BF16": torch.bfloat16, "FP32": torch.float32}[dtype]
     fixed, steps = pipeline_steps(torch_dtype, warmup + iters)
-    times: dict[str, list[float]] = {name: [] for name in TRANSPORTS}
+    routes = [(transport, via) for via in urls for transport in TRANSPORTS]
+    times: dict[tuple[str, str], list[float]] = {route: [] for route in routes}
     remotes = {
-        name: RemoteFluxTransformer(url=url, model_name=MODEL, transport=name, guidance_embeds=True)
-        for name in TRANSPORTS
+        (transport, via): RemoteFluxTransformer(
+            url=urls[via], model_name=MODEL, transport=transport, guidance_embeds=True, admin_key=ADMIN_KEY
+        )
+        for transport, via in routes
     }
     try:
         for index, step in enumerate(steps):
-            for name in TRANSPORTS if index % 2 else reversed(TRANSPORTS):
+            for name in routes if index % 2 else reversed(routes):
                 started = time.perf_counter()
                 (noise_pred,) = remotes[name](**fixed, **step, return_dict=False)
                 if index >= warmup:
                     times[name].append((time.perf_counter() - started) * 1e3)
                 if not torch.equal(noise_pred, step["hidden_states"]):
                     raise AssertionError(f"{name}: the echo did not come back intact")
+        via = next(iter(urls))
         sent = {
-            "http": sum(t.nbytes for t in remotes["http"].wire_tensors(**fixed, **steps[-1]).values()),
-            "shm": sum(remotes["shm"].transport.written[-1].values()),
+            "http": sum(t.nbytes for t in remotes["http", via].wire_tensors(**fixed, **steps[-1]).values()),
+            "shm": sum(remotes["shm", via].transport.written[-1].values()),
         }
     finally:
         for remote in remotes.values():
             remote.close()
     return [
         {
-            "transport": name,
+            "transport": transport,
+            "via": via,
             "dtype": dtype,
-            "median_ms": statistics.median(times[name]),
-            "min_ms": min(times[name]),
-            "max_ms": max(times[name]),
+            "median_ms": statistics.median(times[transport, via]),
+            "min_ms": min(times[transport, via]),
+            "max_ms": max(times[transport, via]),
             "iters": iters,
-            "bytes_sent_per_step": sent[name],
+            "bytes_sent_per_step": sent[transport],
         }
-        for name in TRANSPORTS
+        for transport, via in routes
     ]
 
 
@@ -134,14 +143,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 repository,
                 log_path=Path(folder) / "tritonserver.log",
                 args=["--exit-timeout-secs=5"],
+                admin_key=ADMIN_KEY,  # as make serve runs it
             )
             with server.start():
-                rows += measure(server.url, dtype, args.warmup, args.iters)
+                guard = GuardProcess(LOOPBACK, (free_port(), free_port(), free_port()), GuardSettings())
+                guard.start(server.endpoints)
+                try:
+                    urls = {"direct": server.url, "guard": f"{LOOPBACK}:{guard.ports[0]}"}
+                    rows += measure(urls, dtype, args.warmup, args.iters)
+                finally:
+                    guard.stop()
     print(f"{platform.node()} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    print(f"{'dtype':5}  {'transport':9}  {'median ms':>9}  {'min ms':>7}  {'max ms':>7}  {'MB/step':>7}  n")
+    print(f"{'dtype':5}  {'transport':9}  {'via':6}  {'median ms':>9}  {'min ms':>7}  {'max ms':>7}  {'MB/step':>7}  n")
     for row in rows:
         print(
-            f"{row['dtype']:5}  {row['transport']:9}  {row['median_ms']:9.2f}  {row['min_ms']:7.2f}  "
+            f"{row['dtype']:5}  {row['transport']:9}  {row['via']:6}  {row['median_ms']:9.2f}  {row['min_ms']:7.2f}  "
             f"{row['max_ms']:7.2f}  {row['bytes_sent_per_step'] / 1e6:7.2f}  {row['iters']}"
         )
     if args.json:

@@ -127,6 +127,20 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+def answers_correctly(url: str, model: str, tiny_dev) -> bool:
+    """Whether ``model`` at ``url`` answers a 256x256 tiny-flux-dev step as diffusers does (within 1e-4)."""
+    from flux_triton.pipeline import call, inputs
+
+    step = inputs.random_step(DEV, height=256, width=256, seed=3)
+    try:
+        with httpclient.InferenceServerClient(url, network_timeout=30) as client:
+            served = infer_step(client, model, step.wire())
+    except Exception:
+        return False
+    expected = call.reference_call(tiny_dev, step)
+    return served.shape == expected.shape and bool((served - expected).abs().max() < 1e-4)
+
+
 def step_call(text: torch.Tensor, seed: int = 0) -> dict:
     """The keyword arguments of one tiny-flux-dev transformer call (16 image tokens, ``text`` as the prompt)."""
     generator = torch.Generator().manual_seed(seed)

@@ -284,3 +284,20 @@ def test_regions_the_server_lost_are_registered_again(dev_server, tiny_dev):
         assert len([r for r in server_regions(dev_server.url) if r.startswith(remote.transport.prefix)]) == 8
     assert torch.equal(first, again)
     assert torch.equal(again, generate(tiny_dev, "dev", seed=9, **kwargs))
+
+
+def test_a_region_altered_behind_the_transports_back_is_repaired_at_the_next_generation(dev_server, tiny_dev):
+    """Another local process writes into the prompt-embedding region: the next generation starts by
+    comparing the held inputs with their regions, rewrites it and is answered as diffusers answers."""
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(11))
+    with RemoteFluxTransformer(url=dev_server.url, transport="shm") as remote:
+        first = generate(remote, "dev", seed=11, **kwargs)
+        (slot,) = [slot for key, slot in remote.transport._slots.items() if key[1] == "encoder_hidden_states"]
+        with open(f"/dev/shm{slot.region.key}", "r+b") as region:
+            region.write(torch.randn(slot.region.capacity // 4).numpy().tobytes())
+        calls = len(remote.transport.written)
+        again = generate(remote, "dev", seed=11, **kwargs)
+        assert remote.transport.repaired == 1
+        assert written_sets(remote, calls) == [PER_STEP | {"encoder_hidden_states"}] + [PER_STEP] * 3
+    assert torch.equal(first, again)
+    assert torch.equal(again, generate(tiny_dev, "dev", seed=11, **kwargs))

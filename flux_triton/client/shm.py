@@ -2,7 +2,10 @@
 with the server, and only the inputs that changed since the previous call are rewritten.
 
 One region per (slot, input): the slot is the pipeline's cache context ("cond", "uncond"), so
-true CFG keeps both prompts' embeddings in place. ``noise_pred`` comes back through an output
+true CFG keeps both prompts' embeddings in place. At the start of each generation (a timestep not
+below the slot's previous one: a pipeline's timesteps fall) the held inputs are compared with the
+regions' contents and rewritten where they differ, so that a region altered by another process
+cannot change more than the rest of one generation. ``noise_pred`` comes back through an output
 region. Regions grow when a larger shape comes and are unregistered and unlinked on ``close``
 (also at exit and when the transport is garbage-collected).
 """
@@ -92,12 +95,16 @@ class _Slot:
     source: torch.Tensor | None = None
     version: int = -1
 
-    def unchanged(self, tensor: torch.Tensor) -> bool:
-        if self.source is None or tensor.shape != self.shape or tensor.dtype != self.dtype:
-            return False
-        if tensor.data_ptr() == self.source.data_ptr() and tensor._version == self.version:
-            return True  # the same memory, not written to in place since
-        return self.region.holds(tensor)
+    def same(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is the memory last written, not written to in place since."""
+        return self._fits(tensor) and tensor.data_ptr() == self.source.data_ptr() and tensor._version == self.version
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether the region holds ``tensor`` bit for bit."""
+        return self._fits(tensor) and self.region.holds(tensor)
+
+    def _fits(self, tensor: torch.Tensor) -> bool:
+        return self.source is not None and tensor.shape == self.shape and tensor.dtype == self.dtype
 
     def store(self, tensor: torch.Tensor) -> int:
         self.source = None  # a failed write leaves the slot unknown
@@ -151,7 +158,8 @@ class ShmTransport:
     """Step requests through system shared memory; one call at a time (a lock serialises them).
 
     ``written`` has one entry per call: the bytes written into each input region (inputs left
-    out were unchanged and not rewritten)."""
+    out were unchanged and not rewritten). ``repaired`` counts held inputs whose region was found
+    altered at a generation's start and written again."""
 
     def __init__(self, client: httpclient.InferenceServerClient, headers: dict[str, str] | None = None):
         prefix = f"{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(16)}_"  # unguessable by other local clients
@@ -163,6 +171,8 @@ class ShmTransport:
         self._lock = threading.Lock()
         self.written: list[dict[str, int]] = []
         self.reregistered = 0  # times the regions were registered again after the server lost them
+        self.repaired = 0
+        self._last_timestep: dict[str, float] = {}
 
     @property
     def prefix(self) -> str:
@@ -175,12 +185,22 @@ class ShmTransport:
             self._regions.destroy(current)
         return self._regions.create(byte_size)
 
-    def _input(self, slot_name: str, name: str, tensor: torch.Tensor, written: dict[str, int]) -> httpclient.InferInput:
+    def _generation_starts(self, slot: str, timestep: torch.Tensor) -> bool:
+        """Whether this call starts a generation in ``slot``: its timestep is not below the previous one."""
+        current, previous = float(timestep.reshape(-1)[0]), self._last_timestep.get(slot)
+        self._last_timestep[slot] = current
+        return previous is None or current >= previous
+
+    def _input(
+        self, slot_name: str, name: str, tensor: torch.Tensor, written: dict[str, int], verify: bool
+    ) -> httpclient.InferInput:
         slot = self._slots.get((slot_name, name))
         region = self._region_for(slot.region if slot else None, tensor.nbytes)
         if slot is None or slot.region is not region:
             slot = self._slots[(slot_name, name)] = _Slot(region)
-        if not slot.unchanged(tensor):
+        same = slot.same(tensor)
+        if (verify or not same) and not slot.holds(tensor):
+            self.repaired += same  # the region was altered behind this transport's back
             written[name] = slot.store(tensor)
         item = httpclient.InferInput(name, list(tensor.shape), TORCH_TO_TRITON[tensor.dtype])
         item.set_shared_memory(region.name, tensor.nbytes)
@@ -198,7 +218,8 @@ class ShmTransport:
             raise RuntimeError("the shared-memory transport is closed")
         with self._lock:
             written: dict[str, int] = {}
-            inputs = [self._input(slot, name, tensor.contiguous(), written) for name, tensor in tensors.items()]
+            verify = self._generation_starts(slot, tensors["timestep"])
+            inputs = [self._input(slot, name, t.contiguous(), written, verify) for name, t in tensors.items()]
             latents = tensors["hidden_states"]
             output = self._output = self._region_for(self._output, latents.nbytes)
             requested = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)

@@ -89,12 +89,14 @@ def repo(argv: list[str] | None = None) -> None:
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """``make serve``: tritonserver over a model repository, bound to loopback unless told otherwise, kept
-    serving: every model is probed with a real inference on an interval and reloaded if it fails, and the
-    server restarted if it exits. Further arguments go to tritonserver."""
+    """``make serve``: tritonserver over a model repository behind the guard (``python -m flux_triton guard``),
+    bound to loopback unless told otherwise, kept serving: every model is probed with a real inference on an
+    interval and reloaded if it fails, and an exited server or guard started again. Further arguments go to
+    tritonserver."""
     from flux_triton.client.connection import ADMIN_KEY_ENV
+    from flux_triton.deploy.guard import GuardProcess, GuardSettings
     from flux_triton.deploy.health import Supervisor
-    from flux_triton.deploy.server import LOOPBACK, TritonServer, server_environment
+    from flux_triton.deploy.server import LOOPBACK, TritonServer
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton serve", description=serve.__doc__)
     parser.add_argument("--model-repository", type=Path, default=None, help="default: model_repository/")
@@ -102,20 +104,29 @@ def serve(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--heal-interval", type=float, default=10.0, help="seconds between probes; 0: no supervisor")
+    parser.add_argument("--heal-interval", type=float, default=10.0, help="seconds between probes; 0: no probes")
+    parser.add_argument("--max-request-mib", type=int, default=GuardSettings.max_request_mib, help="the guard's "
+                        "request-size limit")  # fmt: skip
+    parser.add_argument("--no-guard", action="store_true", help="expose tritonserver itself (trusted clients only)")
     args, extra = parser.parse_known_args(argv)
     repository = (args.model_repository or Locations.here().repository).resolve()
-    server = TritonServer(repository, args.address, args.http_port, args.grpc_port, args.metrics_port, args=extra)
-    if args.heal_interval <= 0:
-        os.execve(server.command()[0], server.command(), server_environment())
+    ports = (args.http_port, args.grpc_port, args.metrics_port)
+    guard = None if args.no_guard else GuardProcess(args.address, ports, GuardSettings(args.max_request_mib))
+    # Behind the guard, tritonserver listens on free loopback ports.
+    server = TritonServer(repository, *((LOOPBACK, 0, 0, 0) if guard else (args.address, *ports)), args=extra)
     server.admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
-    server.log_path = None  # the server's log on this terminal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the children on the way out
     try:
         server.start(timeout_s=3600)
-        print(f"serving {repository} at {server.url}; every model probed every {args.heal_interval:g} s", flush=True)
-        Supervisor(server, args.heal_interval, log=lambda line: print(f"[supervisor] {line}", flush=True)).run()
+        if guard:
+            guard.start(server.endpoints)
+        probes = f"every model probed every {args.heal_interval:g} s" if args.heal_interval > 0 else "no probes"
+        print(f"serving {repository} at {args.address}:{args.http_port}; {probes}", flush=True)
+        log = lambda line: print(f"[supervisor] {line}", flush=True)  # noqa: E731
+        Supervisor(server, args.heal_interval, log, guard).run()
     finally:
+        if guard:
+            guard.stop()
         server.stop()
 
 

@@ -20,8 +20,9 @@ from flux_triton.client.connection import RemoteSettings, admin_headers, signatu
 from flux_triton.client.wire import from_numpy, infer_inputs
 from flux_triton.contract import OUTPUT_NAME, DitSignature, Limits, Step
 from flux_triton.contract.tensors import engine_tensor_name
+from flux_triton.deploy.guard import GuardProcess
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, PREPROCESS
-from flux_triton.deploy.server import TritonServer
+from flux_triton.deploy.server import TritonServer, remove_orphan_regions
 from flux_triton.pipeline.inputs import text_ids
 from flux_triton.serving.preprocess import preprocess_settings
 
@@ -99,11 +100,13 @@ def check(url: str, headers: dict[str, str] | None = None, timeout_s: float = 12
 
 @dataclass
 class Supervisor:
-    """Keeps ``server`` serving: probes every ``interval_s``, reloads failed models, restarts a dead server."""
+    """Keeps ``server`` (and the ``guard`` in front of it) serving: probes every model every ``interval_s``
+    (0: no probes, processes checked every second), reloads failed models, restarts an exited process."""
 
     server: TritonServer
     interval_s: float = 10.0
     log: Callable[[str], None] = print
+    guard: GuardProcess | None = None
 
     def heal_once(self) -> dict[str, str]:
         """One round: what was wrong (``{model: reason}``), after fixing it."""
@@ -112,6 +115,15 @@ class Supervisor:
             self.log(f"tritonserver exited (code {code}); restarting it")
             self.server.start()
             return {"tritonserver": f"exited with code {code}"}
+        if self.guard is not None and not self.guard.running():
+            code = self.guard.process.returncode
+            self.log(f"the guard exited (code {code}); restarting it")
+            self.guard.start(self.server.endpoints)
+            return {"guard": f"exited with code {code}"}
+        if removed := remove_orphan_regions():
+            self.log(f"removed {len(removed)} Python-backend regions of dead stubs from /dev/shm")
+        if self.interval_s <= 0:
+            return {}
         failed = {
             model: why for model, why in check(self.server.url, admin_headers(self.server.admin_key)).items() if why
         }
@@ -125,7 +137,7 @@ class Supervisor:
 
     def run(self) -> None:
         while True:
-            time.sleep(self.interval_s)
+            time.sleep(self.interval_s if self.interval_s > 0 else 1.0)
             try:
                 self.heal_once()
             except Exception as exc:  # keep supervising: the next round tries again

@@ -85,6 +85,34 @@ def free_port(address: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
+BACKEND_REGIONS = "triton_python_backend_shm_region_*"  # the Python backend's IPC regions in /dev/shm
+
+
+def remove_orphan_regions(min_age_s: float = 10.0, shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Unlink the Python backend's IPC regions that no stub maps any more: a killed stub leaves its region
+    behind, still mapped by the server until it exits (2.51). Only this user's regions older than
+    ``min_age_s`` (a new instance's region is mapped by its stub a moment after the server creates it)."""
+    in_use = set()
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            if not (process / "cmdline").read_bytes().split(b"\0")[0].endswith(b"triton_python_backend_stub"):
+                continue
+            in_use.update(line.rsplit("/", 1)[-1] for line in (process / "maps").read_text().splitlines())
+        except OSError:  # gone, or another user's
+            continue
+    removed = []
+    for region in shm_dir.glob(BACKEND_REGIONS):
+        try:
+            stat = region.stat()
+            if region.name in in_use or stat.st_uid != os.getuid() or time.time() - stat.st_mtime < min_age_s:
+                continue
+            region.unlink()
+            removed.append(region.name)
+        except OSError:
+            continue
+    return removed
+
+
 class ModelLoadError(RuntimeError):
     """A model of the repository failed to load; the message says which and why."""
 
@@ -107,8 +135,13 @@ class TritonServer:
 
     @property
     def url(self) -> str:
+        return self.endpoints[0]
+
+    @property
+    def endpoints(self) -> tuple[str, str, str]:
+        """Where to reach its HTTP, gRPC and metrics ports."""
         host = LOOPBACK if self.address in ("0.0.0.0", "") else self.address
-        return f"{host}:{self.http_port}"
+        return f"{host}:{self.http_port}", f"{host}:{self.grpc_port}", f"{host}:{self.metrics_port}"
 
     def command(self) -> list[str]:
         return [
