@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import tritonclient.http as httpclient
 
+from flux_triton.client.generations import Generations
 from flux_triton.client.transport import make_transport
 from flux_triton.client.wire import infer_step
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, set_parameter
@@ -89,13 +90,19 @@ def generation_steps(wire: dict, count: int) -> list[dict]:
     return steps
 
 
-def measure_served(client, transport_name: str, model_name: str, wire: dict, local_step, args) -> dict:
-    """Served and in-process steps alternately; with the server's per-model times over the timed requests."""
+def measure_served(client, transport_name: str, model_name: str, wire: dict, local_step, args, sessions=False) -> dict:
+    """Served and in-process steps alternately; with the server's per-model times over the timed requests.
+    ``sessions``: the steps are one generation session, the prompt sent with its first step only."""
     calls = iter(generation_steps(wire, args.warmup + args.iters))
     transport = make_transport(transport_name, client)
+    generations, sent_bytes = Generations(), []
 
     def served():
-        transport.infer(model_name, next(calls))
+        tensors, sequence = next(calls), None
+        if sessions:
+            tensors, sequence, _ = generations.step("cond", tensors)
+        sent_bytes.append(sum(tensor.nbytes for tensor in tensors.values()))
+        transport.infer(model_name, tensors, "", "cond", sequence)
 
     def local():
         local_step().float().sum().item()  # waits for the GPU, as a response would
@@ -109,6 +116,7 @@ def measure_served(client, transport_name: str, model_name: str, wire: dict, loc
         row["server_ms_per_request"] = server_phases(before, client.get_inference_statistics())
     finally:
         transport.close()
+    row["bytes_per_step"] = statistics.median(sent_bytes)
     row["overhead_ms"] = row["served"]["median_ms"] - row["in_process"]["median_ms"]
     row["overhead_pct"] = 100 * row["overhead_ms"] / row["in_process"]["median_ms"]
     return row
@@ -139,6 +147,7 @@ def main() -> None:
     parser.add_argument("--engine", type=Path, default=None, help="serve flux_dit on this engine sidecar")
     parser.add_argument("--transports", default="http,shm", help="client transports to measure (client/transport.py)")
     parser.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE", help="for the server")
+    parser.add_argument("--no-sessions", dest="sessions", action="store_false", help="skip the session runs")
     parser.add_argument("--out", type=Path, default=Path("served.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="served-"))
@@ -180,6 +189,9 @@ def main() -> None:
             results["served_vs_in_process_max_abs"] = (served.float() - first.float()).abs().max().item()
             for transport in args.transports.split(","):
                 results["served"][transport] = measure_served(client, transport, model_name, wire, local_step, args)
+                if model_name == DIT_TRANSFORMER and args.sessions:
+                    row = measure_served(client, transport, model_name, wire, local_step, args, sessions=True)
+                    results["served"][f"{transport}+sessions"] = row
     results["request_mib"] = sum(t.numel() * t.element_size() for t in wire.values()) / 2**20
     args.out.write_text(json.dumps(results, indent=2))
     print_summary(results)
@@ -193,7 +205,8 @@ def print_summary(results: dict) -> None:
     for transport, row in results["served"].items():
         served, local = row["served"]["median_ms"], row["in_process"]["median_ms"]
         overhead = f"{row['overhead_ms']:.1f} ms ({row['overhead_pct']:.1f}%)"
-        print(f"  {transport:<4} served {served:.1f} ms, in process {local:.1f} ms: overhead {overhead}")
+        sent = f"{row['bytes_per_step'] / 1e6:.2f} MB/step"
+        print(f"  {transport:<13} {sent} served {served:.1f} ms, in process {local:.1f} ms: overhead {overhead}")
         for model, phases in row["server_ms_per_request"].items():
             print(f"    {model:<16} " + "  ".join(f"{phase} {ms:.2f}" for phase, ms in phases.items()))
 

@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, REPOSITORY, start_engine_server, start_server
+from helpers import CHECKOUT, REPOSITORY, load_tiny, start_engine_server, start_server
 
 from flux_triton.client.connection import ADMIN_KEY_ENV
 from flux_triton.contract import Step
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer, free_port
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
-from flux_triton.model import store
 from flux_triton.model.presets import TINY_PRESETS, build_random, write_tiny_models
 from flux_triton.pipeline.call import reference_call
 from flux_triton.serving.service import MODEL_DIR_ENV
@@ -76,10 +75,6 @@ def full_size() -> Iterator[FullSize]:
     torch._dynamo.reset()  # compiled blocks hold the model
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def load_tiny(model_root: Path, name: str):
-    return store.load_transformer(store.resolve_model_dir(name, model_root), torch.float32, "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,13 @@ SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embed
 BUSY_SIZE = {"height": 1024, "width": 1024}
 
 
+def load_tiny(model_root: Path, name: str):
+    """A tiny model loaded as the server loads it (fp32, CPU)."""
+    from flux_triton.model import store
+
+    return store.load_transformer(store.resolve_model_dir(name, model_root), torch.float32, "cpu")
+
+
 def start_server(
     tmp_path: Path,
     model_root: Path,
@@ -139,6 +146,29 @@ def answers_correctly(url: str, model: str, tiny_dev) -> bool:
         return False
     expected = call.reference_call(tiny_dev, step)
     return served.shape == expected.shape and bool((served - expected).abs().max() < 1e-4)
+
+
+TEXT_TOKENS = 8  # the prompts of the pipeline-level client tests
+
+
+def embeds(seed: int, text_tokens: int = TEXT_TOKENS) -> dict[str, torch.Tensor]:
+    """A random prompt's embeddings for a tiny model, as ``FluxPipeline`` takes them."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(1, text_tokens, 32, generator=generator),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=generator),
+    }
+
+
+def generate(transformer, preset: str, seed: int, size: int = 64, **kwargs) -> torch.Tensor:
+    """``FluxPipeline(output_type="latent")`` with ``transformer`` (local or remote) and the preset's scheduler."""
+    from diffusers import FluxPipeline
+
+    from flux_triton.pipeline import loop
+
+    pipe = FluxPipeline(loop.make_scheduler(preset), None, None, None, None, None, transformer)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(height=size, width=size, generator=generator, output_type="latent", **kwargs).images
 
 
 def step_call(text: torch.Tensor, seed: int = 0) -> dict:

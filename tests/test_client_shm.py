@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import step_call
+from helpers import TEXT_TOKENS, embeds, generate, step_call
 
 from flux_triton.client.connection import RemoteDitError
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.shm import KEY_PREFIX
-from flux_triton.pipeline import loop
 
 pytestmark = pytest.mark.server
 
-TEXT_TOKENS = 8
 EMBEDDINGS = ("encoder_hidden_states", "pooled_projections", "txt_ids", "img_ids")
 PER_STEP = {"hidden_states", "timestep"}
 
@@ -41,26 +39,6 @@ def no_leaks():
     before = set(shm_entries())
     yield
     assert set(shm_entries()) == before, "shared-memory regions left in /dev/shm"
-
-
-def embeds(seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "prompt_embeds": torch.randn(1, TEXT_TOKENS, 32, generator=generator),
-        "pooled_prompt_embeds": torch.randn(1, 32, generator=generator),
-    }
-
-
-def pipeline(transformer, preset: str):
-    from diffusers import FluxPipeline
-
-    return FluxPipeline(loop.make_scheduler(preset), None, None, None, None, None, transformer)
-
-
-def generate(transformer, preset: str, seed: int, size: int = 64, **kwargs) -> torch.Tensor:
-    pipe = pipeline(transformer, preset)
-    generator = torch.Generator().manual_seed(seed)
-    return pipe(height=size, width=size, generator=generator, output_type="latent", **kwargs).images
 
 
 def written_sets(remote: RemoteFluxTransformer, since: int) -> list[set[str]]:

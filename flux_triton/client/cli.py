@@ -18,6 +18,7 @@ from flux_triton.client.connection import RemoteDitError, RemoteSettings
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.pipeline import loop
+from flux_triton.pipeline.caching import CACHE_KINDS, parse_cache_setting
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="images per prompt")
     parser.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder: also decode and write a PNG")
+    kinds = ", ".join(CACHE_KINDS)
+    parser.add_argument("--cache", default=None, help=f"step cache of the generation: {kinds} (the kind's defaults) "
+                        "or its JSON, e.g. '{\"kind\": \"mag\", \"threshold\": 0.1}'; the server's dit_transformer "
+                        "must have the same cache setting")  # fmt: skip
     parser.add_argument("--output", type=Path, default=Path("flux-latents.safetensors"))
     parser.add_argument("--png", type=Path, default=None, help="PNG path (default: --output with .png)")
     return parser.parse_args(argv)
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> Path:
         url=args.url, model_name=args.model, network_timeout_s=args.timeout, transport=args.transport
     )
     with RemoteFluxTransformer(settings) as remote:
+        if args.cache:
+            remote.enable_cache(parse_cache_setting(args.cache))
         guided = remote.config.guidance_embeds
         preset = args.scheduler or ("dev" if guided else "schnell")
         steps = args.steps or (28 if guided else 4)

@@ -41,6 +41,7 @@ class RemoteSettings:
     wire_dtype: str = "auto"  # auto: the served model's dtype; else FP32/BF16/FP16, checked against the server
     guidance_embeds: bool | None = None  # None: ask the server
     transport: str = "http"  # http: tensors in the request body; shm: system shared memory (same host only)
+    sessions: bool | None = None  # one sequence per generation, the prompt sent once; None: where the model keeps them
     # The server's admin key, for the APIs `make serve` restricts (shared-memory registration among them).
     admin_key: str | None = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV))
 
@@ -154,6 +155,12 @@ def takes_guidance(client: httpclient.InferenceServerClient, settings: RemoteSet
     except InferenceServerException as exc:
         return "guidance: required" in str(exc.message())
     return False
+
+
+def keeps_sessions(config: Mapping) -> bool:
+    """Whether the served model keeps generation sessions: its ``max_sessions`` parameter (``dit_transformer``)."""
+    value = config.get("parameters", {}).get("max_sessions", {}).get("string_value", "0")
+    return value.isdigit() and int(value) > 0
 
 
 def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings) -> DitSignature:

@@ -5,7 +5,9 @@ denoises on the server, with the latents it would get from the local transformer
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -13,10 +15,20 @@ from diffusers.configuration_utils import FrozenDict
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils.shared_memory import SharedMemoryException
 
-from flux_triton.client.connection import ADMIN_KEY_ENV, RemoteDitError, RemoteSettings, connect, describe
+from flux_triton.client.connection import (
+    ADMIN_KEY_ENV,
+    RemoteDitError,
+    RemoteSettings,
+    connect,
+    describe,
+    keeps_sessions,
+)
+from flux_triton.client.generations import Generation, Generations, SequenceStep
 from flux_triton.client.timestep import raw_timestep
 from flux_triton.client.transport import make_transport
+from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
+from flux_triton.pipeline.caching import describe_cache
 
 
 class RemoteFluxTransformer:
@@ -31,6 +43,8 @@ class RemoteFluxTransformer:
         self._client = connect(self.settings)
         try:
             self.signature: DitSignature = describe(self._client, self.settings)
+            config = self._client.get_model_config(self.settings.model_name, self.settings.model_version)
+            self.sessions = keeps_sessions(config) if self.settings.sessions is None else self.settings.sessions
             self.transport = make_transport(self.settings.transport, self._client, self.settings.admin_headers)
         except Exception:
             self._client.close()
@@ -44,23 +58,59 @@ class RemoteFluxTransformer:
             joint_attention_dim=self.signature.text_dim,
         )
         self.cache_name: str | None = None
+        self.generations = Generations()
         self.latencies_s: list[float] = []  # one entry per server call, in order
+        self.sent_bytes: list[int] = []  # the tensor bytes of each step request, in order
 
     @property
     def dtype(self) -> torch.dtype:
         return self.signature.torch_dtype
 
     @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        """The pipeline's "cond"/"uncond" marker; the server keeps no cache, so only recorded."""
+    def cache_context(self, name: str, **_) -> Iterator[None]:
+        """The pipeline's "cond"/"uncond" marker: each context of a generation is its own sequence."""
         previous, self.cache_name = self.cache_name, name
         try:
             yield
         finally:
             self.cache_name = previous
 
+    def enable_cache(self, config) -> None:
+        """As diffusers' ``CacheMixin.enable_cache``: the server runs each later generation with this step cache
+        (a diffusers config of a kind in ``pipeline.caching.CACHE_KINDS``; the model's ``cache`` setting must be
+        the same)."""
+        if not self.sessions:
+            raise RemoteDitError(f"model '{self.settings.model_name}' keeps no generation sessions, so no step cache")
+        self.generations.cache = json.dumps(describe_cache(config))
+
+    def disable_cache(self) -> None:
+        self.generations.cache = ""
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return bool(self.generations.cache)
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """What ``FluxPipeline`` calls at the end of a generation: its sequences end on the server."""
+        for generation in self.generations.end_all():
+            self._end(generation)
+
+    def _end(self, generation: Generation) -> None:
+        """End a sequence without a step: an END request with zero image tokens (a server that already
+        freed the sequence answers the same)."""
+        sig = self.signature
+        closing = {
+            "hidden_states": torch.zeros(1, 0, sig.in_channels, dtype=sig.torch_dtype),
+            "timestep": torch.zeros(1, 1),
+            "img_ids": torch.zeros(1, 0, 3),
+        }
+        sequence = SequenceStep(generation.sequence_id, end=True)
+        with contextlib.suppress(Exception):  # the server is gone, or freed it already: nothing is held
+            infer_step(self._client, self.settings.model_name, closing, self.settings.model_version, sequence)
+
     def close(self) -> None:
         try:
+            self._reset_stateful_cache()
             self.transport.close()
         finally:
             self._client.close()
@@ -146,7 +196,7 @@ class RemoteFluxTransformer:
         start = time.perf_counter()
         slot = self.cache_name or "call"
         try:
-            result = self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot)
+            result = self._send(slot, tensors) if self.sessions else self._transport_infer(slot, tensors)
         except InferenceServerException as exc:
             hint = ""
             message = str(exc.message()).lower()
@@ -161,6 +211,29 @@ class RemoteFluxTransformer:
             raise RemoteDitError(f"{where} is not reachable: {type(exc).__name__}: {exc}") from exc
         self.latencies_s.append(time.perf_counter() - start)
         return result
+
+    def _transport_infer(self, slot: str, tensors: dict[str, torch.Tensor], sequence: SequenceStep | None = None):
+        self.sent_bytes.append(sum(tensor.nbytes for tensor in tensors.values()))
+        return self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot, sequence)
+
+    def _send(self, slot: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A step of ``slot``'s generation: the prompt only where it is new to the sequence."""
+        sent, sequence, ended = self.generations.step(slot, tensors)
+        if ended is not None:
+            self._end(ended)
+        try:
+            return self._transport_infer(slot, sent, sequence)
+        except InferenceServerException as exc:
+            if sequence.start or "unknown or expired" not in str(exc.message()):
+                self.generations.drop(slot)  # the server freed it with the failed step
+                raise
+        # The server lost the sequence (idle too long, restarted, another replica): again from this step.
+        warnings.warn(
+            f"sequence of '{slot}' unknown to {self.settings.url}; started it again from this step "
+            f"(the prompt is sent again and any step cache starts over)",
+            stacklevel=4,
+        )
+        return self._transport_infer(slot, tensors, self.generations.restart(slot, tensors))
 
 
 def _batched(name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from flux_triton.client.generations import SequenceStep
+from flux_triton.client.wire import sequence_arguments
 from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
 
 KEY_PREFIX = "flux_triton_"
@@ -212,6 +214,7 @@ class ShmTransport:
         tensors: Mapping[str, torch.Tensor],
         model_version: str = "",
         slot: str = "call",
+        sequence: SequenceStep | None = None,
     ) -> torch.Tensor:
         """Send one step and return ``noise_pred`` (shaped and typed like ``hidden_states``)."""
         if not self._finalizer.alive:
@@ -225,15 +228,16 @@ class ShmTransport:
             requested = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
             requested.set_shared_memory(output.name, latents.nbytes)
             self.written.append(written)
+            call = dict(model_version=model_version, outputs=[requested], **sequence_arguments(sequence))
             try:
-                result = self._client.infer(model_name, inputs, model_version=model_version, outputs=[requested])
+                result = self._client.infer(model_name, inputs, **call)
             except InferenceServerException as exc:
                 if "unable to find shared memory region" not in str(exc.message()).lower():
                     raise
                 # The server lost the registrations (it restarted, or they were unregistered): once more.
                 self._regions.register_again()
                 self.reregistered += 1
-                result = self._client.infer(model_name, inputs, model_version=model_version, outputs=[requested])
+                result = self._client.infer(model_name, inputs, **call)
             reply = result.get_output(OUTPUT_NAME)
             if reply is None or reply.get("datatype") != TORCH_TO_TRITON[latents.dtype]:
                 raise RuntimeError(f"{model_name}: unexpected {OUTPUT_NAME} in the reply: {reply}")

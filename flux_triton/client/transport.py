@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 import tritonclient.http as httpclient
 
+from flux_triton.client.generations import SequenceStep
 from flux_triton.client.wire import infer_step
 
 TRANSPORTS = ("http", "shm")
@@ -16,7 +17,12 @@ TRANSPORTS = ("http", "shm")
 
 class Transport(Protocol):
     def infer(
-        self, model_name: str, tensors: Mapping[str, torch.Tensor], model_version: str = "", slot: str = "call"
+        self,
+        model_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        model_version: str = "",
+        slot: str = "call",
+        sequence: SequenceStep | None = None,
     ) -> torch.Tensor: ...
 
     def close(self) -> None: ...
@@ -29,9 +35,14 @@ class HttpTransport:
         self._client = client
 
     def infer(
-        self, model_name: str, tensors: Mapping[str, torch.Tensor], model_version: str = "", slot: str = "call"
+        self,
+        model_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        model_version: str = "",
+        slot: str = "call",
+        sequence: SequenceStep | None = None,
     ) -> torch.Tensor:
-        return infer_step(self._client, model_name, tensors, model_version)
+        return infer_step(self._client, model_name, tensors, model_version, sequence)
 
     def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import tritonclient.http as httpclient
 
+from flux_triton.client.generations import SequenceStep
 from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
 
 
@@ -40,11 +41,22 @@ class ServerUnavailable(ConnectionError):
     """The server could not be reached, or the connection was lost before the response came."""
 
 
+def sequence_arguments(sequence: SequenceStep | None) -> dict:
+    """``client.infer``'s sequence arguments for a step of a generation session (none: a stateless step)."""
+    if sequence is None:
+        return {}
+    arguments = {"sequence_id": sequence.sequence_id, "sequence_start": sequence.start, "sequence_end": sequence.end}
+    if sequence.cache:
+        arguments["parameters"] = {"cache": sequence.cache}
+    return arguments
+
+
 def infer_step(
     client: httpclient.InferenceServerClient,
     model_name: str,
     tensors: Mapping[str, torch.Tensor],
     model_version: str = "",
+    sequence: SequenceStep | None = None,
 ) -> torch.Tensor:
     """Send one step's tensors and return ``noise_pred``. Server errors raise
     ``tritonclient.utils.InferenceServerException`` with the server's message; a server that is
@@ -57,6 +69,7 @@ def infer_step(
             inputs,
             model_version=model_version,
             outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)],
+            **sequence_arguments(sequence),
         )
     except (OSError, http.client.HTTPException) as exc:  # geventhttpclient's errors derive from these
         url = getattr(client, "_parsed_url", "the server")

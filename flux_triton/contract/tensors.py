@@ -69,6 +69,8 @@ INPUTS: tuple[TensorSpec, ...] = (
 OUTPUTS: tuple[TensorSpec, ...] = (TensorSpec("noise_pred", ("N", "C"), MODEL),)
 
 INPUT_BY_NAME = {spec.name: spec for spec in INPUTS}
+# The prompt's inputs: in a generation session (a sequence) they come with its first step, or when they change.
+PROMPT_INPUTS = ("encoder_hidden_states", "pooled_projections", "txt_ids", "guidance")
 OUTPUT_NAME = OUTPUTS[0].name
 
 

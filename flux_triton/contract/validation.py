@@ -117,7 +117,8 @@ def check(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: 
         if name not in tensors:
             if spec.optional:
                 continue
-            raise InputError(f"{name}: missing required input")
+            dims = ", ".join(map(str, ("B", *spec.dims)))
+            raise InputError(f"{name}: missing required input, expected shape [{dims}]")
         _check_shape(spec, tensors[name], signature, sizes)
     _check_limits(sizes, limits)
     _check_values(tensors, side)

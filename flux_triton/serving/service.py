@@ -4,6 +4,8 @@ tensors; the same object runs standalone."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -11,14 +13,18 @@ from pathlib import Path
 
 import torch
 
-from flux_triton.contract import DitSignature, Limits, Step, validate
+from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
 from flux_triton.model import store
 from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
-from flux_triton.serving import faults
+from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import finite_or_error, run_merged
+from flux_triton.serving.sessions import START, Sessions, SessionSettings, closes_only
 
 MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"
+# tensors, sequence id (0: none), sequence flags, the cache parameter (JSON; "": none)
+Request = tuple[Mapping[str, torch.Tensor], int | str, int, str]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -32,6 +38,9 @@ class ServeSettings:
     max_batch: int = 16
     max_image_tokens: int = 16384
     max_text_tokens: int = 512
+    max_sessions: int = SessionSettings.max_sessions  # live generation sessions (serving.sessions)
+    session_idle_s: float = SessionSettings.idle_timeout_s
+    cache: str = "none"  # a step cache sessions may choose (pipeline.caching): none, a kind, or its JSON
     fault_forward_bytes: int = 0  # test-only fault injection (serving.faults); 0: off
     speedups: Speedups = field(default_factory=Speedups)  # parameters attention_backend, fuse_qkv, fp8, compile
 
@@ -89,20 +98,63 @@ class DitService:
         self.settings = settings
         self.device = device
         self.model_dir, self.signature = signature_for(settings, model_root, device)
+        self.cache = parse_cache_setting(settings.cache)
+        if self.cache is not None and settings.speedups.compile != "none":
+            raise ValueError(
+                f"cache {settings.cache}: diffusers' cache hooks decide per step outside the graph, which a full-graph "
+                f"compile refuses; set compile none (or cache none)"
+            )
         transformer = store.load_transformer(self.model_dir, self.signature.torch_dtype, device)
         self.transformer = apply_speedups(transformer, settings.speedups)
+        if self.cache is not None:
+            self.transformer.enable_cache(self.cache)
+        on_free = (lambda sequence_id: caching.forget(self.transformer, str(sequence_id))) if self.cache else None
+        self.sessions = Sessions(SessionSettings(settings.max_sessions, settings.session_idle_s), on_free=on_free)
 
-    def prepare(self, tensors: Mapping[str, torch.Tensor]) -> Step:
-        """Validate one request, moving its tensors to the model's device."""
+    def prepare(
+        self, tensors: Mapping[str, torch.Tensor], sequence_id: int | str = 0, flags: int = 0, cache: str = ""
+    ) -> Step | None:
+        """Validate one request, moving its tensors to the model's device; a step of a sequence (non-zero
+        ``sequence_id``) gets its held prompt, and at START chooses the step ``cache`` (the request's parameter:
+        the model's cache, or none). ``None``: a request that only ends its sequence."""
         moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
-        return validate(moved, self.signature, self.settings.limits)
+        if not sequence_id:
+            return validate(moved, self.signature, self.settings.limits)
+        if closes_only(moved, flags):
+            self.sessions.finish(sequence_id, flags, failed=False)
+            return None
+        try:
+            cached = self._cache_chosen(cache) if flags & START else None
+            step = validate(self.sessions.step_tensors(sequence_id, flags, moved), self.signature, self.settings.limits)
+        except InputError:
+            self.sessions.finish(sequence_id, flags, failed=True)
+            raise
+        if cached is not None:
+            self.sessions.get(sequence_id).cached = cached
+        return step
+
+    def _cache_chosen(self, cache: str) -> bool:
+        """Whether a sequence starting with the ``cache`` parameter (a plain spec as JSON; empty: none) caches."""
+        try:
+            wanted = build_cache(json.loads(cache)) if cache else None
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"cache: {exc}") from None
+        if wanted is None:
+            return False
+        if self.cache is None or describe_cache(wanted) != describe_cache(self.cache):
+            served = json.dumps(describe_cache(self.cache)) if self.cache else "none"
+            raise InputError(f"cache: this model caches with {served}; start the sequence with that or without "
+                             f"a cache, got {json.dumps(describe_cache(wanted))}")  # fmt: skip
+        return True
 
     @torch.inference_mode()
-    def forward(self, step: Step) -> torch.Tensor:
+    def forward(self, step: Step, context: str | None = None) -> torch.Tensor:
+        """One forward; with a step cache on the model, in the cache ``context`` (``None``: uncached)."""
         budget = faults.forward_budget(self.settings.fault_forward_bytes)
         before = faults.memory_in_use(self.device, budget)
+        in_context = caching.cache_context(self.transformer, context) if self.cache else contextlib.nullcontext()
         try:
-            with budget:
+            with budget, in_context:
                 return transformer_call(self.transformer, step)
         except torch.OutOfMemoryError as exc:
             message = str(exc)
@@ -115,7 +167,42 @@ class DitService:
             f"retry with fewer samples or image tokens"
         )
 
-    def execute(self, steps: Sequence[Step]) -> list[torch.Tensor | Exception]:
-        """One result per step: ``noise_pred``, or the error of its merged forward or of its answer."""
-        results = run_merged(self.forward, steps, self.settings.max_batch)
+    def execute(self, steps: Sequence[Step], contexts: Sequence[str | None] = ()) -> list[torch.Tensor | Exception]:
+        """One result per step: ``noise_pred``, or the error of its merged forward or of its answer. Steps with
+        a cache context (``contexts``) run alone, in their context; the others merge as their shapes allow."""
+        contexts = list(contexts) or [None] * len(steps)
+        merged = [i for i, context in enumerate(contexts) if context is None]
+        results: list[torch.Tensor | Exception] = [None] * len(steps)  # type: ignore[list-item]
+        merged_results = run_merged(self.forward, [steps[i] for i in merged], self.settings.max_batch)
+        for i, result in zip(merged, merged_results, strict=True):
+            results[i] = result
+        for i, context in enumerate(contexts):
+            if context is not None:
+                (results[i],) = run_merged(lambda step, c=context: self.forward(step, c), [steps[i]], 1)
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
+
+    def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
+        """Triton's batch of requests (``Request``): one result per request, in order
+        (a request that only ends its sequence answers its empty latents); sequences are freed at END or error."""
+        self.sessions.expire()  # also when only stateless requests come
+        results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
+        steps, contexts, positions = [], [], []
+        for position, (tensors, sequence_id, flags, cache) in enumerate(requests):
+            try:
+                step = self.prepare(tensors, sequence_id, flags, cache)
+            except InputError as exc:
+                results[position] = exc
+                continue
+            if step is None:
+                results[position] = tensors["hidden_states"]
+                continue
+            session = self.sessions.get(sequence_id) if sequence_id else None
+            steps.append(step)
+            contexts.append(str(sequence_id) if session is not None and session.cached else None)
+            positions.append(position)
+        for position, result in zip(positions, self.execute(steps, contexts), strict=True):
+            results[position] = result
+            _, sequence_id, flags, _ = requests[position]
+            if sequence_id:
+                self.sessions.finish(sequence_id, flags, failed=isinstance(result, Exception))
+        return results

@@ -4,6 +4,7 @@ they stay on the device Triton put them on."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import torch
@@ -35,6 +36,12 @@ def request_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
         if tensor is not None:
             tensors[name] = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
     return tensors
+
+
+def cache_parameter(request) -> str:
+    """The request's ``cache`` parameter (a step cache chosen at a sequence's START, as JSON), or ``""``."""
+    value = json.loads(request.parameters() or "{}").get("cache", "")
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def output(name: str, tensor: torch.Tensor):

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from flux_triton.contract import INPUTS, OUTPUT_NAME, OUTPUTS, InputError
+from flux_triton.contract import INPUTS, OUTPUT_NAME, OUTPUTS
 from flux_triton.locations import Locations
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import triton
 from flux_triton.serving.service import DitService, ServeSettings, pick_device, signature_for
+from flux_triton.serving.sessions import HELD
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository, also when run as a script
 
@@ -30,8 +32,9 @@ class TritonPythonModel:
         config = auto_complete_model_config.as_dict()
         settings = ServeSettings.from_model_config(config)
         _, signature = signature_for(settings, Locations.of_repository(REPOSITORY).model_root, pick_device())
-        for spec in INPUTS:
-            auto_complete_model_config.add_input(signature.tensor_config(spec))
+        for spec in INPUTS:  # the prompt's tensors are optional: a sequence sends them once (serving.sessions)
+            held = replace(spec, optional=True) if spec.name in HELD else spec
+            auto_complete_model_config.add_input(signature.tensor_config(held))
         for spec in OUTPUTS:
             auto_complete_model_config.add_output(signature.tensor_config(spec))
         if config.get("max_batch_size", 0) == 0:
@@ -50,17 +53,12 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        responses: list = [None] * len(requests)
-        steps, positions = [], []
-        for position, request in enumerate(requests):
-            try:
-                steps.append(self.service.prepare(triton.request_tensors(request, [spec.name for spec in INPUTS])))
-                positions.append(position)
-            except InputError as exc:
-                responses[position] = triton.result_response("dit_transformer", exc)
-        for position, result in zip(positions, self.service.execute(steps), strict=True):
-            responses[position] = triton.result_response("dit_transformer", result)
-        return responses
+        names = [spec.name for spec in INPUTS]
+        calls = [
+            (triton.request_tensors(r, names), r.correlation_id(), r.flags(), triton.cache_parameter(r))
+            for r in requests
+        ]
+        return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
 
     def finalize(self):
         self.service = None

@@ -1,0 +1,95 @@
+"""Generation sessions, client side: each cache context of a pipeline call ("cond", "uncond", or "call"
+outside one) is one sequence on the server. Its first step carries the START flag and the prompt's
+tensors (``PROMPT_INPUTS``); later steps send them only when they change. A generation ends when the
+pipeline resets the transformer's caches, when the transformer is closed, or when a step of the same
+context comes with a timestep not below the previous one or other latents' shape (a new generation:
+``FluxPipeline``'s timesteps fall); the server also frees sequences left idle.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from flux_triton.contract import PROMPT_INPUTS
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """A step's place in its sequence, as Triton's request carries it."""
+
+    sequence_id: int
+    start: bool = False
+    end: bool = False
+    cache: str = ""  # at START: the step cache the sequence runs with, as JSON (pipeline.caching); "": none
+
+
+@dataclass
+class Generation:
+    sequence_id: int
+    timestep: float
+    latents_shape: tuple[int, ...]
+    sent: dict[str, torch.Tensor]  # the prompt's tensors as last sent
+
+
+def _position(tensors: Mapping[str, torch.Tensor]) -> tuple[float, tuple[int, ...]]:
+    """Where a step stands in its generation: its timestep and its latents' shape."""
+    return float(tensors["timestep"].reshape(-1)[0]), tuple(tensors["hidden_states"].shape)
+
+
+def _same(left: torch.Tensor, right: torch.Tensor) -> bool:
+    return left is right or (left.shape == right.shape and left.dtype == right.dtype and torch.equal(left, right))
+
+
+class Generations:
+    """The open sequences of one ``RemoteFluxTransformer``, by cache context."""
+
+    def __init__(self) -> None:
+        self.cache = ""  # the step cache each new sequence asks for (RemoteFluxTransformer.enable_cache)
+        self.open: dict[str, Generation] = {}
+        self.started = 0
+        self.restarted = 0  # sequences the server no longer knew, started again with the prompt
+
+    def step(self, context: str, tensors: Mapping[str, torch.Tensor]) -> tuple[dict, SequenceStep, Generation | None]:
+        """What to send for this call: the tensors, its sequence step, and the generation it ends first
+        (``None``: it continues or starts the only one of ``context``)."""
+        timestep = float(tensors["timestep"].reshape(-1)[0])
+        shape = tuple(tensors["hidden_states"].shape)
+        current = self.open.get(context)
+        if current is not None and timestep < current.timestep and shape == current.latents_shape:
+            changed = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
+            changed = {
+                name: t for name, t in changed.items() if name not in current.sent or not _same(current.sent[name], t)
+            }
+            current.sent.update(changed)
+            current.timestep = timestep
+            sent = {name: t for name, t in tensors.items() if name not in PROMPT_INPUTS or name in changed}
+            return sent, SequenceStep(current.sequence_id), None
+        ended = self.open.pop(context, None)
+        return dict(tensors), self._start(context, tensors), ended
+
+    def _start(self, context: str, tensors: Mapping[str, torch.Tensor]) -> SequenceStep:
+        timestep, shape = _position(tensors)
+        sequence_id = secrets.randbits(63) or 1  # unguessable; 0 means no sequence
+        prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
+        self.open[context] = Generation(sequence_id, timestep, shape, prompt)
+        self.started += 1
+        return SequenceStep(sequence_id, start=True, cache=self.cache)
+
+    def restart(self, context: str, tensors: Mapping[str, torch.Tensor]) -> SequenceStep:
+        """The server no longer knows ``context``'s sequence (expired, restarted, another replica): a new
+        one from this step, which then carries the prompt again."""
+        self.open.pop(context, None)
+        self.restarted += 1
+        return self._start(context, tensors)
+
+    def drop(self, context: str) -> None:
+        """The server freed ``context``'s sequence (its step failed)."""
+        self.open.pop(context, None)
+
+    def end_all(self) -> list[Generation]:
+        ended, self.open = list(self.open.values()), {}
+        return ended

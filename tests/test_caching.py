@@ -1,0 +1,166 @@
+"""Step caches (diffusers' own hooks) per generation session, through a real server: a served loop with
+``pipe.transformer.enable_cache(config)`` gives bitwise the latents of local ``FluxPipeline`` with the same
+cache, each generation in its own cache context, whose state is dropped when its sequence ends."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+from helpers import CHECKOUT, DEV, embeds, generate, load_tiny, start_server
+from safetensors.torch import load_file, save_file
+from tritonclient.utils import InferenceServerException
+
+from flux_triton.client.connection import RemoteDitError
+from flux_triton.client.generations import SequenceStep
+from flux_triton.client.remote import RemoteFluxTransformer
+from flux_triton.client.wire import infer_step
+from flux_triton.pipeline import inputs
+from flux_triton.pipeline.caching import build_cache, describe_cache
+from flux_triton.serving import caching
+from flux_triton.serving.service import DitService, ServeSettings
+
+KINDS = {
+    "first_block": {"kind": "first_block", "threshold": 0.5},
+    "mag": {"kind": "mag"},
+    "taylorseer": {"kind": "taylorseer"},
+}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def cached_server(request, tmp_path_factory, model_root):
+    spec = KINDS[request.param]
+    parameters = {
+        "dit_transformer": {"cache": request.param if len(spec) == 1 else json.dumps(spec).replace('"', '\\"')}
+    }
+    server = start_server(
+        tmp_path_factory.mktemp(request.param), model_root, ["dit_transformer"], parameters=parameters
+    )
+    yield server, build_cache(spec)
+    server.stop()
+
+
+@pytest.mark.server
+def test_a_cached_served_loop_equals_local_diffusers_with_the_same_cache(cached_server, model_root):
+    server, config = cached_server
+    kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(21))
+    local = load_tiny(model_root, "tiny-flux-dev")
+    uncached = generate(local, "dev", seed=21, **kwargs)
+    local.enable_cache(config)
+    expected = generate(local, "dev", seed=21, **kwargs)
+    with RemoteFluxTransformer(url=server.url) as remote:
+        remote.enable_cache(config)
+        served = generate(remote, "dev", seed=21, **kwargs)
+        again = generate(remote, "dev", seed=21, **kwargs)  # a second generation starts from a clean cache
+        remote.disable_cache()
+        served_uncached = generate(remote, "dev", seed=21, **kwargs)
+    assert torch.equal(served, expected)
+    assert torch.equal(again, expected)
+    assert torch.equal(served_uncached, uncached)
+    if config.__class__.__name__ != "FirstBlockCacheConfig":  # schedule-based: they skip whatever the weights
+        assert not torch.equal(expected, uncached)
+
+
+@pytest.mark.server
+def test_concurrent_true_cfg_generations_keep_their_own_cache(cached_server, model_root):
+    server, config = cached_server
+    negative = embeds(23)
+    kwargs = dict(num_inference_steps=8, guidance_scale=3.5, true_cfg_scale=4.0, **embeds(22),
+                  negative_prompt_embeds=negative["prompt_embeds"],
+                  negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"])  # fmt: skip
+    local = load_tiny(model_root, "tiny-flux-dev")
+    local.enable_cache(config)
+    expected = generate(local, "dev", seed=22, **kwargs)
+
+    def run(_: int) -> torch.Tensor:
+        with RemoteFluxTransformer(url=server.url) as remote:
+            remote.enable_cache(config)
+            return generate(remote, "dev", seed=22, **kwargs)
+
+    # Two generations at once on one server, their steps interleaved: each keeps its own cache state.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, range(2)))
+    for served in results:
+        assert torch.equal(served, expected)
+
+
+@pytest.mark.server
+def test_a_sequence_asking_for_another_cache_is_refused(cached_server):
+    server, config = cached_server
+    other = {"kind": "mag", "threshold": 0.3} if describe_cache(config)["kind"] != "mag" else {"kind": "taylorseer"}
+    step = inputs.random_step(DEV, height=64, width=64, seed=3)
+    with httpclient.InferenceServerClient(server.url) as client:
+        for cache, message in [
+            (json.dumps(other), "cache: this model caches with"),
+            (json.dumps({"kind": "pyramid"}), "cache: cache kind 'pyramid' is not served"),
+            (json.dumps({**describe_cache(config), "speed": 2}), "unknown parameter 'speed'"),
+            ("{not json", "cache: "),
+        ]:
+            with pytest.raises(InferenceServerException, match=message):
+                infer_step(client, "dit_transformer", step.wire(), sequence=SequenceStep(41, start=True, cache=cache))
+        # The id was freed with the error: it starts again cleanly.
+        infer_step(client, "dit_transformer", step.wire(), sequence=SequenceStep(41, start=True, end=True))
+
+
+@pytest.mark.server
+def test_a_model_without_a_cache_refuses_enable_cache_per_sequence(dev_server):
+    with RemoteFluxTransformer(url=dev_server.url) as remote:
+        remote.enable_cache(build_cache({"kind": "mag"}))
+        with pytest.raises(RemoteDitError, match="cache: this model caches with none"):
+            generate(remote, "dev", seed=1, num_inference_steps=2, guidance_scale=3.5, **embeds(1))
+
+
+def test_cache_state_is_dropped_when_its_sequence_ends_fails_or_expires(model_root):
+    """In process: the hooks' state per context, counted, as sequences end, fail and expire."""
+    settings = ServeSettings(model_dir="tiny-flux-dev", cache="mag", session_idle_s=60)
+    service = DitService(settings, model_root, torch.device("cpu"))
+    step = inputs.random_step(service.signature, height=64, width=64, seed=5)
+    cache = json.dumps(describe_cache(service.cache))
+
+    def run(sequence_id: int, flags: int, tensors=None):
+        return service.run([(tensors or step.wire(), sequence_id, flags, cache if flags & 1 else "")])[0]
+
+    for sequence_id in (1, 2, 3):
+        assert isinstance(run(sequence_id, 1), torch.Tensor)
+    assert caching.live_contexts(service.transformer) == {"1", "2", "3"}
+    run(1, 2)  # END
+    bad = {**step.wire(), "timestep": torch.tensor([[float("nan")]])}
+    assert isinstance(run(2, 0, bad), Exception)  # a failed step
+    assert caching.live_contexts(service.transformer) == {"3"}
+    service.sessions._clock = lambda: float("inf")  # every sequence idle past the timeout
+    run(0, 0)  # any request expires them
+    assert caching.live_contexts(service.transformer) == set()
+    assert len(service.sessions) == 0
+    # A stateless request under the hooks leaves no state either.
+    assert torch.equal(run(0, 0), service.run([(step.wire(), 0, 0, "")])[0])
+    assert caching.live_contexts(service.transformer) == set()
+
+
+@pytest.mark.server
+def test_the_cli_runs_a_generation_with_a_cache(cached_server, model_root, tmp_path):
+    server, config = cached_server
+    prompt = embeds(24)
+    save_file(prompt, tmp_path / "embeds.safetensors")
+    output = tmp_path / "latents.safetensors"
+    command = [
+        sys.executable,
+        "-m",
+        "flux_triton.client",
+        "--url",
+        server.url,
+        "--embeds",
+        str(tmp_path / "embeds.safetensors"),
+    ]
+    command += ["--steps", "28", "--seed", "3", "--height", "64", "--width", "64", "--output", str(output)]
+    done = subprocess.run([*command, "--cache", json.dumps(describe_cache(config))], cwd=CHECKOUT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    local = load_tiny(model_root, "tiny-flux-dev")
+    local.enable_cache(config)
+    expected = generate(local, "dev", seed=3, num_inference_steps=28, guidance_scale=3.5, **prompt)
+    assert torch.equal(load_file(output)["latents"], expected)

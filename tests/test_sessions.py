@@ -1,0 +1,181 @@
+"""Generation sessions through a real server: one sequence per cache context of a pipeline call, the
+prompt sent with its first step only. Served loops equal stateless ones and local diffusers bit for bit;
+sequences are freed at END, on error and when idle, and a bad step of a sequence gets a clear 400."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+from helpers import DEV, TEXT_TOKENS, embeds, generate, start_server
+from tritonclient.utils import InferenceServerException
+
+from flux_triton.client.generations import SequenceStep
+from flux_triton.client.remote import RemoteFluxTransformer
+from flux_triton.client.wire import infer_step
+from flux_triton.contract import PROMPT_INPUTS
+from flux_triton.pipeline import call, inputs
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, model_root):
+    """dit_transformer with room for two live sequences, idle ones freed after 2 s."""
+    parameters = {"dit_transformer": {"max_sessions": "2", "session_idle_s": "2"}}
+    server = start_server(tmp_path_factory.mktemp("sessions"), model_root, ["dit_transformer"], parameters=parameters)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("preset", "steps", "extra"),
+    [("schnell", 4, {}), ("dev", 28, {"guidance_scale": 3.5}), ("dev", 4, {"true_cfg_scale": 4.0})],
+    ids=["schnell-4", "dev-28", "dev-true-cfg"],
+)
+def test_a_served_loop_with_sessions_equals_stateless_and_local(request, model_root, preset, steps, extra):
+    server = request.getfixturevalue("dev_server" if preset == "dev" else "schnell_server")
+    local = request.getfixturevalue("tiny_dev" if preset == "dev" else "tiny_schnell")
+    kwargs = dict(num_inference_steps=steps, **embeds(4), **extra)
+    if "true_cfg_scale" in extra:
+        negative = embeds(5)
+        kwargs |= {"negative_prompt_embeds": negative["prompt_embeds"],
+                   "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"]}  # fmt: skip
+    with RemoteFluxTransformer(url=server.url) as remote:
+        assert remote.sessions
+        served = generate(remote, preset, seed=4, **kwargs)
+        contexts = 2 if "true_cfg_scale" in extra else 1
+        assert remote.generations.started == contexts and not remote.generations.open  # ended by the pipeline
+        sent = remote.sent_bytes
+    with RemoteFluxTransformer(url=server.url, sessions=False) as stateless:
+        assert torch.equal(served, generate(stateless, preset, seed=4, **kwargs))
+        full = stateless.sent_bytes
+    assert torch.equal(served, generate(local, preset, seed=4, **kwargs))
+    # The prompt (T5 and CLIP embeddings, text ids, guidance) goes with each context's first step only.
+    prompt = TEXT_TOKENS * 32 * 4 + 32 * 4 + TEXT_TOKENS * 3 * 4 + (4 if preset == "dev" else 0)
+    assert sent[:contexts] == full[:contexts]
+    assert [full[i] - sent[i] for i in range(contexts, len(sent))] == [prompt] * (len(sent) - contexts)
+
+
+def _step(seed: int, size: int = 64):
+    return inputs.random_step(DEV, height=size, width=size, seed=seed)
+
+
+def _send(client, wire: dict, sequence: SequenceStep, without_prompt: bool = False) -> torch.Tensor:
+    if without_prompt:
+        wire = {name: tensor for name, tensor in wire.items() if name not in PROMPT_INPUTS}
+    return infer_step(client, "dit_transformer", wire, sequence=sequence)
+
+
+def test_interleaved_and_concurrent_generations_each_equal_their_solo_run(dev_server, tiny_dev):
+    """Two generations step by step in turn, then two at once (the batcher may merge them into one forward)."""
+    steps = {name: [_step(seed).replace(timestep=torch.tensor([900.0 - 100 * i])) for i, seed in enumerate(seeds)]
+             for name, seeds in (("a", (1, 2, 3)), ("b", (4, 5, 6)))}  # fmt: skip
+    prompts = {"a": _step(10), "b": _step(11)}
+    for name, prompt in prompts.items():  # each generation keeps its own prompt
+        steps[name] = [s.replace(**{k: getattr(prompt, k) for k in PROMPT_INPUTS}) for s in steps[name]]
+    expected = {name: [call.reference_call(tiny_dev, s) for s in steps[name]] for name in steps}
+    with httpclient.InferenceServerClient(dev_server.url) as client:
+        ids = {"a": 101, "b": 202}
+        for index in range(3):
+            for name in ("a", "b"):
+                sequence = SequenceStep(ids[name], start=index == 0, end=index == 2)
+                served = _send(client, steps[name][index].wire(), sequence, without_prompt=index > 0)
+                assert torch.equal(served, expected[name][index]), (name, index)
+
+    def run(name: str, sequence_id: int) -> list[torch.Tensor]:
+        with httpclient.InferenceServerClient(dev_server.url) as client:
+            return [_send(client, steps[name][i].wire(), SequenceStep(sequence_id, i == 0, i == 2), i > 0)
+                    for i in range(3)]  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = {(name, k): pool.submit(run, name, 1000 + 10 * k + ord(name)) for name in ("a", "b") for k in range(2)}
+    for (name, _), future in runs.items():
+        for served, wanted in zip(future.result(), expected[name], strict=True):
+            assert torch.allclose(served, wanted, rtol=1e-5, atol=1e-6)
+
+
+def _refused(client, wire, sequence, match: str, without_prompt: bool = True) -> None:
+    with pytest.raises(InferenceServerException, match=match) as refused:
+        _send(client, wire, sequence, without_prompt)
+    assert "400" in str(refused.value.status()) or refused.value.status() == "400"
+
+
+def test_sequences_are_freed_at_end_on_error_and_when_idle(small_server, tiny_dev):
+    step = _step(7)
+    expected = call.reference_call(tiny_dev, step)
+    unknown = "sequence 5: unknown or expired"
+    with httpclient.InferenceServerClient(small_server.url) as client:
+        # END frees it: the next step of that id is unknown.
+        assert torch.equal(_send(client, step.wire(), SequenceStep(5, start=True)), expected)
+        assert torch.equal(_send(client, step.wire(), SequenceStep(5, end=True), without_prompt=True), expected)
+        _refused(client, step.wire(), SequenceStep(5), unknown)
+        # A failed step frees it.
+        _send(client, step.wire(), SequenceStep(5, start=True))
+        _refused(client, step.replace(timestep=torch.tensor([float("nan")])).wire(), SequenceStep(5), "finite")
+        _refused(client, step.wire(), SequenceStep(5), unknown)
+        # Idle past session_idle_s frees it.
+        _send(client, step.wire(), SequenceStep(5, start=True))
+        time.sleep(2.5)
+        _refused(client, step.wire(), SequenceStep(5), unknown)
+        # The same id starts clean, with another prompt, and answers as a stateless step of that prompt.
+        other = step.replace(encoder_hidden_states=_step(8).encoder_hidden_states)
+        assert torch.equal(
+            _send(client, other.wire(), SequenceStep(5, start=True)), call.reference_call(tiny_dev, other)
+        )
+        assert torch.equal(
+            _send(client, other.wire(), SequenceStep(5), without_prompt=True), call.reference_call(tiny_dev, other)
+        )
+        # At most max_sessions (2) live: a third START is refused until one ends; an END-only step ends one.
+        _send(client, step.wire(), SequenceStep(6, start=True))
+        _refused(client, step.wire(), SequenceStep(7, start=True), "2 sequences are live", without_prompt=False)
+        closing = {
+            "hidden_states": torch.zeros(1, 0, 4),
+            "timestep": torch.zeros(1, 1),
+            "img_ids": torch.zeros(1, 0, 3),
+        }
+        assert infer_step(client, "dit_transformer", closing, sequence=SequenceStep(6, end=True)).shape == (1, 0, 4)
+        assert torch.equal(_send(client, step.wire(), SequenceStep(7, start=True)), expected)
+        assert torch.equal(_send(client, step.wire(), SequenceStep(0)), expected)  # stateless, as ever
+        for sequence_id in (5, 7):  # leave no sequence live for the next test
+            infer_step(client, "dit_transformer", closing, sequence=SequenceStep(sequence_id, end=True))
+
+
+def test_bad_steps_of_a_sequence_name_what_is_wrong(small_server, tiny_dev):
+    step = _step(9)
+    with httpclient.InferenceServerClient(small_server.url) as client:
+        _refused(client, step.wire(), SequenceStep(31), "sequence 31: unknown or expired")  # never started
+        _refused(client, step.wire(), SequenceStep(32, start=True),
+                 "encoder_hidden_states: missing at the START of sequence 32")  # fmt: skip
+        _send(client, step.wire(), SequenceStep(33, start=True))
+        bigger = _step(9, size=128)
+        _refused(client, bigger.wire(), SequenceStep(33), "a sequence keeps its shapes")
+        _refused(client, step.wire(), SequenceStep(33), "sequence 33: unknown or expired")  # freed by the error
+        # A stateless step must carry the prompt.
+        wire = {k: v for k, v in step.wire().items() if k != "encoder_hidden_states"}
+        with pytest.raises(InferenceServerException, match="encoder_hidden_states: missing required input"):
+            infer_step(client, "dit_transformer", wire)
+        assert torch.equal(_send(client, step.wire(), SequenceStep(0)), call.reference_call(tiny_dev, step))
+
+
+def test_the_client_starts_a_sequence_again_when_the_server_lost_it(small_server, tiny_dev):
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(12))
+    expected = generate(tiny_dev, "dev", seed=12, **kwargs)
+    with RemoteFluxTransformer(url=small_server.url) as remote:
+        pipe_steps = []
+        original = remote._transport_infer
+
+        def slow(slot, tensors, sequence=None):  # the second step comes after the server's idle timeout
+            pipe_steps.append(sequence)
+            if len(pipe_steps) == 2:
+                time.sleep(2.5)
+            return original(slot, tensors, sequence)
+
+        remote._transport_infer = slow
+        with pytest.warns(UserWarning, match="started it again"):
+            served = generate(remote, "dev", seed=12, **kwargs)
+        assert remote.generations.restarted == 1
+    assert torch.equal(served, expected)
