@@ -23,7 +23,7 @@ from flux_triton.client.wire import infer_step
 from flux_triton.pipeline import inputs
 from flux_triton.pipeline.caching import build_cache, describe_cache
 from flux_triton.serving import caching
-from flux_triton.serving.service import DitService, ServeSettings
+from flux_triton.serving.service import MODEL_DIR_ENV, DitService, ServeSettings
 
 KINDS = {
     "first_block": {"kind": "first_block", "threshold": 0.5},
@@ -164,3 +164,26 @@ def test_the_cli_runs_a_generation_with_a_cache(cached_server, model_root, tmp_p
     local.enable_cache(config)
     expected = generate(local, "dev", seed=3, num_inference_steps=28, guidance_scale=3.5, **prompt)
     assert torch.equal(load_file(output)["latents"], expected)
+
+
+@pytest.fixture(scope="module", params=["first_block", "taylorseer"])
+def cached_schnell_server(request, tmp_path_factory, model_root):
+    """schnell-like 4 steps: the kinds that apply (MagCache's FLUX ratios are calibrated for 28 dev steps)."""
+    folder = tmp_path_factory.mktemp(f"schnell-{request.param}")
+    parameters = {"dit_transformer": {"cache": request.param}}
+    env = {MODEL_DIR_ENV: "tiny-flux-schnell"}
+    server = start_server(folder, model_root, ["dit_transformer"], env, parameters=parameters)
+    yield server, build_cache({"kind": request.param})
+    server.stop()
+
+
+@pytest.mark.server
+def test_a_cached_schnell_loop_equals_local_diffusers(cached_schnell_server, model_root):
+    server, config = cached_schnell_server
+    kwargs = dict(num_inference_steps=4, **embeds(25))
+    local = load_tiny(model_root, "tiny-flux-schnell")
+    local.enable_cache(config)
+    expected = generate(local, "schnell", seed=25, **kwargs)
+    with RemoteFluxTransformer(url=server.url) as remote:
+        remote.enable_cache(config)
+        assert torch.equal(generate(remote, "schnell", seed=25, **kwargs), expected)

@@ -40,8 +40,11 @@ def _position(tensors: Mapping[str, torch.Tensor]) -> tuple[float, tuple[int, ..
     return float(tensors["timestep"].reshape(-1)[0]), tuple(tensors["hidden_states"].shape)
 
 
-def _same(left: torch.Tensor, right: torch.Tensor) -> bool:
-    return left is right or (left.shape == right.shape and left.dtype == right.dtype and torch.equal(left, right))
+def _same(sent: torch.Tensor | None, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is what was sent (the same object, or equal bit for bit)."""
+    if sent is None:
+        return False
+    return sent is tensor or (sent.shape == tensor.shape and sent.dtype == tensor.dtype and torch.equal(sent, tensor))
 
 
 class Generations:
@@ -56,14 +59,11 @@ class Generations:
     def step(self, context: str, tensors: Mapping[str, torch.Tensor]) -> tuple[dict, SequenceStep, Generation | None]:
         """What to send for this call: the tensors, its sequence step, and the generation it ends first
         (``None``: it continues or starts the only one of ``context``)."""
-        timestep = float(tensors["timestep"].reshape(-1)[0])
-        shape = tuple(tensors["hidden_states"].shape)
+        timestep, shape = _position(tensors)
         current = self.open.get(context)
         if current is not None and timestep < current.timestep and shape == current.latents_shape:
-            changed = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
-            changed = {
-                name: t for name, t in changed.items() if name not in current.sent or not _same(current.sent[name], t)
-            }
+            prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
+            changed = {name: t for name, t in prompt.items() if not _same(current.sent.get(name), t)}
             current.sent.update(changed)
             current.timestep = timestep
             sent = {name: t for name, t in tensors.items() if name not in PROMPT_INPUTS or name in changed}
