@@ -47,6 +47,8 @@ def _handlers(channel: grpc.aio.Channel, limit: int) -> dict[str, grpc.RpcMethod
 
 
 def _unary(channel: grpc.aio.Channel, path: str, checked: bool, limit: int):
+    method = channel.unary_unary(path)
+
     async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if checked:
             try:
@@ -54,7 +56,7 @@ def _unary(channel: grpc.aio.Channel, path: str, checked: bool, limit: int):
             except Refused as exc:
                 await context.abort(_code(exc), str(exc))
         try:
-            return await channel.unary_unary(path)(request, metadata=_forwarded_metadata(context))
+            return await method(request, metadata=_forwarded_metadata(context))
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details())
 
@@ -62,8 +64,10 @@ def _unary(channel: grpc.aio.Channel, path: str, checked: bool, limit: int):
 
 
 def _stream(channel: grpc.aio.Channel, path: str, checked: bool, limit: int):
+    method = channel.stream_stream(path)
+
     async def forward(requests, context: grpc.aio.ServicerContext):
-        call = channel.stream_stream(path)(metadata=_forwarded_metadata(context))
+        call = method(metadata=_forwarded_metadata(context))
         refused: list[Refused] = []
 
         async def send() -> None:

@@ -124,14 +124,12 @@ class DitService:
             self.sessions.finish(sequence_id, flags, failed=False)
             return None
         try:
-            cached = self._cache_chosen(cache) if flags & START else None
-            step = validate(self.sessions.step_tensors(sequence_id, flags, moved), self.signature, self.settings.limits)
+            cached = bool(flags & START) and self._cache_chosen(cache)
+            tensors = self.sessions.step_tensors(sequence_id, flags, moved, cached)
+            return validate(tensors, self.signature, self.settings.limits)
         except InputError:
             self.sessions.finish(sequence_id, flags, failed=True)
             raise
-        if cached is not None:
-            self.sessions.get(sequence_id).cached = cached
-        return step
 
     def _cache_chosen(self, cache: str) -> bool:
         """Whether a sequence starting with the ``cache`` parameter (a plain spec as JSON; empty: none) caches."""
@@ -177,8 +175,11 @@ class DitService:
         for i, result in zip(merged, merged_results, strict=True):
             results[i] = result
         for i, context in enumerate(contexts):
-            if context is not None:
-                (results[i],) = run_merged(lambda step, c=context: self.forward(step, c), [steps[i]], 1)
+            if context is not None:  # a cached step runs alone, in its own context
+                try:
+                    results[i] = self.forward(steps[i], context)
+                except Exception as exc:
+                    results[i] = exc
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
 
     def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:

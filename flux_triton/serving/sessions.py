@@ -68,22 +68,22 @@ class Sessions:
     def get(self, sequence_id: int | str) -> Session | None:
         return self._open.get(sequence_id)
 
-    def step_tensors(self, sequence_id: int | str, flags: int, tensors: Mapping[str, torch.Tensor]) -> dict:
+    def step_tensors(
+        self, sequence_id: int | str, flags: int, tensors: Mapping[str, torch.Tensor], cached: bool = False
+    ) -> dict:
         """The step's tensors: the request's, with the sequence's held prompt filled in (``tensors`` already
-        on the model's device). Opens the sequence at START; raises ``InputError`` for a step that cannot be
-        part of one (the sequence is then freed)."""
-        now = self.expire()
-        try:
-            session = self._start(sequence_id, tensors, now) if flags & START else self._continue(sequence_id, tensors)
-        except InputError:
-            self._free(sequence_id)
-            raise
+        on the model's device). Opens the sequence at START (``cached``: with the model's step cache); raises
+        ``InputError`` for a step that cannot be part of one (the caller frees the sequence)."""
+        now = self._clock()
+        session = (
+            self._start(sequence_id, tensors, now, cached) if flags & START else self._continue(sequence_id, tensors)
+        )
         # A copy: the request's tensors may live in Triton's buffers, freed after the response.
         session.held.update({name: tensors[name].clone() for name in HELD if name in tensors})
         session.last_used = now
         return {**session.held, **tensors}
 
-    def _start(self, sequence_id: int | str, tensors: Mapping[str, torch.Tensor], now: float) -> Session:
+    def _start(self, sequence_id: int | str, tensors: Mapping[str, torch.Tensor], now: float, cached: bool) -> Session:
         missing = [name for name in PROMPT if name not in tensors]
         if missing:
             raise InputError(f"{missing[0]}: missing at the START of sequence {sequence_id}; the first step of a "
@@ -94,7 +94,7 @@ class Sessions:
                 f"sequence {sequence_id}: {len(self._open)} sequences are live, this server's limit; end one "
                 f"(END flag) or let idle ones expire ({self.settings.idle_timeout_s:g} s)"
             )
-        session = self._open[sequence_id] = Session({}, tuple(tensors["hidden_states"].shape), now)
+        session = self._open[sequence_id] = Session({}, tuple(tensors["hidden_states"].shape), now, cached)
         return session
 
     def _continue(self, sequence_id: int | str, tensors: Mapping[str, torch.Tensor]) -> Session:
