@@ -12,6 +12,7 @@ COMMANDS = {
     "health": ("flux_triton.deploy.commands:health", "probe every model of a running server with a real inference"),
     "engine": ("flux_triton.deploy.commands:engine", "build an engine, then its flux_dit repository"),
     "repo": ("flux_triton.deploy.commands:repo", "generate and check the flux_dit repository of an engine"),
+    "place": ("flux_triton.deploy.placement:main", "place a model's instances: one per GPU, or one across GPUs"),
     "load": ("flux_triton.tools.loadtest:main", "bounded load test with cross-talk checks"),
     "tiny": ("flux_triton.tools.tiny:main", "write the embedded tiny FLUX transformers"),
 }

@@ -4,12 +4,16 @@ over copies of the repository's models, and concurrent requests with the server'
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 import tritonclient.http as httpclient
+from safetensors.torch import load_file, save_file
 
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
@@ -18,6 +22,7 @@ from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.serving.ranks import free_port
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 REPOSITORY = CHECKOUT / "model_repository"
@@ -184,3 +189,38 @@ def step_call(text: torch.Tensor, seed: int = 0) -> dict:
         guidance=torch.tensor([3.5]),
         return_dict=False,
     )
+
+
+def worker_pids() -> list[int]:
+    """Every context-parallel worker process on this host."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                if b"flux_triton.serving.worker" in cmdline.read():
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def diffusers_context_parallel(model_dir, step, tmp_path, degree: int = 2):
+    """diffusers' own context-parallel forward of ``step`` in ``degree`` processes (tests/cp_reference.py)."""
+    step_file, out = tmp_path / "step.safetensors", tmp_path / "noise_pred.safetensors"
+    save_file({name: t.contiguous() for name, t in step.tensors().items()}, step_file)
+    port = str(free_port())
+    script = [sys.executable, str(CHECKOUT / "tests" / "cp_reference.py")]
+    arguments = [str(degree), port, "ulysses", str(model_dir), str(step_file), str(out)]
+    ranks = [subprocess.Popen([*script, str(rank), *arguments]) for rank in range(degree)]
+    assert [rank.wait(timeout=120) for rank in ranks] == [0] * degree
+    return load_file(out)["noise_pred"]
+
+
+def worker_gone(pid: int, timeout_s: float = 30.0) -> bool:
+    """Whether the worker process ``pid`` has ended (waiting up to ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pid not in worker_pids():
+            return True
+        time.sleep(0.1)
+    return False

@@ -26,7 +26,10 @@ EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = RemoteSettings()
     parser = argparse.ArgumentParser(prog="python -m flux_triton.client", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=defaults.url, help="Triton HTTP endpoint (default: %(default)s)")
+    parser.add_argument("--url", default=defaults.url, help="Triton HTTP endpoint, or several replicas' endpoints "
+                        "separated by commas (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--resolve", action="store_true", help="every address the --url host name resolves to is a "
+                        "replica (a Kubernetes headless Service); each generation stays on one")  # fmt: skip
     parser.add_argument("--model", default=defaults.model_name, help="served model (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=defaults.network_timeout_s, help="seconds per request")
     parser.add_argument(
@@ -101,8 +104,14 @@ def run(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    urls = tuple(url.strip() for url in args.url.split(",") if url.strip())
     settings = RemoteSettings(
-        url=args.url, model_name=args.model, network_timeout_s=args.timeout, transport=args.transport
+        url=urls[0],
+        urls=urls if len(urls) > 1 else (),
+        resolve=args.resolve,
+        model_name=args.model,
+        network_timeout_s=args.timeout,
+        transport=args.transport,
     )
     with RemoteFluxTransformer(settings) as remote:
         if args.cache:

@@ -44,6 +44,12 @@ class RemoteSettings:
     sessions: bool | None = None  # one sequence per generation, the prompt sent once; None: where the model keeps them
     # The server's admin key, for the APIs `make serve` restricts (shared-memory registration among them).
     admin_key: str | None = field(default_factory=lambda: os.environ.get(ADMIN_KEY_ENV))
+    # Several replicas of the model (client.replicas): each generation stays on one, and moves to another when its
+    # own stops answering. ``urls``: their endpoints (empty: ``url`` alone); ``resolve``: every address the host
+    # name of ``url`` resolves to (a Kubernetes headless Service), looked up again every ``resolve_interval_s``.
+    urls: tuple[str, ...] = ()
+    resolve: bool = False
+    resolve_interval_s: float = 30.0
 
     @property
     def admin_headers(self) -> dict[str, str] | None:
@@ -52,6 +58,11 @@ class RemoteSettings:
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        object.__setattr__(self, "urls", tuple(self.urls))
+        if self.urls and self.resolve:
+            raise ValueError("urls and resolve: give the replicas' endpoints or a name that resolves to them, not both")
+        if self.transport == "shm" and (len(self.urls) > 1 or self.resolve):
+            raise ValueError("transport shm shares memory with one server on this host; several replicas need http")
 
 
 def connect(settings: RemoteSettings) -> httpclient.InferenceServerClient:

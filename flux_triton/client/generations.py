@@ -9,7 +9,7 @@ context comes with a timestep not below the previous one or other latents' shape
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ class Generation:
     timestep: float
     latents_shape: tuple[int, ...]
     sent: dict[str, torch.Tensor]  # the prompt's tensors as last sent
+    endpoint: str = ""  # the replica that holds the sequence (client.replicas)
 
 
 def _position(tensors: Mapping[str, torch.Tensor]) -> tuple[float, tuple[int, ...]]:
@@ -56,9 +57,12 @@ class Generations:
         self.started = 0
         self.restarted = 0  # sequences the server no longer knew, started again with the prompt
 
-    def step(self, context: str, tensors: Mapping[str, torch.Tensor]) -> tuple[dict, SequenceStep, Generation | None]:
+    def step(
+        self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: Callable[[], str] = str
+    ) -> tuple[dict, SequenceStep, Generation | None]:
         """What to send for this call: the tensors, its sequence step, and the generation it ends first
-        (``None``: it continues or starts the only one of ``context``)."""
+        (``None``: it continues or starts the only one of ``context``). ``endpoint`` chooses the replica of a
+        generation this call starts."""
         timestep, shape = _position(tensors)
         current = self.open.get(context)
         if current is not None and timestep < current.timestep and shape == current.latents_shape:
@@ -69,22 +73,22 @@ class Generations:
             sent = {name: t for name, t in tensors.items() if name not in PROMPT_INPUTS or name in changed}
             return sent, SequenceStep(current.sequence_id), None
         ended = self.open.pop(context, None)
-        return dict(tensors), self._start(context, tensors), ended
+        return dict(tensors), self._start(context, tensors, endpoint()), ended
 
-    def _start(self, context: str, tensors: Mapping[str, torch.Tensor]) -> SequenceStep:
+    def _start(self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: str) -> SequenceStep:
         timestep, shape = _position(tensors)
         sequence_id = secrets.randbits(63) or 1  # unguessable; 0 means no sequence
         prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
-        self.open[context] = Generation(sequence_id, timestep, shape, prompt)
+        self.open[context] = Generation(sequence_id, timestep, shape, prompt, endpoint)
         self.started += 1
         return SequenceStep(sequence_id, start=True, cache=self.cache)
 
-    def restart(self, context: str, tensors: Mapping[str, torch.Tensor]) -> SequenceStep:
-        """The server no longer knows ``context``'s sequence (expired, restarted, another replica): a new
-        one from this step, which then carries the prompt again."""
+    def restart(self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: str = "") -> SequenceStep:
+        """The server no longer knows ``context``'s sequence (expired, restarted, another replica), or its replica
+        stopped answering: a new one from this step on ``endpoint``, which then carries the prompt again."""
         self.open.pop(context, None)
         self.restarted += 1
-        return self._start(context, tensors)
+        return self._start(context, tensors, endpoint)
 
     def drop(self, context: str) -> None:
         """The server freed ``context``'s sequence (its step failed)."""

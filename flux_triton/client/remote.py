@@ -8,9 +8,11 @@ import contextlib
 import json
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
+import tritonclient.http as httpclient
 from diffusers.configuration_utils import FrozenDict
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils.shared_memory import SharedMemoryException
@@ -24,8 +26,9 @@ from flux_triton.client.connection import (
     keeps_sessions,
 )
 from flux_triton.client.generations import Generation, Generations, SequenceStep
+from flux_triton.client.replicas import Replicas, unreachable
 from flux_triton.client.timestep import raw_timestep
-from flux_triton.client.transport import make_transport
+from flux_triton.client.transport import Transport, make_transport
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
 from flux_triton.pipeline.caching import describe_cache
@@ -40,15 +43,18 @@ class RemoteFluxTransformer:
         if settings is not None and overrides:
             raise TypeError("pass either settings or keyword overrides, not both")
         self.settings = settings or RemoteSettings(**overrides)
-        self._client = connect(self.settings)
+        self.signature: DitSignature | None = None
+        opener = weakref.WeakMethod(self._open)  # no cycle: a dropped transformer frees its regions at once
+        self.replicas = Replicas(self.settings, lambda own: opener()(own))
         try:
-            self.signature: DitSignature = describe(self._client, self.settings)
-            config = self._client.get_model_config(self.settings.model_name, self.settings.model_version)
+            first = self.replicas.choose()
+            config = first.client.get_model_config(self.settings.model_name, self.settings.model_version)
             self.sessions = keeps_sessions(config) if self.settings.sessions is None else self.settings.sessions
-            self.transport = make_transport(self.settings.transport, self._client, self.settings.admin_headers)
         except Exception:
-            self._client.close()
+            self.replicas.close()
             raise
+        self._primary = first.url  # the replica that answered first (the stateless steps' while it answers)
+        self._closed_transport: Transport | None = None
         self.config = FrozenDict(
             in_channels=self.signature.in_channels,
             out_channels=self.signature.in_channels,
@@ -61,6 +67,30 @@ class RemoteFluxTransformer:
         self.generations = Generations()
         self.latencies_s: list[float] = []  # one entry per server call, in order
         self.sent_bytes: list[int] = []  # the tensor bytes of each step request, in order
+
+    def _open(self, settings: RemoteSettings) -> tuple[httpclient.InferenceServerClient, Transport]:
+        """Connect to one replica: the first one gives the model's signature, every later one must serve the same."""
+        client = connect(settings)
+        try:
+            found = describe(client, settings)
+            if self.signature is None:
+                self.signature = found
+            elif found != self.signature:  # e.g. a schnell replica among dev ones, mid-update
+                raise RemoteDitError(
+                    f"model '{settings.model_name}' at {settings.url} is {found}, unlike the other replicas' "
+                    f"{self.signature}"
+                )
+            return client, make_transport(settings.transport, client, settings.admin_headers)
+        except Exception:
+            client.close()
+            raise
+
+    @property
+    def transport(self) -> Transport:
+        """The first replica's transport (the only one, with one server); after ``close()``, the closed one."""
+        if self._closed_transport is not None:
+            return self._closed_transport
+        return self.replicas.replica(self._primary).transport
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,15 +135,19 @@ class RemoteFluxTransformer:
             "img_ids": torch.zeros(1, 0, 3),
         }
         sequence = SequenceStep(generation.sequence_id, end=True)
+        replica = self.replicas.connected(generation.endpoint)
+        if replica is None:  # its replica stopped answering: it frees the sequence itself, if it comes back
+            return
         with contextlib.suppress(Exception):  # the server is gone, or freed it already: nothing is held
-            infer_step(self._client, self.settings.model_name, closing, self.settings.model_version, sequence)
+            infer_step(replica.client, self.settings.model_name, closing, self.settings.model_version, sequence)
 
     def close(self) -> None:
         try:
             self._reset_stateful_cache()
-            self.transport.close()
         finally:
-            self._client.close()
+            primary = self.replicas.connected(self._primary)
+            self._closed_transport = primary.transport if primary is not None else None
+            self.replicas.close()
 
     def __enter__(self) -> RemoteFluxTransformer:
         return self
@@ -123,8 +157,9 @@ class RemoteFluxTransformer:
 
     def __repr__(self) -> str:
         s = self.settings
+        where = f"urls={s.urls!r}" if s.urls else f"url={s.url!r}" + (", resolve=True" if s.resolve else "")
         return (
-            f"RemoteFluxTransformer(url={s.url!r}, model={s.model_name!r}, transport={s.transport!r}, "
+            f"RemoteFluxTransformer({where}, model={s.model_name!r}, transport={s.transport!r}, "
             f"signature={self.signature})"
         )
 
@@ -192,11 +227,13 @@ class RemoteFluxTransformer:
         return (noise_pred,)
 
     def _infer(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        where = f"model '{self.settings.model_name}' at {self.settings.url}"
         start = time.perf_counter()
         slot = self.cache_name or "call"
+        self._endpoint = self._primary
         try:
-            result = self._send(slot, tensors) if self.sessions else self._transport_infer(slot, tensors)
+            result = self._send(slot, tensors) if self.sessions else self._stateless(slot, tensors)
+        except RemoteDitError:
+            raise
         except InferenceServerException as exc:
             hint = ""
             message = str(exc.message()).lower()
@@ -204,36 +241,75 @@ class RemoteFluxTransformer:
                 hint = f" (this server restricts the API: set {ADMIN_KEY_ENV} or RemoteSettings.admin_key to its key)"
             elif self.settings.transport == "shm" and "shared memory" in message and "unable to find" not in message:
                 hint = " (transport shm needs the server on this host, sharing its /dev/shm)"
-            raise RemoteDitError(f"{where} failed ({slot}): {exc.message()}{hint}") from exc
+            raise RemoteDitError(f"{self._where()} failed ({slot}): {exc.message()}{hint}") from exc
         except SharedMemoryException as exc:
-            raise RemoteDitError(f"{where}: shared memory failed ({slot}): {exc} ({exc.__cause__})") from exc
+            raise RemoteDitError(f"{self._where()}: shared memory failed ({slot}): {exc} ({exc.__cause__})") from exc
         except Exception as exc:  # the connection dropped or timed out mid-run
-            raise RemoteDitError(f"{where} is not reachable: {type(exc).__name__}: {exc}") from exc
+            raise RemoteDitError(f"{self._where()} is not reachable: {type(exc).__name__}: {exc}") from exc
         self.latencies_s.append(time.perf_counter() - start)
         return result
 
+    def _where(self) -> str:
+        return f"model '{self.settings.model_name}' at {self._endpoint}"
+
+    def _on(self, endpoint: str, slot: str, tensors: dict[str, torch.Tensor], sequence: SequenceStep | None = None):
+        """Send to the replica at ``endpoint``."""
+        self._endpoint = endpoint
+        return self._transport_infer(slot, tensors, sequence)
+
     def _transport_infer(self, slot: str, tensors: dict[str, torch.Tensor], sequence: SequenceStep | None = None):
         self.sent_bytes.append(sum(tensor.nbytes for tensor in tensors.values()))
-        return self.transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot, sequence)
+        transport = self.replicas.replica(self._endpoint).transport
+        return transport.infer(self.settings.model_name, tensors, self.settings.model_version, slot, sequence)
+
+    def _stateless(self, slot: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A step without a session: any replica answers it the same; the first one while it answers."""
+        try:
+            return self._on(self._primary, slot, tensors)
+        except Exception as exc:
+            if not (self.replicas.several and unreachable(exc)):
+                raise
+            self.replicas.mark_down(self._primary)
+            self._primary = self.replicas.choose(avoid=self._primary).url
+        return self._on(self._primary, slot, tensors)
 
     def _send(self, slot: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A step of ``slot``'s generation: the prompt only where it is new to the sequence."""
-        sent, sequence, ended = self.generations.step(slot, tensors)
+        """A step of ``slot``'s generation: the prompt only where it is new to the sequence, on the generation's
+        replica; a sequence that replica lost, or whose replica stopped answering, starts again from this step."""
+        sent, sequence, ended = self.generations.step(slot, tensors, lambda: self.replicas.choose().url)
         if ended is not None:
             self._end(ended)
+        endpoint = self.generations.open[slot].endpoint
         try:
-            return self._transport_infer(slot, sent, sequence)
+            return self._on(endpoint, slot, sent, sequence)
         except InferenceServerException as exc:
             if sequence.start or "unknown or expired" not in str(exc.message()):
                 self.generations.drop(slot)  # the server freed it with the failed step
                 raise
-        # The server lost the sequence (idle too long, restarted, another replica): again from this step.
+            # The replica lost the sequence (idle too long, restarted, or the step reached another replica).
+            target, why = endpoint, f"unknown to {endpoint}"
+        except Exception as exc:
+            if not (self.replicas.several and unreachable(exc)):
+                self.generations.drop(slot)
+                raise
+            self.replicas.mark_down(endpoint)
+            try:
+                target = self.replicas.choose(avoid=endpoint).url
+            except RemoteDitError:
+                self.generations.drop(slot)
+                raise
+            self.replicas.moved += 1
+            if sequence.start:  # nothing was held yet: the same START on another replica
+                self.generations.open[slot].endpoint = target
+                return self._on(target, slot, sent, sequence)
+            why = f"on {endpoint}, which stopped answering"
+        cache = "its step cache restarted" if self.generations.cache else "any step cache starts over"
         warnings.warn(
-            f"sequence of '{slot}' unknown to {self.settings.url}; started it again from this step "
-            f"(the prompt is sent again and any step cache starts over)",
+            f"sequence of '{slot}' {why}; started it again from this step on {target} "
+            f"(the prompt is sent again and {cache})",
             stacklevel=4,
         )
-        return self._transport_infer(slot, tensors, self.generations.restart(slot, tensors))
+        return self._on(target, slot, tensors, self.generations.restart(slot, tensors, target))
 
 
 def _batched(name: str, tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -41,11 +41,17 @@ class ServerUnavailable(ConnectionError):
     """The server could not be reached, or the connection was lost before the response came."""
 
 
+# Every step of a generation session carries its sequence id in this header too, so that an ingress can keep
+# the steps of one generation on one replica (Istio: a DestinationRule's consistentHash on this header).
+SEQUENCE_HEADER = "flux-sequence-id"
+
+
 def sequence_arguments(sequence: SequenceStep | None) -> dict:
     """``client.infer``'s sequence arguments for a step of a generation session (none: a stateless step)."""
     if sequence is None:
         return {}
     arguments = {"sequence_id": sequence.sequence_id, "sequence_start": sequence.start, "sequence_end": sequence.end}
+    arguments["headers"] = {SEQUENCE_HEADER: str(sequence.sequence_id)}
     if sequence.cache:
         arguments["parameters"] = {"cache": sequence.cache}
     return arguments

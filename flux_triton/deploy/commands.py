@@ -88,15 +88,10 @@ def repo(argv: list[str] | None = None) -> None:
     generate(args.engine or _sidecar(args)[1], args.output)
 
 
-def serve(argv: list[str] | None = None) -> None:
-    """``make serve``: tritonserver over a model repository behind the guard (``python -m flux_triton guard``),
-    bound to loopback unless told otherwise, kept serving: every model is probed with a real inference on an
-    interval and reloaded if it fails, and an exited server or guard started again. Further arguments go to
-    tritonserver."""
-    from flux_triton.client.connection import ADMIN_KEY_ENV
-    from flux_triton.deploy.guard import GuardProcess, GuardSettings
-    from flux_triton.deploy.health import Supervisor
-    from flux_triton.deploy.server import LOOPBACK, TritonServer
+def serve_parser() -> argparse.ArgumentParser:
+    """``serve``'s arguments (the container image's command and the Kubernetes manifests are checked against it)."""
+    from flux_triton.deploy.guard import GuardSettings
+    from flux_triton.deploy.server import LOOPBACK
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton serve", description=serve.__doc__)
     parser.add_argument("--model-repository", type=Path, default=None, help="default: model_repository/")
@@ -108,7 +103,20 @@ def serve(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-request-mib", type=int, default=GuardSettings.max_request_mib, help="the guard's "
                         "request-size limit")  # fmt: skip
     parser.add_argument("--no-guard", action="store_true", help="expose tritonserver itself (trusted clients only)")
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """``make serve``: tritonserver over a model repository behind the guard (``python -m flux_triton guard``),
+    bound to loopback unless told otherwise, kept serving: every model is probed with a real inference on an
+    interval and reloaded if it fails, and an exited server or guard started again. Further arguments go to
+    tritonserver."""
+    from flux_triton.client.connection import ADMIN_KEY_ENV
+    from flux_triton.deploy.guard import GuardProcess, GuardSettings
+    from flux_triton.deploy.health import Supervisor
+    from flux_triton.deploy.server import LOOPBACK, TritonServer
+
+    args, extra = serve_parser().parse_known_args(argv)
     repository = (args.model_repository or Locations.here().repository).resolve()
     ports = (args.http_port, args.grpc_port, args.metrics_port)
     guard = None if args.no_guard else GuardProcess(args.address, ports, GuardSettings(args.max_request_mib))
@@ -136,11 +144,16 @@ def health(argv: list[str] | None = None) -> None:
     from flux_triton.client.connection import ADMIN_KEY_ENV, admin_headers
     from flux_triton.deploy.health import check
 
-    parser = argparse.ArgumentParser(prog="python -m flux_triton health", description=health.__doc__)
-    parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint")
-    args = parser.parse_args(argv)
+    args = health_parser().parse_args(argv)
     results = check(args.url, admin_headers(os.environ.get(ADMIN_KEY_ENV)))
     for model, why in results.items():
         print(f"{model:<16} {'ok' if why is None else why}")
     if not results or any(results.values()):
         sys.exit(1)
+
+
+def health_parser() -> argparse.ArgumentParser:
+    """``health``'s arguments (a container's liveness check runs it)."""
+    parser = argparse.ArgumentParser(prog="python -m flux_triton health", description=health.__doc__)
+    parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint")
+    return parser

@@ -38,9 +38,13 @@ def fuse_qkv_projections(transformer) -> None:
     torch.cuda.empty_cache()
 
 
-def apply_speedups(transformer, speedups: Speedups):
-    """Apply ``speedups`` in place (the transformer is already on its device); returns the
-    callable to use, which is the transformer itself unless compiled whole."""
+def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None):
+    """Apply ``speedups``, diffusers' step ``cache`` (a config, or ``None``) and context ``parallel``-ism (a
+    ``model.parallel.ParallelSettings``, its process group joined) in place (the transformer is already on its
+    device); returns the callable to use, which is the transformer itself unless compiled whole."""
+    if cache is not None and speedups.compile == "full":
+        raise ValueError("compile full: a whole-model graph cannot hold a step cache's per-step decisions; "
+                         "use compile regional with a cache")  # fmt: skip
     if speedups.attention_backend != "native":
         transformer.set_attention_backend(speedups.attention_backend)
     if speedups.fuse_qkv:
@@ -49,8 +53,39 @@ def apply_speedups(transformer, speedups: Speedups):
         from flux_triton.model.fp8 import quantize_blocks
 
         quantize_blocks(transformer)
+    if parallel is not None and parallel.enabled:
+        from flux_triton.model.parallel import enable_context_parallel
+
+        enable_context_parallel(transformer, parallel)
+    if cache is not None:
+        transformer.enable_cache(cache)
     if speedups.compile == "regional":
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        compile_regions(transformer)
     elif speedups.compile == "full":
         return torch.compile(transformer, fullgraph=True)
     return transformer
+
+
+def hooked_forward(module):
+    """The reference through which a diffusers hook with its own ``new_forward`` calls ``module``'s forward."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return next((ref for ref in registry._fn_refs if ref.original_forward is not None), None) if registry else None
+
+
+def compile_regions(transformer) -> None:
+    """diffusers' regional compile (each repeated block compiled once, whole), also under step-cache hooks.
+
+    A cache hook's decision runs under ``torch.compiler.disable``, which a full-graph compile refuses and a
+    graph-breaking one turns into an eager call of everything the hook wraps. So the forward each hook wraps is
+    compiled whole and the hook runs eagerly around it; a block containing a hooked module (TaylorSeer hooks
+    the attention modules) is compiled with graph breaks at those modules."""
+    options = {"fullgraph": True, "dynamic": True}
+    hooked = set()
+    for module in transformer.modules():
+        reference = hooked_forward(module)
+        if reference is not None:
+            reference.original_forward = torch.compile(reference.original_forward, **options)
+            hooked.add(module)
+    for block in transformer.modules():
+        if type(block).__name__ in transformer._repeated_blocks and block not in hooked:
+            block.compile(**{**options, "fullgraph": not any(inner in hooked for inner in block.modules())})

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 FAULT_FORWARD_BYTES_ENV = "FLUX_DIT_FAULT_FORWARD_BYTES"
+FAULT_RANK_ENV = "FLUX_DIT_FAULT_RANK"  # with context parallelism: the rank whose forwards get the budget (default 0)
 
 
 class ForwardMemoryBudget(TorchDispatchMode):
@@ -58,7 +59,12 @@ class ForwardMemoryBudget(TorchDispatchMode):
 
 
 def _dense(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type != "meta"
+    """A plain tensor with its own storage (not a subclass, e.g. a collective's pending result)."""
+    return (
+        type(value) in (torch.Tensor, torch.nn.Parameter)
+        and value.layout == torch.strided
+        and value.device.type != "meta"
+    )
 
 
 def forward_budget(limit: int) -> AbstractContextManager:

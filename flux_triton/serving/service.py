@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,11 +17,13 @@ import torch
 
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
 from flux_triton.model import store
+from flux_triton.model.parallel import NO_PARALLEL, ParallelSettings
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import finite_or_error, run_merged
+from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
 from flux_triton.serving.sessions import START, Sessions, SessionSettings, closes_only
 
 MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"
@@ -41,7 +45,11 @@ class ServeSettings:
     max_sessions: int = SessionSettings.max_sessions  # live generation sessions (serving.sessions)
     session_idle_s: float = SessionSettings.idle_timeout_s
     cache: str = "none"  # a step cache sessions may choose (pipeline.caching): none, a kind, or its JSON
+    parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses or ring
+    parallel_degree: int = 1  # its ranks, one per GPU (GPUs 0..N-1 of the visible ones)
+    parallel_timeout_s: float = ParallelSettings.timeout_s
     fault_forward_bytes: int = 0  # test-only fault injection (serving.faults); 0: off
+    fault_rank: int = 0  # ... on this context-parallel rank
     speedups: Speedups = field(default_factory=Speedups)  # parameters attention_backend, fuse_qkv, fp8, compile
 
     @classmethod
@@ -63,13 +71,20 @@ class ServeSettings:
             values["model_dir"] = os.environ[MODEL_DIR_ENV]
         if os.environ.get(faults.FAULT_FORWARD_BYTES_ENV):
             values["fault_forward_bytes"] = int(os.environ[faults.FAULT_FORWARD_BYTES_ENV])
+        if os.environ.get(faults.FAULT_RANK_ENV):
+            values["fault_rank"] = int(os.environ[faults.FAULT_RANK_ENV])
         settings = cls(**values)
+        _ = settings.parallel_settings  # refuses an unknown kind or a bad degree at load
         if settings.dtype != "auto" and settings.dtype not in _DTYPES:
             raise ValueError(f"dtype parameter: expected auto or one of {sorted(_DTYPES)}, got {settings.dtype!r}")
         return settings
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         return store.default_dtype(device) if self.dtype == "auto" else _DTYPES[self.dtype]
+
+    @property
+    def parallel_settings(self) -> ParallelSettings:
+        return ParallelSettings(self.parallel, self.parallel_degree, self.parallel_timeout_s)
 
     @property
     def limits(self) -> Limits:
@@ -95,21 +110,66 @@ class ForwardOutOfMemory(RuntimeError):
 
 class DitService:
     def __init__(self, settings: ServeSettings, model_root: Path, device: torch.device):
-        self.settings = settings
-        self.device = device
-        self.model_dir, self.signature = signature_for(settings, model_root, device)
+        parallel = settings.parallel_settings
+        self.settings, self.ranks, self.ranks_lost = settings, None, None
+        self.device = parallel.devices()[0] if parallel.enabled else device  # rank 0's, whatever Triton's kind
+        self.model_dir, self.signature = signature_for(settings, model_root, self.device)
         self.cache = parse_cache_setting(settings.cache)
-        if self.cache is not None and settings.speedups.compile != "none":
-            raise ValueError(
-                f"cache {settings.cache}: diffusers' cache hooks decide per step outside the graph, which a full-graph "
-                f"compile refuses; set compile none (or cache none)"
-            )
-        transformer = store.load_transformer(self.model_dir, self.signature.torch_dtype, device)
-        self.transformer = apply_speedups(transformer, settings.speedups)
-        if self.cache is not None:
-            self.transformer.enable_cache(self.cache)
+        if self.cache is not None and parallel.enabled:
+            raise ValueError(f"cache {settings.cache} with parallel {parallel.kind}: step caches are not served "
+                             f"across ranks yet; use one of them")  # fmt: skip
+        try:
+            if parallel.enabled:
+                self.ranks = self._start_ranks(parallel)
+            self.transformer = self._build()
+        except BaseException:
+            self.close()
+            raise
         on_free = (lambda sequence_id: caching.forget(self.transformer, str(sequence_id))) if self.cache else None
         self.sessions = Sessions(SessionSettings(settings.max_sessions, settings.session_idle_s), on_free=on_free)
+
+    def _build(self):
+        """The served transformer on this device, with its speed-ups, cache and parallelism (rank 0's part)."""
+        transformer = store.load_transformer(self.model_dir, self.signature.torch_dtype, self.device)
+        return apply_speedups(transformer, self.settings.speedups, self.cache, self.settings.parallel_settings)
+
+    def _start_ranks(self, parallel: ParallelSettings) -> Ranks:
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # the ranks share the host's cores
+        dtype = str(self.signature.torch_dtype).removeprefix("torch.")
+        fault_rank = self.settings.fault_rank
+        spec = RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port(),
+                        tempfile.mkdtemp(prefix="flux-ranks-"), fault_rank,
+                        self.settings.fault_forward_bytes if fault_rank else 0)  # fmt: skip
+        ranks = Ranks(spec)
+        ranks.start()
+        return ranks
+
+    def _parallel_forward(self, step: Step) -> torch.Tensor:
+        """The step on every rank; after a fault on any rank, the ranks start again and build their models anew."""
+        if self.transformer is None:
+            raise RanksFailed(f"context-parallel ranks lost ({self.ranks_lost}); reload the model")
+        try:
+            return self.ranks.forward(lambda: transformer_call(self.transformer, step), step)
+        except RanksFailed as exc:
+            failure = f"context-parallel step failed: {exc}"
+        self.transformer = None  # the failed forward's model and memory go
+        self.ranks.abort()  # first: a CUDA stream waiting on a collective is freed only by the abort
+        faults.release_after_oom(self.device)
+        try:
+            self.ranks.start()
+            self.transformer = self._build()
+        except Exception as exc:
+            self.ranks_lost = f"starting them again failed: {type(exc).__name__}: {exc}"
+            raise RanksFailed(f"{failure}; the ranks are lost ({self.ranks_lost}); reload the model") from None
+        raise RanksFailed(f"{failure}; the ranks were started again")
+
+    def close(self) -> None:
+        """Stop the context-parallel ranks (if any)."""
+        if self.ranks is not None:
+            self.ranks.close()
+            shutil.rmtree(self.ranks.spec.error_dir, ignore_errors=True)
+            self.ranks = None
 
     def prepare(
         self, tensors: Mapping[str, torch.Tensor], sequence_id: int | str = 0, flags: int = 0, cache: str = ""
@@ -148,11 +208,13 @@ class DitService:
     @torch.inference_mode()
     def forward(self, step: Step, context: str | None = None) -> torch.Tensor:
         """One forward; with a step cache on the model, in the cache ``context`` (``None``: uncached)."""
-        budget = faults.forward_budget(self.settings.fault_forward_bytes)
+        budget = faults.forward_budget(0 if self.settings.fault_rank else self.settings.fault_forward_bytes)
         before = faults.memory_in_use(self.device, budget)
         in_context = caching.cache_context(self.transformer, context) if self.cache else contextlib.nullcontext()
         try:
             with budget, in_context:
+                if self.ranks is not None:
+                    return self._parallel_forward(step)
                 return transformer_call(self.transformer, step)
         except torch.OutOfMemoryError as exc:
             message = str(exc)

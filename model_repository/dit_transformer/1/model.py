@@ -44,6 +44,9 @@ class TritonPythonModel:
 
     def initialize(self, args):
         settings = ServeSettings.from_model_config(json.loads(args["model_config"]))
+        if settings.parallel_settings.enabled and args["model_instance_kind"] == "GPU":
+            raise ValueError(f"parallel {settings.parallel}: one instance drives {settings.parallel_degree} GPUs, "
+                             f"so its instance_group must be KIND_MODEL (python -m flux_triton place)")  # fmt: skip
         device = triton.instance_device(args)
         self.service = DitService(settings, Locations.of_repository(REPOSITORY).model_root, device)
         signature = self.service.signature
@@ -61,6 +64,7 @@ class TritonPythonModel:
         return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
 
     def finalize(self):
+        self.service.close()
         self.service = None
 
 

@@ -1,0 +1,78 @@
+"""Context parallelism for one step across several devices, as diffusers implements it
+(``transformer.enable_parallelism(config=ContextParallelConfig(...))``): each rank holds the whole model and
+a slice of the sequence; attention exchanges the slices (Ulysses: all-to-all of heads; ring: K/V passed round).
+
+One table (``PARALLEL_KINDS``) names the kinds, with the ``ContextParallelConfig`` field each sets."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+NO_PARALLEL = "none"
+PARALLEL_KINDS = {"ulysses": "ulysses_degree", "ring": "ring_degree"}
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    kind: str = NO_PARALLEL  # none | ulysses | ring
+    degree: int = 1  # ranks (GPUs) per step
+    timeout_s: float = 120.0  # a rank that does not finish its part of a step within this is lost
+
+    def __post_init__(self):
+        if self.kind != NO_PARALLEL and self.kind not in PARALLEL_KINDS:
+            raise ValueError(f"parallel: expected none or one of {', '.join(PARALLEL_KINDS)}, got {self.kind!r}")
+        if self.kind != NO_PARALLEL and self.degree < 2:
+            raise ValueError(f"parallel_degree: {self.kind} needs at least 2 ranks, got {self.degree}")
+        if self.kind == NO_PARALLEL and self.degree != 1:
+            raise ValueError(f"parallel_degree {self.degree} needs parallel ulysses or ring (it is none)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != NO_PARALLEL
+
+    def backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+    def devices(self) -> list[torch.device]:
+        """Rank r runs on GPU r of the process's visible GPUs (diffusers places rank r there); without a GPU,
+        every rank on the CPU (over gloo: for tests)."""
+        check_degree(self.degree, torch.cuda.device_count() if torch.cuda.is_available() else None)
+        if not torch.cuda.is_available():
+            return [torch.device("cpu")] * self.degree
+        return [torch.device("cuda", rank) for rank in range(self.degree)]
+
+
+def check_degree(degree: int, gpus_present: int | None) -> None:
+    """Refuse a degree above the GPUs present (``None``: a host without GPUs, whose ranks run on the CPU)."""
+    if gpus_present is not None and degree > gpus_present:
+        raise ValueError(
+            f"parallel_degree {degree}: this host has {gpus_present} GPU{'s' if gpus_present != 1 else ''} visible "
+            f"(CUDA_VISIBLE_DEVICES); one rank runs per GPU"
+        )
+
+
+@contextlib.contextmanager
+def _cpu_ranks():
+    """diffusers places rank r on ``r % torch.accelerator.device_count()``, which divides by zero on a host
+    without an accelerator: there, every rank is the CPU."""
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
+
+
+def enable_context_parallel(transformer, settings: ParallelSettings) -> None:
+    """diffusers' context parallelism on ``transformer`` (``torch.distributed`` is initialized, one process per
+    rank, each with the whole model); rank 0 ends with the whole output."""
+    from diffusers import ContextParallelConfig
+
+    with _cpu_ranks():
+        transformer.enable_parallelism(config=ContextParallelConfig(**{PARALLEL_KINDS[settings.kind]: settings.degree}))

@@ -1,0 +1,249 @@
+"""The context-parallel ranks of one ``dit_transformer`` instance (``parallel: ulysses|ring``).
+
+The instance is rank 0. It starts ranks 1..N-1 as worker processes (``python -m flux_triton.serving.worker``),
+one per GPU, joined with it in one ``torch.distributed`` process group (NCCL between GPUs, gloo on a host without
+them). For each forward rank 0 broadcasts the step's tensors from its device (no host round trip between GPUs),
+every rank runs diffusers' context-parallel forward, and rank 0 answers with the gathered output.
+
+A fault on any rank - a worker that exits (its error, an OOM included, written for rank 0 to report), a step not
+finished within ``timeout_s`` (a rank hangs), an error of rank 0 or of a collective - fails the step in flight with
+its cause; then the process group is aborted (its collectives may never finish), the workers are killed and new ones
+started, and every rank builds its model again (``DitService``), so the model keeps serving. If that fails, every
+later request fails fast with the reason until the model is reloaded (``serve``'s probes do that). Workers end with
+the instance, and on their own when its pipe to them closes (the instance died).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flux_triton.contract import Step
+from flux_triton.model.parallel import ParallelSettings
+from flux_triton.model.speedups import Speedups
+
+_POLL_S = 1e-4  # rank 0's wait for its forward: how often it looks at the other ranks meanwhile
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank builds (the same model, speed-ups and parallelism) and where they meet: a worker's argument."""
+
+    model_dir: str
+    dtype: str  # a torch dtype name
+    speedups: Speedups
+    parallel: ParallelSettings
+    port: int  # rank 0's rendezvous port on loopback
+    error_dir: str  # where a failing worker writes its error for rank 0
+    fault_rank: int = 0  # test-only fault injection (serving.faults): the rank whose forwards get the budget
+    fault_forward_bytes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RankSpec:
+        values = json.loads(text)
+        return cls(
+            **{**values, "speedups": Speedups(**values["speedups"]), "parallel": ParallelSettings(**values["parallel"])}
+        )
+
+    def join(self, rank: int) -> None:
+        """Join the process group as ``rank`` (blocks until every rank has joined, ``timeout_s`` at most)."""
+        dist.init_process_group(
+            self.parallel.backend(),
+            init_method=f"tcp://127.0.0.1:{self.port}",
+            rank=rank,
+            world_size=self.parallel.degree,
+            timeout=timedelta(seconds=self.parallel.timeout_s),
+        )
+
+    def error_file(self, rank: int) -> Path:
+        return Path(self.error_dir) / f"rank-{rank}.error"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def send_step(step: Step, device: torch.device, workers: list[subprocess.Popen]) -> None:
+    """Rank 0: the step's tensors to every rank. Their names, shapes and dtypes go down each worker's pipe (a line
+    of JSON), so that no rank waits on the host for them; the tensors go by broadcast from rank 0's device."""
+    tensors = step.tensors()
+    header = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in tensors.items()}
+    line = json.dumps(header).encode() + b"\n"
+    for worker in workers:
+        worker.stdin.write(line)
+        worker.stdin.flush()
+    for tensor in tensors.values():
+        dist.broadcast(tensor, src=0)
+
+
+def receive_step(device: torch.device) -> Step | None:
+    """Ranks 1..N-1: the next step rank 0 sends; ``None`` when its pipe closes (stop, or rank 0 is gone). Idle ranks
+    wait on the pipe, not inside a collective that would time out."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    header = json.loads(line)
+    tensors = {
+        name: torch.empty(shape, dtype=getattr(torch, dtype), device=device) for name, (shape, dtype) in header.items()
+    }
+    for tensor in tensors.values():
+        dist.broadcast(tensor, src=0)
+    return Step(**{"guidance": None, **tensors})
+
+
+def settled(output: torch.Tensor) -> torch.Tensor:
+    """The forward's output once the collective that gathered it is done: functional collectives return before
+    their data has arrived, and a tensor handed on without an op on it (DLPack to Triton) would be read too early."""
+    return torch.ops._c10d_functional.wait_tensor(output)
+
+
+class RanksFailed(RuntimeError):
+    """A context-parallel step failed on some rank."""
+
+
+class Ranks:
+    """Rank 0's side: starts the workers, joins them, runs each forward on every rank, restarts them after a
+    fault, stops them."""
+
+    def __init__(self, spec: RankSpec):
+        self.spec = spec
+        self.devices = spec.parallel.devices()
+        self.workers: list[subprocess.Popen] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.devices[0]
+
+    def start(self) -> None:
+        """Start ranks 1..N-1 and join them (each then builds the model, as rank 0 does next)."""
+        package_parent = str(Path(__file__).resolve().parents[2])
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
+        }
+        for rank in range(1, self.spec.parallel.degree):
+            self.spec.error_file(rank).unlink(missing_ok=True)
+            command = [python_executable(), "-m", "flux_triton.serving.worker", str(rank), self.spec.to_json()]
+            # stdin: a line before each step; its end tells the worker to stop (or that rank 0 is gone)
+            self.workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, env=env))
+        try:
+            self.spec.join(0)
+        except Exception:
+            self._end(graceful=False)
+            raise
+
+    def abort(self) -> None:
+        """After a fault: kill the workers and abort the process group (its collectives may never finish); a new
+        ``start`` then rendezvouses on a new port."""
+        self._end(graceful=False)
+        self.spec = dataclasses.replace(self.spec, port=free_port())
+
+    def forward(self, run, step: Step) -> torch.Tensor:
+        """``run()`` (rank 0's part of the forward of ``step``) with every other rank running its part."""
+        try:
+            self._check_workers()
+            send_step(step, self.device, self.workers)
+            output = settled(run())
+            self._wait(output)
+        except RanksFailed:
+            raise
+        except Exception as exc:  # an error of rank 0 (an OOM mid-forward included) or of a collective
+            raise RanksFailed(self._failure(f"rank 0: {type(exc).__name__}: {exc}")) from None
+        return output
+
+    def _wait(self, output: torch.Tensor) -> None:
+        """Until rank 0's forward is done on its GPU, looking at the other ranks meanwhile (a rank that died
+        leaves the collectives waiting forever); gloo's collectives return only when done."""
+        if output.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record()
+        deadline = time.monotonic() + self.spec.parallel.timeout_s
+        while not done.query():
+            self._check_workers()
+            if time.monotonic() > deadline:
+                raise RanksFailed(f"the step did not finish within {self.spec.parallel.timeout_s:g} s (a rank hangs)")
+            time.sleep(_POLL_S)
+
+    def _check_workers(self) -> None:
+        reason = self._exited()
+        if reason:
+            raise RanksFailed(reason)
+
+    def _exited(self) -> str | None:
+        for rank, worker in enumerate(self.workers, start=1):
+            code = worker.poll()
+            if code is not None:
+                error = self.spec.error_file(rank)
+                return f"rank {rank} (pid {worker.pid}) exited: " + (
+                    error.read_text().strip() if error.is_file() else f"status {code}"
+                )
+        return None
+
+    def _failure(self, own: str) -> str:
+        """The first cause of a failed step: a worker's error when one exited (the collective that failed on
+        rank 0 is its consequence), else rank 0's own."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            reason = self._exited()
+            if reason:
+                return reason
+            time.sleep(0.05)
+        return own
+
+    def _end(self, graceful: bool) -> None:
+        for worker in self.workers:
+            if graceful:
+                with contextlib.suppress(OSError):
+                    worker.stdin.close()
+            elif worker.poll() is None:
+                worker.kill()
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=30 if graceful else 5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            with contextlib.suppress(OSError):
+                worker.stdin.close()
+        self.workers = []
+        if dist.is_initialized():
+            if graceful:
+                dist.destroy_process_group()
+            else:
+                # a group whose collectives may never finish is aborted, not destroyed (which waits on them)
+                dist.distributed_c10d._abort_process_group()
+
+    def close(self) -> None:
+        """Stop the workers (their pipes closed: they leave their loop; killed if they do not) and leave the
+        process group."""
+        self._end(graceful=dist.is_initialized() and self._exited() is None)
+
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers]
+
+
+def python_executable() -> str:
+    """This process's Python (inside Triton's Python-backend stub, ``sys.executable`` is the stub)."""
+    executable = Path(sys.executable)
+    if executable.name.startswith("python"):
+        return str(executable)
+    candidate = Path(sys.exec_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(candidate if candidate.exists() else Path(sys.exec_prefix) / "bin" / "python3")

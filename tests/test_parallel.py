@@ -1,0 +1,175 @@
+"""Context parallelism in ``dit_transformer`` (``parallel: ulysses``, 2 ranks), on CPU ranks over gloo: served
+steps equal diffusers' own context-parallel forward bit for bit; the worker ranks start and end with the
+instance; a rank that dies, hangs or runs out of memory fails its step with the cause, and the model keeps
+serving on new ranks. Placement configs (one instance per GPU, or one across GPUs) and the settings' refusals.
+The server tests run where there is no GPU (a GPU host runs ranks on its GPUs: tests/test_gpu_parallel.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+from helpers import CHECKOUT, DEV, diffusers_context_parallel, launch, load_tiny, stub_pids, worker_gone, worker_pids
+from tritonclient.utils import InferenceServerException
+
+from flux_triton.client.connection import admin_headers
+from flux_triton.client.wire import infer_step
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, parse_pbtxt, set_parameter
+from flux_triton.deploy.placement import place
+from flux_triton.locations import MODEL_ROOT_ENV
+from flux_triton.model import store
+from flux_triton.model.parallel import ParallelSettings, check_degree
+from flux_triton.pipeline import call, inputs
+from flux_triton.serving import faults
+from flux_triton.serving.service import DitService, ServeSettings
+
+ULYSSES_2 = ParallelSettings("ulysses", 2)
+ADMIN_KEY = "test-key"
+FAULT_BUDGET = 1_000_000  # bytes: a 64x64 step fits on a rank (~25 kB), a 1024x1024 one (~4 MB) does not
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+cpu_ranks = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks; on a GPU host see test_gpu_parallel.py")
+
+
+@pytest.fixture(scope="module")
+def parallel_server(tmp_path_factory, model_root):
+    """dit_transformer placed as one instance across 2 ranks, with a rank-1 memory budget (fault injection)
+    and a short collective timeout; model control through the admin key."""
+    folder = tmp_path_factory.mktemp("parallel")
+    repository = folder / "model_repository"
+    shutil.copytree(CHECKOUT / "model_repository" / DIT_TRANSFORMER, repository / DIT_TRANSFORMER,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    config = repository / DIT_TRANSFORMER / "config.pbtxt"
+    set_parameter(config, "parallel_timeout_s", "5")
+    place(config, parallel=ULYSSES_2)
+    env = {MODEL_ROOT_ENV: str(model_root), faults.FAULT_FORWARD_BYTES_ENV: str(FAULT_BUDGET),
+           faults.FAULT_RANK_ENV: "1"}  # fmt: skip
+    server = launch(repository, folder, env)
+    server.admin_key = ADMIN_KEY
+    server.start()
+    yield server
+    server.stop()
+
+
+def _served(server, step) -> torch.Tensor:
+    with httpclient.InferenceServerClient(server.url, network_timeout=120) as client:
+        return infer_step(client, DIT_TRANSFORMER, step.wire())
+
+
+@cpu_ranks
+@pytest.mark.server
+def test_a_served_step_equals_diffusers_context_parallel_forward(parallel_server, model_root, tmp_path):
+    step = inputs.random_step(DEV, batch=2, height=64, width=64, seed=11)
+    served = _served(parallel_server, step)
+    model_dir = store.resolve_model_dir("tiny-flux-dev", model_root)
+    assert torch.equal(served, diffusers_context_parallel(model_dir, step, tmp_path))
+    single = call.reference_call(load_tiny(model_root, "tiny-flux-dev"), step)  # one process, no parallelism
+    assert 0 < inputs.rel_l2(served, single) < 1e-5
+    # a swapped batch row or a wrong timestep is far outside that tolerance
+    assert inputs.rel_l2(served.flip(0), single) > 1e-2
+    assert len(worker_pids()) == 1
+
+
+@cpu_ranks
+@pytest.mark.server
+def test_a_dead_rank_fails_its_step_and_the_model_serves_on_new_ranks(parallel_server, model_root):
+    step = inputs.random_step(DEV, height=64, width=64, seed=12)
+    expected = _served(parallel_server, step)
+    [worker] = worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    with pytest.raises(InferenceServerException, match=rf"rank 1 \(pid {worker}\) exited: status -9; the ranks were"):
+        _served(parallel_server, step)
+    assert torch.equal(_served(parallel_server, step), expected)
+    assert worker not in worker_pids() and len(worker_pids()) == 1
+
+
+@cpu_ranks
+@pytest.mark.server
+def test_a_hung_rank_times_out_and_is_replaced(parallel_server):
+    step = inputs.random_step(DEV, height=64, width=64, seed=13)
+    expected = _served(parallel_server, step)
+    [worker] = worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException, match=r"Timed out .*; the ranks were started again"):
+        _served(parallel_server, step)
+    assert time.monotonic() - started < 60  # the 5 s collective timeout, then the restart
+    assert torch.equal(_served(parallel_server, step), expected)
+    assert worker not in worker_pids()
+
+
+@cpu_ranks
+@pytest.mark.server
+def test_an_out_of_memory_rank_fails_the_step_on_every_rank_and_the_model_keeps_serving(parallel_server):
+    big = inputs.random_step(DEV, height=1024, width=1024, seed=14)
+    with pytest.raises(InferenceServerException, match=r"rank 1 .*OutOfMemoryError: out of memory .* budget"):
+        _served(parallel_server, big)
+    small = inputs.random_step(DEV, height=64, width=64, seed=14)
+    assert _served(parallel_server, small).shape == small.hidden_states.shape
+
+
+@cpu_ranks
+@pytest.mark.server
+def test_workers_end_with_their_instance(parallel_server):
+    """Unloading ends the workers; so does the instance's process dying (their pipe to it closes)."""
+    headers = admin_headers(ADMIN_KEY)
+    with httpclient.InferenceServerClient(parallel_server.url, network_timeout=120) as client:
+        [worker] = worker_pids()
+        client.unload_model(DIT_TRANSFORMER, headers=headers)
+        assert worker_gone(worker)
+        client.load_model(DIT_TRANSFORMER, headers=headers)
+        [worker] = worker_pids()
+        [stub] = stub_pids(parallel_server.model_repository, DIT_TRANSFORMER)
+        assert parent_pid(worker) == stub
+        os.kill(stub, signal.SIGKILL)
+        assert worker_gone(worker)
+    parallel_server.stop()
+    assert worker_pids() == []
+
+
+def test_placement_writes_one_instance_per_gpu_or_one_across_gpus(tmp_path):
+    repository = tmp_path / "repository"
+    for name, text in {DIT_TRANSFORMER: (CHECKOUT / "model_repository" / DIT_TRANSFORMER / "config.pbtxt").read_text(),
+                       ENGINE: f'name: "{ENGINE}"\nbackend: "python"\nmax_batch_size: 8\n'}.items():  # fmt: skip
+        (repository / name).mkdir(parents=True)
+        (repository / name / "config.pbtxt").write_text(text)
+    config = repository / ENGINE / "config.pbtxt"
+    place(config, gpus=[0, 1])
+    groups = parse_pbtxt(config).instance_group
+    assert [(g.kind, list(g.gpus), g.count) for g in groups] == [(1, [0], 1), (1, [1], 1)]  # KIND_GPU
+    config = repository / DIT_TRANSFORMER / "config.pbtxt"
+    place(config, parallel=ParallelSettings("ring", 2))
+    parsed = parse_pbtxt(config)
+    assert [(g.kind, g.count) for g in parsed.instance_group] == [(3, 1)]  # KIND_MODEL
+    assert parsed.parameters["parallel"].string_value == "ring"
+    assert parsed.parameters["parallel_degree"].string_value == "2"
+    assert parsed.parameters["model_dir"].string_value == "tiny-flux-dev"  # the rest kept
+    assert config.read_text().startswith("# FLUX DiT")
+    with pytest.raises(ValueError, match="only dit_transformer runs a step across GPUs"):
+        place(repository / ENGINE / "config.pbtxt", parallel=ULYSSES_2)
+    with pytest.raises(ValueError, match="--gpus and --parallel"):
+        place(config, gpus=[0, 1], parallel=ULYSSES_2)
+
+
+def test_parallel_settings_refuse_what_cannot_run(model_root):
+    with pytest.raises(ValueError, match="parallel: expected none or one of ulysses, ring, got 'tensor'"):
+        ServeSettings.from_model_config({"parameters": {"parallel": {"string_value": "tensor"}}})
+    with pytest.raises(ValueError, match="ulysses needs at least 2 ranks"):
+        ParallelSettings("ulysses", 1)
+    with pytest.raises(ValueError, match="parallel_degree 4: this host has 2 GPUs visible"):
+        check_degree(4, gpus_present=2)
+    check_degree(2, gpus_present=2)
+    settings = ServeSettings(model_dir="tiny-flux-dev", cache="mag", parallel="ulysses", parallel_degree=2)
+    with pytest.raises(ValueError, match="step caches are not served across ranks"):
+        DitService(settings, model_root, torch.device("cpu"))
+    assert worker_pids() == []
