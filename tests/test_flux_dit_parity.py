@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BUSY_SIZE, DEV, SCHNELL, infer_concurrently, start_engine_server
+import tritonclient.http as httpclient
+from helpers import BUSY_SIZE, DEV, SCHNELL, TEXT_TOKENS, embeds, generate, infer_concurrently, start_engine_server
 from tritonclient.utils import InferenceServerException
 
+from flux_triton.client.connection import RemoteDitError
+from flux_triton.client.generations import SequenceStep
+from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
 from flux_triton.pipeline import call, inputs, loop
+from flux_triton.pipeline.caching import build_cache
 
 pytestmark = pytest.mark.server
 
@@ -144,3 +149,33 @@ def test_dit_engine_checks_its_own_inputs(dev_engine_server, http_client, tiny_d
     # and the same engine answers a valid request of its own, as diffusers does
     served = infer_step(client, "dit_engine", engine_request(step))
     torch.testing.assert_close(served, call.reference_call(tiny_dev, step), **TOL)
+
+
+def test_generation_sessions_hold_the_prompt_in_the_preprocessor(dev_engine_server, tiny_dev):
+    """flux_dit keeps sessions in dit_preprocess: a generation's later steps send no prompt and give bitwise the
+    stateless latents; the next generation reuses the client's sequence id (START starts it clean), and an
+    END-only request, which the ensemble cannot answer without a forward, is refused by name."""
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, size=256, **embeds(6))
+    with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit") as remote:
+        assert remote.sessions and remote.generations.reuse_ids
+        served = generate(remote, "dev", seed=6, **kwargs)
+        again = generate(remote, "dev", seed=6, **kwargs)
+        assert remote.generations.started == 2 and remote.generations.restarted == 0
+        with pytest.raises(RemoteDitError, match="runs no step caches"):
+            remote.enable_cache(build_cache({"kind": "mag"}))
+        sent = remote.sent_bytes
+    with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit", sessions=False) as stateless:
+        expected = generate(stateless, "dev", seed=6, **kwargs)
+        full = stateless.sent_bytes
+    assert torch.equal(served, expected) and torch.equal(again, expected)
+    prompt = TEXT_TOKENS * 32 * 4 + 32 * 4 + TEXT_TOKENS * 3 * 4 + 4  # T5, CLIP, text ids, guidance
+    assert [whole - part for whole, part in zip(full * 2, sent, strict=True)] == [0, prompt, prompt, prompt] * 2
+    step = inputs.random_step(DEV, **SIZE, seed=7)
+    later = {name: step.wire()[name] for name in ("hidden_states", "timestep", "img_ids")}  # no prompt
+    closing = {**later, "hidden_states": step.hidden_states[:, :0], "img_ids": later["img_ids"][:, :0]}
+    with httpclient.InferenceServerClient(dev_engine_server.url) as client:
+        infer_step(client, "flux_dit", step.wire(), sequence=SequenceStep(99, start=True))
+        with pytest.raises(InferenceServerException, match="sequence 99: flux_dit runs its engine for every request"):
+            infer_step(client, "flux_dit", closing, sequence=SequenceStep(99, end=True))
+        with pytest.raises(InferenceServerException, match="sequence 99: unknown or expired"):  # freed by the error
+            infer_step(client, "flux_dit", later, sequence=SequenceStep(99))

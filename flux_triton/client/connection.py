@@ -169,9 +169,16 @@ def takes_guidance(client: httpclient.InferenceServerClient, settings: RemoteSet
 
 
 def keeps_sessions(config: Mapping) -> bool:
-    """Whether the served model keeps generation sessions: its ``max_sessions`` parameter (``dit_transformer``)."""
+    """Whether the served model keeps generation sessions: its ``max_sessions`` parameter (``dit_transformer``,
+    ``flux_dit``)."""
     value = config.get("parameters", {}).get("max_sessions", {}).get("string_value", "0")
     return value.isdigit() and int(value) > 0
+
+
+def ends_sessions_by_restart(config: Mapping) -> bool:
+    """Whether the model's sequences end when their id starts again, not by an END-only request (``flux_dit``:
+    its ensemble would run the engine for one)."""
+    return config.get("parameters", {}).get("session_end", {}).get("string_value") == "restart"
 
 
 def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings) -> DitSignature:

@@ -3,7 +3,8 @@ outside one) is one sequence on the server. Its first step carries the START fla
 tensors (``PROMPT_INPUTS``); later steps send them only when they change. A generation ends when the
 pipeline resets the transformer's caches, when the transformer is closed, or when a step of the same
 context comes with a timestep not below the previous one or other latents' shape (a new generation:
-``FluxPipeline``'s timesteps fall); the server also frees sequences left idle.
+``FluxPipeline``'s timesteps fall); the server also frees sequences left idle. Against a model whose sequences end
+when their id starts again (``flux_dit``), each context keeps one id across generations and nothing else ends them.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def _same(sent: torch.Tensor | None, tensor: torch.Tensor) -> bool:
 class Generations:
     """The open sequences of one ``RemoteFluxTransformer``, by cache context."""
 
-    def __init__(self) -> None:
+    def __init__(self, reuse_ids: bool = False) -> None:
         self.cache = ""  # the step cache each new sequence asks for (RemoteFluxTransformer.enable_cache)
+        # True where sequences end by starting their id again (flux_dit): one id per context for this client
+        self.reuse_ids = reuse_ids
+        self._ids: dict[str, int] = {}
         self.open: dict[str, Generation] = {}
         self.started = 0
         self.restarted = 0  # sequences the server no longer knew, started again with the prompt
@@ -78,6 +82,8 @@ class Generations:
     def _start(self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: str) -> SequenceStep:
         timestep, shape = _position(tensors)
         sequence_id = secrets.randbits(63) or 1  # unguessable; 0 means no sequence
+        if self.reuse_ids:
+            sequence_id = self._ids.setdefault(context, sequence_id)
         prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
         self.open[context] = Generation(sequence_id, timestep, shape, prompt, endpoint)
         self.started += 1

@@ -23,6 +23,7 @@ from flux_triton.client.connection import (
     RemoteSettings,
     connect,
     describe,
+    ends_sessions_by_restart,
     keeps_sessions,
 )
 from flux_triton.client.generations import Generation, Generations, SequenceStep
@@ -50,6 +51,8 @@ class RemoteFluxTransformer:
             first = self.replicas.choose()
             config = first.client.get_model_config(self.settings.model_name, self.settings.model_version)
             self.sessions = keeps_sessions(config) if self.settings.sessions is None else self.settings.sessions
+            self.generations = Generations(reuse_ids=ends_sessions_by_restart(config))
+            self._runs_caches = config.get("platform") != "ensemble"  # flux_dit's engine has no diffusers hooks
         except Exception:
             self.replicas.close()
             raise
@@ -64,7 +67,6 @@ class RemoteFluxTransformer:
             joint_attention_dim=self.signature.text_dim,
         )
         self.cache_name: str | None = None
-        self.generations = Generations()
         self.latencies_s: list[float] = []  # one entry per server call, in order
         self.sent_bytes: list[int] = []  # the tensor bytes of each step request, in order
 
@@ -111,6 +113,9 @@ class RemoteFluxTransformer:
         the same)."""
         if not self.sessions:
             raise RemoteDitError(f"model '{self.settings.model_name}' keeps no generation sessions, so no step cache")
+        if not self._runs_caches:
+            raise RemoteDitError(f"model '{self.settings.model_name}' runs no step caches (its engine has no "
+                                 f"diffusers hooks); use dit_transformer for them")  # fmt: skip
         self.generations.cache = json.dumps(describe_cache(config))
 
     def disable_cache(self) -> None:
@@ -134,6 +139,8 @@ class RemoteFluxTransformer:
             "timestep": torch.zeros(1, 1),
             "img_ids": torch.zeros(1, 0, 3),
         }
+        if self.generations.reuse_ids:  # ends when its id starts again, or idle (no END-only request)
+            return
         sequence = SequenceStep(generation.sequence_id, end=True)
         replica = self.replicas.connected(generation.endpoint)
         if replica is None:  # its replica stopped answering: it frees the sequence itself, if it comes back

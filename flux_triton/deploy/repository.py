@@ -18,6 +18,7 @@ from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, to_pbtxt
 from flux_triton.engines.kinds import DEFAULT_KIND, KINDS
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations
+from flux_triton.serving.sessions import SessionSettings
 
 PYTHON_MODELS = (PREPROCESS, ENGINE)  # their model.py live in model_repository/<name>/1/
 QUEUE_DELAY_US = 100  # lets simultaneous requests merge; a busy engine batches its queue anyway
@@ -89,6 +90,8 @@ def preprocess_config(sidecar: EngineSidecar) -> dict:
             guidance_embeds=int(signature.guidance_embeds),
             dtype=signature.dtype,
             **asdict(limits),
+            max_sessions=SessionSettings.max_sessions,
+            session_idle_s=SessionSettings.idle_timeout_s,
         ),
     }
 
@@ -118,6 +121,9 @@ def ensemble_config(sidecar: EngineSidecar) -> dict:
         "input": _public_inputs(signature),
         "output": [_tensor(spec, signature) for spec in OUTPUTS],
         "ensemble_scheduling": {"step": steps},
+        # for clients: dit_preprocess keeps generation sessions, which end when their id starts again (no END-only
+        # request: the ensemble would run its engine for it)
+        "parameters": _params(max_sessions=SessionSettings.max_sessions, session_end="restart"),
     }
 
 

@@ -2,7 +2,8 @@
 
 Validates the request against the contract (the same errors as ``dit_transformer``), scales the raw
 timestep as ``FluxPipeline`` does (``t.to(dtype) / 1000``), casts floats to the engine's dtype and ids
-to FP32 (``flux_triton.serving.preprocess``). Configured by generated parameters.
+to FP32 (``flux_triton.serving.preprocess``), and holds each generation session's prompt (a sequence's first step
+carries it). Configured by generated parameters.
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ import torch
 from flux_triton.contract import INPUTS, InputError
 from flux_triton.contract.tensors import engine_tensor_name
 from flux_triton.serving import triton
-from flux_triton.serving.preprocess import preprocess, preprocess_settings
+from flux_triton.serving.preprocess import Preprocessor
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        self.signature, self.limits = preprocess_settings(parameters)
+        self.preprocessor = Preprocessor(parameters)
         torch.set_num_threads(1)  # one request's single-pass checks
 
     def execute(self, requests):
         responses = []
+        self.preprocessor.sessions.expire()
         for request in requests:
             tensors = triton.request_tensors(request, [spec.name for spec in INPUTS])
             try:
-                outputs = preprocess(tensors, self.signature, self.limits)
+                outputs = self.preprocessor.run(tensors, request.correlation_id(), request.flags())
             except InputError as exc:
                 responses.append(triton.error_response(str(exc), invalid_arg=True))
                 continue
