@@ -6,10 +6,12 @@ over HTTP (each request carries the whole step), placed by ``python -m flux_trit
 Latency: for each config (``1``: one GPU; ``ulysses2``, ``ring2``: across GPUs 0-1; ``:fp8`` for FP8 linears) and
 shape, the client's wall time per request (median of ``--iters`` after ``--warmup``), and the 1024² b1 output's
 rel. L2 against an fp32 forward of the same weights on one GPU. Throughput (``--throughput``): ``--clients``
-concurrent clients against one instance on GPU 0, then one instance on each of GPUs 0 and 1, per shape.
+concurrent clients against one instance on GPU 0, then one instance on each of GPUs 0 and 1, per shape. In process
+(``--in-process``): the same step run by ``DitService`` here, after the server has stopped.
 
     python3 benchmarks/parallel_step.py --out parallel.json
     python3 benchmarks/parallel_step.py --configs 1:fp8,ulysses2:fp8 --throughput --out parallel-fp8.json
+    python3 benchmarks/parallel_step.py --configs 1,ulysses2 --in-process --out parallel-split.json
 """
 
 from __future__ import annotations
@@ -94,6 +96,38 @@ def latency(url: str, shapes: list[str], warmup: int, iters: int, reference: tor
     return rows
 
 
+def in_process(models: Path, fp8: bool, parallel, shapes: list[str], warmup: int, iters: int) -> dict:
+    """The same step run by the serving code in this process (``DitService``, its ranks included), CUDA-event
+    timed: what the served time adds is the request's way through Triton."""
+    from flux_triton.model.speedups import Speedups
+    from flux_triton.serving.service import DitService, ServeSettings
+
+    speedups = Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional")
+    settings = ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups, parallel=parallel.kind if parallel else "none",
+                             parallel_degree=parallel.degree if parallel else 1)  # fmt: skip
+    service = DitService(settings, models, torch.device("cuda", 0))
+    rows = {}
+    try:
+        for shape in shapes:
+            step = full_size_step(shape, seed=1)
+            times = []
+            for index in range(warmup + iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                service.execute([step])
+                end.record()
+                end.synchronize()
+                if index >= warmup:
+                    times.append(start.elapsed_time(end))
+            rows[shape] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+            print(f"  in process {shape:<14} {rows[shape]['median_ms']:8.1f} ms", flush=True)
+    finally:
+        service.close()
+        del service
+        torch.cuda.empty_cache()
+    return rows
+
+
 def throughput(url: str, shape: str, clients: int, requests: int) -> dict:
     wire = full_size_step(shape, seed=2, device="cpu").wire()
     batch = wire["hidden_states"].shape[0]
@@ -127,6 +161,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--throughput", action="store_true", help="also one instance per GPU vs one instance")
+    parser.add_argument("--in-process", action="store_true", help="also each config's step in this process")
     parser.add_argument("--throughput-shapes", default="1024x1024-b1,512x512-b8")
     parser.add_argument("--throughput-fp8", action="store_true", help="throughput with FP8 linears (default bf16)")
     parser.add_argument("--clients", type=int, default=4)
@@ -153,6 +188,9 @@ def main() -> None:
             results["latency"][text] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         results["latency"][text] = {"ready_s": ready_s, "shapes": rows}
+        if args.in_process:
+            shapes = args.shapes.split(",")
+            results["latency"][text]["in_process"] = in_process(models, fp8, parallel, shapes, args.warmup, args.iters)
         args.out.write_text(json.dumps(results, indent=2))
     if args.throughput:
         fp8 = args.throughput_fp8
