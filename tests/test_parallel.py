@@ -14,10 +14,22 @@ import time
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, DEV, diffusers_context_parallel, launch, load_tiny, stub_pids, worker_gone, worker_pids
+from helpers import (
+    CHECKOUT,
+    DEV,
+    diffusers_context_parallel,
+    embeds,
+    generate,
+    launch,
+    load_tiny,
+    stub_pids,
+    worker_gone,
+    worker_pids,
+)
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import admin_headers
+from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, parse_pbtxt, set_parameter
 from flux_triton.deploy.placement import place
@@ -78,6 +90,21 @@ def test_a_served_step_equals_diffusers_context_parallel_forward(parallel_server
     # a swapped batch row or a wrong timestep is far outside that tolerance
     assert inputs.rel_l2(served.flip(0), single) > 1e-2
     assert len(worker_pids()) == 1
+
+
+@cpu_ranks
+@pytest.mark.server
+def test_a_generation_with_sessions_across_ranks_equals_stateless_and_local(parallel_server, model_root):
+    """Sessions compose: rank 0 holds the prompt and broadcasts the whole step; a 4-step loop through the pipeline
+    client gives bitwise the stateless steps' latents, and diffusers' within the ranks' rounding."""
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(8))
+    with RemoteFluxTransformer(url=parallel_server.url) as remote:
+        assert remote.sessions
+        served = generate(remote, "dev", seed=8, **kwargs)
+    with RemoteFluxTransformer(url=parallel_server.url, sessions=False) as stateless:
+        assert torch.equal(served, generate(stateless, "dev", seed=8, **kwargs))
+    local = generate(load_tiny(model_root, "tiny-flux-dev"), "dev", seed=8, **kwargs)
+    assert inputs.rel_l2(served, local) < 1e-5
 
 
 @cpu_ranks
