@@ -35,6 +35,7 @@ from flux_triton.model.parallel import ParallelSettings
 from flux_triton.model.speedups import Speedups
 
 _POLL_S = 1e-4  # rank 0's wait for its forward: how often it looks at the other ranks meanwhile
+READY_TIMEOUT_S = 1800.0  # how long the workers may take to build their models (weights read, speed-ups applied)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class RankSpec:
 
     def error_file(self, rank: int) -> Path:
         return Path(self.error_dir) / f"rank-{rank}.error"
+
+    def ready_file(self, rank: int) -> Path:
+        """Written by a worker once its model is built (before that, a collective could time out on it)."""
+        return Path(self.error_dir) / f"rank-{rank}.ready"
 
 
 def free_port() -> int:
@@ -140,6 +145,7 @@ class Ranks:
         }
         for rank in range(1, self.spec.parallel.degree):
             self.spec.error_file(rank).unlink(missing_ok=True)
+            self.spec.ready_file(rank).unlink(missing_ok=True)
             command = [python_executable(), "-m", "flux_triton.serving.worker", str(rank), self.spec.to_json()]
             # stdin: a line before each step; its end tells the worker to stop (or that rank 0 is gone)
             self.workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, env=env))
@@ -148,6 +154,18 @@ class Ranks:
         except Exception:
             self._end(graceful=False)
             raise
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until every worker has built its model (rank 0 has built its own): the first step's collectives then
+        wait only on the step."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(range(1, self.spec.parallel.degree))
+        while waiting:
+            self._check_workers()
+            waiting = [rank for rank in waiting if not self.spec.ready_file(rank).is_file()]
+            if waiting and time.monotonic() > deadline:
+                raise RanksFailed(f"ranks {waiting} did not build their models within {timeout_s:g} s")
+            time.sleep(0.05)
 
     def abort(self) -> None:
         """After a fault: kill the workers and abort the process group (its collectives may never finish); a new
@@ -193,7 +211,7 @@ class Ranks:
             if code is not None:
                 error = self.spec.error_file(rank)
                 return f"rank {rank} (pid {worker.pid}) exited: " + (
-                    error.read_text().strip() if error.is_file() else f"status {code}"
+                    error.read_text(encoding="utf-8", errors="replace").strip() if error.is_file() else f"status {code}"
                 )
         return None
 
@@ -225,10 +243,10 @@ class Ranks:
                 worker.stdin.close()
         self.workers = []
         if dist.is_initialized():
-            if graceful:
+            if graceful or dist.get_backend() == "gloo":  # gloo's failed collectives have returned with their error
                 dist.destroy_process_group()
             else:
-                # a group whose collectives may never finish is aborted, not destroyed (which waits on them)
+                # NCCL collectives that may never finish hold the group: it is aborted, not destroyed (which waits)
                 dist.distributed_c10d._abort_process_group()
 
     def close(self) -> None:

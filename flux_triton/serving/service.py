@@ -122,6 +122,8 @@ class DitService:
             if parallel.enabled:
                 self.ranks = self._start_ranks(parallel)
             self.transformer = self._build()
+            if self.ranks is not None:
+                self.ranks.wait_ready()
         except BaseException:
             self.close()
             raise
@@ -159,7 +161,9 @@ class DitService:
         try:
             self.ranks.start()
             self.transformer = self._build()
+            self.ranks.wait_ready()
         except Exception as exc:
+            self.transformer = None
             self.ranks_lost = f"starting them again failed: {type(exc).__name__}: {exc}"
             raise RanksFailed(f"{failure}; the ranks are lost ({self.ranks_lost}); reload the model") from None
         raise RanksFailed(f"{failure}; the ranks were started again")

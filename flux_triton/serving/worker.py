@@ -32,6 +32,7 @@ def serve(rank: int, spec: RankSpec) -> None:
         torch.set_num_threads(1)  # CPU ranks share the host with rank 0
     spec.join(rank)
     transformer = build(spec, device)
+    spec.ready_file(rank).touch()
     budget = spec.fault_forward_bytes if spec.fault_rank == rank else 0
     with torch.inference_mode():
         while (step := receive_step(device)) is not None:
@@ -45,7 +46,7 @@ def main() -> None:
     try:
         serve(rank, spec)
     except BaseException as exc:
-        spec.error_file(rank).write_text(f"{type(exc).__name__}: {exc}")
+        spec.error_file(rank).write_text(f"{type(exc).__name__}: {exc}", encoding="utf-8")
         sys.stderr.write(f"context-parallel rank {rank}: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
         os._exit(3)
