@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flux_triton.model import store
+
 
 @dataclass(frozen=True)
 class Speedups:
@@ -64,6 +66,14 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None):
     elif speedups.compile == "full":
         return torch.compile(transformer, fullgraph=True)
     return transformer
+
+
+def load_with_speedups(
+    model_dir, dtype: torch.dtype, device: torch.device, speedups: Speedups, cache=None, parallel=None
+):
+    """The served transformer: its weights read from ``model_dir`` onto ``device``, then ``apply_speedups``
+    (every context-parallel rank builds its model this way)."""
+    return apply_speedups(store.load_transformer(model_dir, dtype, device), speedups, cache, parallel)
 
 
 def hooked_forward(module):

@@ -85,7 +85,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def send_step(step: Step, device: torch.device, workers: list[subprocess.Popen]) -> None:
+def send_step(step: Step, workers: list[subprocess.Popen]) -> None:
     """Rank 0: the step's tensors to every rank. Their names, shapes and dtypes go down each worker's pipe (a line
     of JSON), so that no rank waits on the host for them; the tensors go by broadcast from rank 0's device."""
     tensors = step.tensors()
@@ -129,12 +129,7 @@ class Ranks:
 
     def __init__(self, spec: RankSpec):
         self.spec = spec
-        self.devices = spec.parallel.devices()
         self.workers: list[subprocess.Popen] = []
-
-    @property
-    def device(self) -> torch.device:
-        return self.devices[0]
 
     def start(self) -> None:
         """Start ranks 1..N-1 and join them (each then builds the model, as rank 0 does next)."""
@@ -177,7 +172,7 @@ class Ranks:
         """``run()`` (rank 0's part of the forward of ``step``) with every other rank running its part."""
         try:
             self._check_workers()
-            send_step(step, self.device, self.workers)
+            send_step(step, self.workers)
             output = settled(run())
             self._wait(output)
         except RanksFailed:

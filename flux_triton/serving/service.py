@@ -18,7 +18,7 @@ import torch
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
 from flux_triton.model import store
 from flux_triton.model.parallel import NO_PARALLEL, ParallelSettings
-from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.model.speedups import Speedups, load_with_speedups
 from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import caching, faults
@@ -118,34 +118,34 @@ class DitService:
         if self.cache is not None and parallel.enabled:
             raise ValueError(f"cache {settings.cache} with parallel {parallel.kind}: step caches are not served "
                              f"across ranks yet; use one of them")  # fmt: skip
+        if parallel.enabled:
+            self.ranks = self._ranks(parallel)
         try:
-            if parallel.enabled:
-                self.ranks = self._start_ranks(parallel)
-            self.transformer = self._build()
-            if self.ranks is not None:
-                self.ranks.wait_ready()
+            self._bring_up()
         except BaseException:
             self.close()
             raise
         on_free = (lambda sequence_id: caching.forget(self.transformer, str(sequence_id))) if self.cache else None
         self.sessions = Sessions(SessionSettings(settings.max_sessions, settings.session_idle_s), on_free=on_free)
 
-    def _build(self):
-        """The served transformer on this device, with its speed-ups, cache and parallelism (rank 0's part)."""
-        transformer = store.load_transformer(self.model_dir, self.signature.torch_dtype, self.device)
-        return apply_speedups(transformer, self.settings.speedups, self.cache, self.settings.parallel_settings)
+    def _bring_up(self) -> None:
+        """Start the other context-parallel ranks (if any), build this rank's transformer with its speed-ups,
+        cache and parallelism, then wait until every rank has built its own."""
+        if self.ranks is not None:
+            self.ranks.start()
+        settings = self.settings
+        self.transformer = load_with_speedups(self.model_dir, self.signature.torch_dtype, self.device,
+                                              settings.speedups, self.cache, settings.parallel_settings)  # fmt: skip
+        if self.ranks is not None:
+            self.ranks.wait_ready()
 
-    def _start_ranks(self, parallel: ParallelSettings) -> Ranks:
+    def _ranks(self, parallel: ParallelSettings) -> Ranks:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # the ranks share the host's cores
         dtype = str(self.signature.torch_dtype).removeprefix("torch.")
-        fault_rank = self.settings.fault_rank
-        spec = RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port(),
-                        tempfile.mkdtemp(prefix="flux-ranks-"), fault_rank,
-                        self.settings.fault_forward_bytes if fault_rank else 0)  # fmt: skip
-        ranks = Ranks(spec)
-        ranks.start()
-        return ranks
+        return Ranks(RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port(),
+                              tempfile.mkdtemp(prefix="flux-ranks-"), self.settings.fault_rank,
+                              self.settings.fault_forward_bytes))  # fmt: skip
 
     def _parallel_forward(self, step: Step) -> torch.Tensor:
         """The step on every rank; after a fault on any rank, the ranks start again and build their models anew."""
@@ -159,9 +159,7 @@ class DitService:
         self.ranks.abort()  # first: a CUDA stream waiting on a collective is freed only by the abort
         faults.release_after_oom(self.device)
         try:
-            self.ranks.start()
-            self.transformer = self._build()
-            self.ranks.wait_ready()
+            self._bring_up()
         except Exception as exc:
             self.transformer = None
             self.ranks_lost = f"starting them again failed: {type(exc).__name__}: {exc}"

@@ -11,17 +11,10 @@ import sys
 
 import torch
 
-from flux_triton.model import store
-from flux_triton.model.speedups import apply_speedups
+from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import faults
 from flux_triton.serving.ranks import RankSpec, receive_step, settled
-
-
-def build(spec: RankSpec, device: torch.device):
-    """The rank's model, exactly as rank 0 builds its own (``DitService``)."""
-    transformer = store.load_transformer(spec.model_dir, getattr(torch, spec.dtype), device)
-    return apply_speedups(transformer, spec.speedups, parallel=spec.parallel)
 
 
 def serve(rank: int, spec: RankSpec) -> None:
@@ -31,7 +24,9 @@ def serve(rank: int, spec: RankSpec) -> None:
     else:
         torch.set_num_threads(1)  # CPU ranks share the host with rank 0
     spec.join(rank)
-    transformer = build(spec, device)
+    transformer = load_with_speedups(
+        spec.model_dir, getattr(torch, spec.dtype), device, spec.speedups, parallel=spec.parallel
+    )  # as rank 0 builds its own (DitService)
     spec.ready_file(rank).touch()
     budget = spec.fault_forward_bytes if spec.fault_rank == rank else 0
     with torch.inference_mode():
