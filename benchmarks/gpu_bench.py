@@ -99,7 +99,7 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="eager,compile,regional,aoti,fp8,aoti-fp8")
+    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,fp8,fp8-graphs,aoti-fp8")
     parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -140,11 +140,10 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return call, started
     if name == "compile":
         return partial(transformer_call, torch.compile(model, fullgraph=True)), started
-    if name in ("regional", "fp8"):  # dit_transformer's optimized paths
-        speedups.apply_speedups(
-            model, speedups.Speedups(attention_backend=cudnn, fp8=name == "fp8", compile="regional")
-        )
-        return call, started
+    if name in ("regional", "fp8", "regional-graphs", "fp8-graphs"):  # dit_transformer's optimized paths
+        chosen = speedups.Speedups(cudnn, fp8=name.startswith("fp8"), compile="regional",
+                                   cuda_graphs=name.endswith("-graphs"))  # fmt: skip
+        return partial(transformer_call, speedups.apply_speedups(model, chosen)), started
     if name in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
         engine_dir, packages = prebuilt_or_build(name, model, args.engines, RANDOM_MODEL)

@@ -3,21 +3,24 @@ the throughput of one instance per GPU (data parallel). Full-size FLUX.1-dev wit
 loaded like real ones), ``dit_transformer`` with cuDNN attention and regional compile, through the real tritonserver
 over HTTP (each request carries the whole step), placed by ``python -m flux_triton place``.
 
-Latency: for each config (``1``: one GPU; ``ulysses2``, ``ring2``: across GPUs 0-1; ``:fp8`` for FP8 linears) and
-shape, the client's wall time per request (median of ``--iters`` after ``--warmup``), and the 1024² b1 output's
-rel. L2 against an fp32 forward of the same weights on one GPU. Throughput (``--throughput``): ``--clients``
-concurrent clients against one instance on GPU 0, then one instance on each of GPUs 0 and 1, per shape. In process
-(``--in-process``): the same step run by ``DitService`` here, after the server has stopped.
+Latency: for each config (``1``: one GPU; ``ulysses2``, ``ring2``: across GPUs 0-1; ``:fp8`` for FP8 linears,
+``:graphs`` for CUDA graphs) and shape, the client's wall time per request (median of ``--iters`` after
+``--warmup``), and the 1024² b1 output's rel. L2 against an fp32 forward of the same weights on one GPU. Throughput
+(``--throughput``): ``--clients`` concurrent clients against one instance on GPU 0, then one instance on each of
+GPUs 0 and 1, per shape. In process (``--in-process``): the same step run by ``DitService`` here, after the server
+has stopped.
 
     python3 benchmarks/parallel_step.py --out parallel.json
     python3 benchmarks/parallel_step.py --configs 1:fp8,ulysses2:fp8 --throughput --out parallel-fp8.json
     python3 benchmarks/parallel_step.py --configs 1,ulysses2 --in-process --out parallel-split.json
+    python3 benchmarks/parallel_step.py --configs 1:graphs,ulysses2:graphs,ulysses2:fp8:graphs --out graphs.json
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -37,26 +40,28 @@ from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
 from flux_triton.model.parallel import PARALLEL_KINDS, ParallelSettings
 from flux_triton.model.presets import RANDOM_MODEL, full_size_step, save_random
+from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import rel_l2
 
 ACCURACY_SHAPE = "1024x1024-b1"
 
 
-def parse_config(text: str) -> tuple[ParallelSettings | None, bool]:
-    """``1``, ``ulysses2``, ``ring4``..., optionally ``:fp8``."""
-    name, _, precision = text.partition(":")
+def parse_config(text: str) -> tuple[ParallelSettings | None, Speedups]:
+    """``1``, ``ulysses2``, ``ring4``..., optionally ``:fp8`` (FP8 linears) and ``:graphs`` (CUDA graphs)."""
+    name, *flags = text.split(":")
     kind = name.rstrip("0123456789")
     parallel = ParallelSettings(kind, int(name[len(kind) :])) if kind in PARALLEL_KINDS else None
-    return parallel, precision == "fp8"
+    speedups = Speedups("_native_cudnn", fp8="fp8" in flags, compile="regional", cuda_graphs="graphs" in flags)
+    return parallel, speedups
 
 
-def server_for(work: Path, models: Path, label: str, fp8: bool, parallel=None, gpus=(0,)) -> TritonServer:
+def server_for(work: Path, models: Path, label: str, speedups: Speedups, parallel=None, gpus=(0,)) -> TritonServer:
     repository = work / f"repository-{label}"
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
     config = repository / DIT_TRANSFORMER / "config.pbtxt"
-    settings = {"model_dir": RANDOM_MODEL, "attention_backend": "_native_cudnn", "compile": "regional",
-                "fp8": str(fp8).lower(), "max_sessions": "0"}  # fmt: skip
+    settings = {"model_dir": RANDOM_MODEL, "max_sessions": "0",
+                **{name: str(value).lower() for name, value in dataclasses.asdict(speedups).items()}}  # fmt: skip
     for key, value in settings.items():
         set_parameter(config, key, value)
     place(config, gpus=() if parallel else gpus, parallel=parallel)
@@ -96,13 +101,11 @@ def latency(url: str, shapes: list[str], warmup: int, iters: int, reference: tor
     return rows
 
 
-def in_process(models: Path, fp8: bool, parallel, shapes: list[str], warmup: int, iters: int) -> dict:
+def in_process(models: Path, speedups: Speedups, parallel, shapes: list[str], warmup: int, iters: int) -> dict:
     """The same step run by the serving code in this process (``DitService``, its ranks included), CUDA-event
     timed: what the served time adds is the request's way through Triton."""
-    from flux_triton.model.speedups import Speedups
     from flux_triton.serving.service import DitService, ServeSettings
 
-    speedups = Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional")
     settings = ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups, parallel=parallel.kind if parallel else "none",
                              parallel_degree=parallel.degree if parallel else 1)  # fmt: skip
     service = DitService(settings, models, torch.device("cuda", 0))
@@ -176,11 +179,11 @@ def main() -> None:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     results = {"gpus": gpus, "latency": {}, "throughput": {}}
     for text in filter(None, args.configs.split(",")):
-        parallel, fp8 = parse_config(text)
+        parallel, speedups = parse_config(text)
         print(f"{text}:", flush=True)
         started = time.perf_counter()
         try:
-            with server_for(work, models, text.replace(":", "-"), fp8, parallel).start(timeout_s=1800) as server:
+            with server_for(work, models, text.replace(":", "-"), speedups, parallel).start(timeout_s=1800) as server:
                 ready_s = time.perf_counter() - started
                 rows = latency(server.url, args.shapes.split(","), args.warmup, args.iters, reference)
         except Exception as exc:  # one config failing (say, an attention backend without ring support) is a row
@@ -190,12 +193,15 @@ def main() -> None:
         results["latency"][text] = {"ready_s": ready_s, "shapes": rows}
         if args.in_process:
             shapes = args.shapes.split(",")
-            results["latency"][text]["in_process"] = in_process(models, fp8, parallel, shapes, args.warmup, args.iters)
+            rows = in_process(models, speedups, parallel, shapes, args.warmup, args.iters)
+            results["latency"][text]["in_process"] = rows
         args.out.write_text(json.dumps(results, indent=2))
     if args.throughput:
-        fp8 = args.throughput_fp8
+        speedups = Speedups("_native_cudnn", fp8=args.throughput_fp8, compile="regional")
         for label, gpu_list in (("1 instance", (0,)), (f"{len(gpus)} instances", tuple(range(len(gpus))))):
-            with server_for(work, models, label.replace(" ", "-"), fp8, gpus=gpu_list).start(timeout_s=1800) as server:
+            with server_for(work, models, label.replace(" ", "-"), speedups, gpus=gpu_list).start(
+                timeout_s=1800
+            ) as server:
                 for shape in args.throughput_shapes.split(","):
                     row = throughput(server.url, shape, args.clients, args.requests)
                     results["throughput"].setdefault(label, {})[shape] = row

@@ -23,6 +23,19 @@ def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
     assert torch.equal(served, reference_call(service.transformer, step))
 
 
+def test_cuda_graph_replays_are_bitwise_the_compiled_step_for_each_shape(model_root):
+    """Each batch size gets its graph after two ordinary calls; a replay with new inputs equals the ordinary
+    call on them (stale static buffers or a graph replayed for the wrong shape would not)."""
+    plain = DitService(ServeSettings(speedups=Speedups(compile="regional")), model_root, torch.device("cuda"))
+    graphed_settings = ServeSettings(speedups=Speedups(compile="regional", cuda_graphs=True))
+    graphed = DitService(graphed_settings, model_root, torch.device("cuda"))
+    for batch in (1, 3, 1):
+        for seed in range(4):
+            step = random_step(plain.signature, batch=batch, seed=seed, device="cuda")
+            assert torch.equal(graphed.forward(step), plain.forward(step)), (batch, seed)
+    assert len(graphed.transformer.graphs) == 2
+
+
 @pytest.mark.parametrize(
     ("speedups", "allowed"),
     [

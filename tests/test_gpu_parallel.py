@@ -1,6 +1,7 @@
-"""Context parallelism on a host with 2 or more GPUs (skipped with fewer): ``dit_transformer`` placed as one
-instance across GPUs 0 and 1 (Ulysses-2, bf16, over NCCL) serves bitwise diffusers' own context-parallel forward
-of the same weights, and the one-GPU step within bf16's rounding."""
+"""The served step on GPUs (skipped with fewer than 2): ``dit_transformer`` placed on one GPU serves bitwise the
+pipeline's call, and placed as one instance across GPUs 0 and 1 (Ulysses-2, bf16, over NCCL) bitwise diffusers' own
+context-parallel forward of the same weights, and the one-GPU step within bf16's rounding. Both bitwise checks fail
+on the GPU hosts measured so far, by 1-2 bf16 ulps in the served process (open: benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -28,22 +29,49 @@ pytestmark = [
 ONE_GPU_TOLERANCE = 2e-2
 
 
-@pytest.mark.server
-def test_two_gpus_serve_diffusers_context_parallel_forward(tmp_path, model_root):
+def _bitwise(served: torch.Tensor, reference: torch.Tensor) -> None:
+    difference = (served.float() - reference.float()).abs()
+    assert torch.equal(served, reference), (
+        f"{int((difference > 0).sum())} of {difference.numel()} differ, max {difference.max():.3e}, "
+        f"rel. L2 {inputs.rel_l2(served, reference):.3e}"
+    )
+
+
+def _serve(tmp_path, model_root, step, **placement) -> tuple[torch.Tensor, list[int]]:
+    """``step`` served once by dit_transformer placed as ``placement`` says; and the worker ranks it had."""
     repository = tmp_path / "model_repository"
     shutil.copytree(CHECKOUT / "model_repository" / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
-    place(repository / DIT_TRANSFORMER / "config.pbtxt", parallel=ParallelSettings("ulysses", 2))
+    place(repository / DIT_TRANSFORMER / "config.pbtxt", **placement)
+    with launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}) as server:
+        workers = worker_pids()
+        with httpclient.InferenceServerClient(server.url, network_timeout=300) as client:
+            return infer_step(client, DIT_TRANSFORMER, step.wire()), workers
+
+
+def _one_gpu_call(model_dir, step) -> torch.Tensor:
+    one_gpu = store.load_transformer(model_dir, torch.bfloat16, "cuda")
+    return call.reference_call(one_gpu, step.replace(**{k: v.cuda() for k, v in step.tensors().items()})).cpu()
+
+
+def _tiny_step(model_root):
     model_dir = store.resolve_model_dir("tiny-flux-dev", model_root)
     signature = DitSignature.from_config(store.read_config(model_dir), torch.bfloat16)
-    step = inputs.random_step(signature, batch=2, height=256, width=256, seed=21)
-    with launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}) as server:
-        [worker] = worker_pids()
-        with httpclient.InferenceServerClient(server.url, network_timeout=300) as client:
-            served = infer_step(client, DIT_TRANSFORMER, step.wire())
+    return model_dir, inputs.random_step(signature, batch=2, height=256, width=256, seed=21)
+
+
+@pytest.mark.server
+def test_one_gpu_through_triton_serves_the_pipeline_call(tmp_path, model_root):
+    """The served step without parallelism, its inputs in Triton's buffers, is bitwise the pipeline call."""
+    model_dir, step = _tiny_step(model_root)
+    served, _ = _serve(tmp_path, model_root, step, gpus=(0,))
+    _bitwise(served, _one_gpu_call(model_dir, step))
+
+
+@pytest.mark.server
+def test_two_gpus_serve_diffusers_context_parallel_forward(tmp_path, model_root):
+    model_dir, step = _tiny_step(model_root)
+    served, [worker] = _serve(tmp_path, model_root, step, parallel=ParallelSettings("ulysses", 2))
     assert worker_gone(worker)
-    reference = diffusers_context_parallel(model_dir, step, tmp_path)
-    difference = (served.float() - reference.float()).abs()
-    assert torch.equal(served, reference), f"max |diff| {difference.max():.3e} at {difference.argmax()}"
-    one_gpu = store.load_transformer(model_dir, torch.bfloat16, "cuda")
-    expected = call.reference_call(one_gpu, step.replace(**{k: v.cuda() for k, v in step.tensors().items()})).cpu()
+    _bitwise(served, diffusers_context_parallel(model_dir, step, tmp_path))
+    expected = _one_gpu_call(model_dir, step)
     assert inputs.rel_l2(served, expected) < ONE_GPU_TOLERANCE < inputs.rel_l2(served.flip(0), expected)

@@ -6,6 +6,7 @@ The server tests run where there is no GPU (a GPU host runs ranks on its GPUs: t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -42,6 +43,8 @@ from flux_triton.serving.service import DitService, ServeSettings
 
 ULYSSES_2 = ParallelSettings("ulysses", 2)
 ADMIN_KEY = "test-key"
+SERVED = DEV if not torch.cuda.is_available() else dataclasses.replace(DEV, dtype="BF16")  # the served dtype
+OOM_ON_GPUS = "open: over NCCL the step hangs and the model is left without ranks (benchmarks/README.md)"
 FAULT_BUDGET = 1_000_000  # bytes: a 64x64 step fits on a rank (~25 kB), a 1024x1024 one (~4 MB) does not
 
 
@@ -51,6 +54,10 @@ def parent_pid(pid: int) -> int:
 
 
 cpu_ranks = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks; on a GPU host see test_gpu_parallel.py")
+# the lifecycle and fault tests run on CPU ranks over gloo, and on GPU ranks over NCCL where 2 GPUs are present
+any_ranks = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="a GPU host runs one rank per GPU: needs 2"
+)
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +114,10 @@ def test_a_generation_with_sessions_across_ranks_equals_stateless_and_local(para
     assert inputs.rel_l2(served, local) < 1e-5
 
 
-@cpu_ranks
+@any_ranks
 @pytest.mark.server
 def test_a_dead_rank_fails_its_step_and_the_model_serves_on_new_ranks(parallel_server, model_root):
-    step = inputs.random_step(DEV, height=64, width=64, seed=12)
+    step = inputs.random_step(SERVED, height=64, width=64, seed=12)
     expected = _served(parallel_server, step)
     [worker] = worker_pids()
     os.kill(worker, signal.SIGKILL)
@@ -120,32 +127,34 @@ def test_a_dead_rank_fails_its_step_and_the_model_serves_on_new_ranks(parallel_s
     assert worker not in worker_pids() and len(worker_pids()) == 1
 
 
-@cpu_ranks
+@any_ranks
 @pytest.mark.server
 def test_a_hung_rank_times_out_and_is_replaced(parallel_server):
-    step = inputs.random_step(DEV, height=64, width=64, seed=13)
+    step = inputs.random_step(SERVED, height=64, width=64, seed=13)
     expected = _served(parallel_server, step)
     [worker] = worker_pids()
-    os.kill(worker, signal.SIGSTOP)
+    os.kill(worker, signal.SIGSTOP)  # over NCCL, rank 0's wait times out; over gloo, the collective
     started = time.monotonic()
-    with pytest.raises(InferenceServerException, match=r"Timed out .*; the ranks were started again"):
+    hung = r"(Timed out|did not finish within 5 s).*; the ranks were started again"
+    with pytest.raises(InferenceServerException, match=hung):
         _served(parallel_server, step)
     assert time.monotonic() - started < 60  # the 5 s collective timeout, then the restart
     assert torch.equal(_served(parallel_server, step), expected)
     assert worker not in worker_pids()
 
 
-@cpu_ranks
+@any_ranks
+@pytest.mark.xfail(torch.cuda.is_available(), run=False, reason=OOM_ON_GPUS)
 @pytest.mark.server
 def test_an_out_of_memory_rank_fails_the_step_on_every_rank_and_the_model_keeps_serving(parallel_server):
-    big = inputs.random_step(DEV, height=1024, width=1024, seed=14)
+    big = inputs.random_step(SERVED, height=1024, width=1024, seed=14)
     with pytest.raises(InferenceServerException, match=r"rank 1 .*OutOfMemoryError: out of memory .* budget"):
         _served(parallel_server, big)
-    small = inputs.random_step(DEV, height=64, width=64, seed=14)
+    small = inputs.random_step(SERVED, height=64, width=64, seed=14)
     assert _served(parallel_server, small).shape == small.hidden_states.shape
 
 
-@cpu_ranks
+@any_ranks
 @pytest.mark.server
 def test_workers_end_with_their_instance(parallel_server):
     """Unloading ends the workers; so does the instance's process dying (their pipe to it closes)."""

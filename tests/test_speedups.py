@@ -19,9 +19,9 @@ def _config(**parameters) -> dict:
 
 def test_settings_read_the_speedups_from_the_config():
     settings = ServeSettings.from_model_config(
-        _config(attention_backend="_native_cudnn", fuse_qkv="true", fp8="false", compile="regional")
+        _config(attention_backend="_native_cudnn", fuse_qkv="true", fp8="false", compile="regional", cuda_graphs="1")
     )
-    assert settings.speedups == Speedups("_native_cudnn", fuse_qkv=True, fp8=False, compile="regional")
+    assert settings.speedups == Speedups("_native_cudnn", True, fp8=False, compile="regional", cuda_graphs=True)
     assert settings.max_batch == 8
     assert ServeSettings.from_model_config(_config()).speedups == Speedups()
 
@@ -29,6 +29,13 @@ def test_settings_read_the_speedups_from_the_config():
 def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile: expected none, regional or full"):
         ServeSettings.from_model_config(_config(compile="everything"))
+
+
+def test_cuda_graphs_are_refused_on_the_cpu_and_with_a_step_cache():
+    with pytest.raises(ValueError, match="cuda_graphs: CUDA graphs need a CUDA device; this model runs on cpu"):
+        apply_speedups(build_tiny("tiny-flux-dev"), Speedups(cuda_graphs=True))
+    with pytest.raises(ValueError, match="cuda_graphs: a captured step cannot hold a step cache"):
+        apply_speedups(build_tiny("tiny-flux-dev"), Speedups(cuda_graphs=True), cache=object())
 
 
 def test_fused_qkv_keeps_the_output_and_frees_the_unfused_weights():

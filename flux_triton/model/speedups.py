@@ -18,15 +18,18 @@ class Speedups:
     fuse_qkv: bool = False  # one QKV GEMM per attention; the unfused weights are freed
     fp8: bool = False  # e4m3 block linears (model.fp8), Hopper and newer
     compile: str = "none"  # none | regional (each repeated block compiled once) | full
+    cuda_graphs: bool = False  # each step shape captured in one CUDA graph and replayed (model.graphs)
 
     @classmethod
-    def parse(cls, attention_backend="native", fuse_qkv="false", fp8="false", compile="none") -> Speedups:
+    def parse(
+        cls, attention_backend="native", fuse_qkv="false", fp8="false", compile="none", cuda_graphs="false"
+    ) -> Speedups:
         def flag(value) -> bool:
             return str(value).lower() in ("1", "true", "yes", "on")
 
         if compile not in ("none", "regional", "full"):
             raise ValueError(f"compile: expected none, regional or full, got {compile!r}")
-        return cls(attention_backend, flag(fuse_qkv), flag(fp8), compile)
+        return cls(attention_backend, flag(fuse_qkv), flag(fp8), compile, flag(cuda_graphs))
 
 
 def fuse_qkv_projections(transformer) -> None:
@@ -43,10 +46,13 @@ def fuse_qkv_projections(transformer) -> None:
 def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None):
     """Apply ``speedups``, diffusers' step ``cache`` (a config, or ``None``) and context ``parallel``-ism (a
     ``model.parallel.ParallelSettings``, its process group joined) in place (the transformer is already on its
-    device); returns the callable to use, which is the transformer itself unless compiled whole."""
+    device); returns the callable to use, which is the transformer itself unless compiled whole or graphed."""
     if cache is not None and speedups.compile == "full":
         raise ValueError("compile full: a whole-model graph cannot hold a step cache's per-step decisions; "
                          "use compile regional with a cache")  # fmt: skip
+    if cache is not None and speedups.cuda_graphs:
+        raise ValueError("cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
+                         "turn one of them off")  # fmt: skip
     if speedups.attention_backend != "native":
         transformer.set_attention_backend(speedups.attention_backend)
     if speedups.fuse_qkv:
@@ -61,11 +67,16 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None):
         enable_context_parallel(transformer, parallel)
     if cache is not None:
         transformer.enable_cache(cache)
+    call = transformer
     if speedups.compile == "regional":
         compile_regions(transformer)
     elif speedups.compile == "full":
-        return torch.compile(transformer, fullgraph=True)
-    return transformer
+        call = torch.compile(transformer, fullgraph=True)
+    if speedups.cuda_graphs:
+        from flux_triton.model.graphs import with_cuda_graphs
+
+        call = with_cuda_graphs(call, transformer.device)
+    return call
 
 
 def load_with_speedups(

@@ -63,12 +63,15 @@ class RankSpec:
 
     def join(self, rank: int) -> None:
         """Join the process group as ``rank`` (blocks until every rank has joined, ``timeout_s`` at most)."""
+        backend, timeout_s = self.parallel.backend(), self.parallel.timeout_s
+        if backend == "nccl":  # NCCL's watchdog ends a process whose collective times out: rank 0's own deadline
+            timeout_s = 2 * timeout_s + 60  # (``Ranks._wait``) comes first, then it aborts the group and restarts
         dist.init_process_group(
-            self.parallel.backend(),
+            backend,
             init_method=f"tcp://127.0.0.1:{self.port}",
             rank=rank,
             world_size=self.parallel.degree,
-            timeout=timedelta(seconds=self.parallel.timeout_s),
+            timeout=timedelta(seconds=timeout_s),
         )
 
     def error_file(self, rank: int) -> Path:

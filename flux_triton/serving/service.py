@@ -50,7 +50,7 @@ class ServeSettings:
     parallel_timeout_s: float = ParallelSettings.timeout_s
     fault_forward_bytes: int = 0  # test-only fault injection (serving.faults); 0: off
     fault_rank: int = 0  # ... on this context-parallel rank
-    speedups: Speedups = field(default_factory=Speedups)  # parameters attention_backend, fuse_qkv, fp8, compile
+    speedups: Speedups = field(default_factory=Speedups)  # attention_backend, fuse_qkv, fp8, compile, cuda_graphs
 
     @classmethod
     def from_model_config(cls, model_config: Mapping) -> ServeSettings:
@@ -169,6 +169,7 @@ class DitService:
     def close(self) -> None:
         """Stop the context-parallel ranks (if any)."""
         if self.ranks is not None:
+            self.transformer = None  # first: its captured CUDA graphs hold the ranks' communicator
             self.ranks.close()
             shutil.rmtree(self.ranks.spec.error_dir, ignore_errors=True)
             self.ranks = None
