@@ -6,6 +6,10 @@ warm-up), effective TFLOP/s from the analytic FLOP count, peak GPU memory, time 
 per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the final latents of a
 28-step dev-like loop against an fp32 reference of the same weights.
 
+Paths: ``eager``, ``compile`` (whole model), ``regional`` (dit_transformer's bf16: cuDNN attention, regional
+compile), ``fp8`` (+ FP8 block linears, per-token activation scales), ``fp8-static`` (static scales calibrated here
+first, ``model.fp8_scales``), ``-graphs`` (+ one CUDA graph per shape), ``aoti``/``aoti-fp8`` (engines).
+
     python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
     python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
 """
@@ -24,6 +28,8 @@ import torch
 from flux_triton.engines import aoti
 from flux_triton.engines.aoti_engine import prebuilt_or_build
 from flux_triton.model import speedups
+from flux_triton.model.fp8 import set_input_scales
+from flux_triton.model.fp8_scales import Calibration, calibrate
 from flux_triton.model.presets import FULL_SIZE_SHAPES, FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random
 from flux_triton.model.presets import full_size_step as step_for
 from flux_triton.pipeline import loop
@@ -99,7 +105,8 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,fp8,fp8-graphs,aoti-fp8")
+    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,fp8,fp8-graphs,fp8-static,"
+                        "fp8-static-graphs,aoti-fp8")  # fmt: skip
     parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -116,6 +123,10 @@ def main() -> None:
     results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     accuracy_step = step_for("1024x1024-b1")
     refs = fp32_reference(model, accuracy_step, args.loop_steps)
+    if any("-static" in name for name in args.paths.split(",")):  # calibrated on the bf16 model, before FP8 paths
+        started = time.perf_counter()
+        results["fp8_scales"] = {name: scale.item() for name, scale in calibrate(model, Calibration()).items()}
+        results["calibration_s"] = time.perf_counter() - started
 
     for name in args.paths.split(","):
         torch._dynamo.reset()
@@ -140,10 +151,12 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return call, started
     if name == "compile":
         return partial(transformer_call, torch.compile(model, fullgraph=True)), started
-    if name in ("regional", "fp8", "regional-graphs", "fp8-graphs"):  # dit_transformer's optimized paths
-        chosen = speedups.Speedups(cudnn, fp8=name.startswith("fp8"), compile="regional",
-                                   cuda_graphs=name.endswith("-graphs"))  # fmt: skip
-        return partial(transformer_call, speedups.apply_speedups(model, chosen)), started
+    scales = results.get("fp8_scales") if "-static" in name else None
+    set_input_scales(model, scales)  # FP8 linears converted by an earlier path: static or per-token scales
+    if name.startswith(("regional", "fp8")):  # dit_transformer's paths: regional, fp8, fp8-static, ...-graphs
+        fp8 = name.startswith("fp8")
+        chosen = speedups.Speedups(cudnn, fp8=fp8, compile="regional", cuda_graphs=name.endswith("-graphs"))
+        return partial(transformer_call, speedups.apply_speedups(model, chosen, fp8_scales=scales)), started
     if name in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
         engine_dir, packages = prebuilt_or_build(name, model, args.engines, RANDOM_MODEL)

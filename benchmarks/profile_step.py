@@ -1,5 +1,6 @@
 """Where a step's GPU time goes: attention vs GEMMs vs the rest, from torch.profiler's kernel
-times, for dit_transformer's bf16 and FP8 paths on the full-size model (random weights).
+times, for dit_transformer's bf16 and FP8 paths (per-token and static activation scales) on the full-size
+model (random weights).
 
     python benchmarks/profile_step.py --out profile.json
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from flux_triton.model.fp8 import set_input_scales
+from flux_triton.model.fp8_scales import Calibration, calibrate
 from flux_triton.model.presets import build_random, full_size_step
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline.call import transformer_call
@@ -61,16 +64,20 @@ def main() -> None:
     model = build_random()
     step = full_size_step(args.shape)
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "paths": {}}
+    static = {name: scale.item() for name, scale in calibrate(model, Calibration()).items()}  # on bf16 weights
     with torch.inference_mode():
-        for name, fp8 in (("bf16", False), ("fp8", True)):  # bf16 first: FP8 replaces the block weights
+        # bf16 first: FP8 replaces the block weights; then per-token and static activation scales
+        for name, fp8, scales in (("bf16", False, None), ("fp8", True, None), ("fp8-static", True, static)):
             torch._dynamo.reset()
-            apply_speedups(model, Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional"))
+            set_input_scales(model, scales)
+            speedups = Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional")
+            apply_speedups(model, speedups, fp8_scales=scales)
             results["paths"][name] = breakdown(lambda s: transformer_call(model, s), step)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"{results['gpu']} {args.shape}: GPU kernel time per step (ms)")
     for name, row in results["paths"].items():
         parts = "  ".join(f"{kind} {ms:6.1f}" for kind, ms in sorted(row["ms_per_step"].items()))
-        print(f"{name:<5} total {row['total_ms']:6.1f}  {parts}")
+        print(f"{name:<10} total {row['total_ms']:6.1f}  {parts}")
         for kernel, ms in list(row["top_kernels_ms"].items())[:6]:
             print(f"      {ms:6.2f} ms  {kernel[:110]}")
 

@@ -15,13 +15,14 @@ COMMANDS = {
     "place": ("flux_triton.deploy.placement:main", "place a model's instances: one per GPU, or one across GPUs"),
     "load": ("flux_triton.tools.loadtest:main", "bounded load test with cross-talk checks"),
     "tiny": ("flux_triton.tools.tiny:main", "write the embedded tiny FLUX transformers"),
+    "calibrate": ("flux_triton.tools.calibrate:main", "static FP8 activation scales for a model, beside its weights"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:<8} {summary}" for name, (_, summary) in COMMANDS.items())
+        lines = "\n".join(f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items())
         sys.exit(f"usage: python -m flux_triton <command> [--help]\n\n{lines}")
     target, _ = COMMANDS[argv[0]]
     module, function = target.split(":")

@@ -1,10 +1,14 @@
-"""FP8 (e4m3) linears for the transformer blocks on Hopper: per-output-channel weight scales
-computed once, per-token activation scales computed on the fly, ``torch._scaled_mm``.
+"""FP8 (e4m3) linears for the transformer blocks on Hopper: per-output-channel weight scales computed once, and
+activation scales either per token on the fly (dynamic, the default) or one per linear frozen by a calibration
+(static, ``model.fp8_scales``: no reduction at run time, so the compiler fuses the multiply-clamp-cast into the
+kernel that produced the activation); ``torch._scaled_mm``.
 
 Only the block linears are converted (the embedders, norms' modulation outside the blocks and
 ``proj_out`` stay in bf16, as NVIDIA's FLUX FP8 recipe does). The bf16 weights are dropped."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -14,19 +18,24 @@ FP8_MAX = torch.finfo(FP8).max
 
 
 class Float8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, input_scale: float | None = None):
         super().__init__()
         weight = linear.weight.detach()
         scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
         self.register_buffer("weight_fp8", (weight.float() / scale).to(FP8), persistent=False)
         self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out]
+        static = None if input_scale is None else torch.tensor([[input_scale]], device=weight.device)
+        self.register_buffer("input_scale", static, persistent=False)  # [1, 1], or None: per token
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        if self.input_scale is None:
+            scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        else:  # _scaled_mm's row-wise form wants a contiguous [rows, 1] scale
+            scale = self.input_scale.expand(flat.shape[0], 1).contiguous()
         quantized = (flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         out = torch._scaled_mm(
             quantized, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
@@ -36,20 +45,40 @@ class Float8Linear(nn.Module):
 
 def _convertible(name: str, module: nn.Module) -> bool:
     # Keep the AdaLN modulation linears (they act on one vector per sample) in bf16.
-    return isinstance(module, nn.Linear) and ".norm" not in f".{name}" and module.in_features % 16 == 0
+    return (
+        isinstance(module, nn.Linear)
+        and ".norm" not in f".{name}"
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
-def quantize_blocks(transformer: nn.Module) -> int:
-    """Swap the block linears for FP8 ones in place; returns how many were converted."""
-    count = 0
-    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
-        for block in blocks:
-            for name, module in list(block.named_modules()):
-                if not _convertible(name, module) or module.out_features % 16:
-                    continue
-                parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, Float8Linear(module))
-                count += 1
+def block_linears(transformer: nn.Module) -> dict[str, nn.Linear]:
+    """The linears ``quantize_blocks`` converts, by their names in ``transformer``."""
+    found = {}
+    for blocks_name in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(transformer, blocks_name)):
+            for name, module in block.named_modules():
+                if _convertible(name, module):
+                    found[f"{blocks_name}.{index}.{name}"] = module
+    return found
+
+
+def quantize_blocks(transformer: nn.Module, input_scales: Mapping[str, float] | None = None) -> int:
+    """Swap the block linears for FP8 ones in place, with static activation scales where ``input_scales`` (from
+    ``model.fp8_scales``, one per linear) is given; returns how many were converted."""
+    linears = block_linears(transformer)
+    for name, module in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        scale = None if input_scales is None else float(input_scales[name])
+        setattr(transformer.get_submodule(parent_name), child, Float8Linear(module, scale))
     torch.cuda.empty_cache()
-    return count
+    return len(linears)
+
+
+def set_input_scales(transformer: nn.Module, input_scales: Mapping[str, float] | None) -> None:
+    """Switch linears already converted between static activation scales and per-token ones (``None``)."""
+    for name, module in transformer.named_modules():
+        if isinstance(module, Float8Linear):
+            scale = None if input_scales is None else [[float(input_scales[name])]]
+            module.input_scale = None if scale is None else torch.tensor(scale, device=module.weight_fp8.device)

@@ -1,4 +1,4 @@
-"""Whole-step CUDA graphs: the transformer's forward captured once per input shape and replayed.
+"""Whole-step CUDA graphs: a step captured once per input shape and replayed.
 
 A compiled step still costs the host ~55 ms of Python and kernel launches per forward (more with context
 parallelism's hooks and collectives); a small step waits on them. Replaying a captured graph launches the
@@ -7,16 +7,21 @@ graph, captured on its first call after ``WARMUP_CALLS`` ordinary ones; the inpu
 static buffers and its output copied out, so the graphs share one memory pool. Past ``max_graphs`` shapes a
 step runs without a graph. Replays compute bitwise what the ordinary call computes (the same kernels).
 With context parallelism every rank sees the same steps in the same order, so the ranks capture together
-and the captured collectives pair up."""
+and the captured collectives pair up.
+
+``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``); ``GraphedEngine`` an engine's
+``run(tensors)`` (``dit_engine`` on an AOTI engine)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 WARMUP_CALLS = 2  # a first call compiles and allocates (neither can be captured); a second settles the allocator
 DEFAULT_MAX_GRAPHS = 16
+Tensors = Mapping[str, torch.Tensor]
 
 
 @dataclass
@@ -26,16 +31,49 @@ class _Captured:
     output: torch.Tensor
 
 
-class GraphedTransformer:
-    """Calls ``transformer`` (the keyword call of ``pipeline.call``) through one CUDA graph per input shape;
-    everything else (``config``, ``dtype``...) is the transformer's."""
+class ShapeGraphs:
+    """``run(tensors, fn, key)``: ``fn(tensors)`` (one output tensor, all on one GPU), replayed from the graph of
+    the tensors' shapes and dtypes (and ``key``) once captured."""
 
-    def __init__(self, transformer, max_graphs: int = DEFAULT_MAX_GRAPHS):
-        self.transformer = transformer
+    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS):
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Captured] = {}
         self.calls: dict[tuple, int] = {}
         self.pool = torch.cuda.graph_pool_handle()
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def run(self, tensors: Tensors, fn: Callable[[Tensors], torch.Tensor], key: str = "") -> torch.Tensor:
+        shape_key = (*((name, tuple(t.shape), t.dtype) for name, t in tensors.items()), key)
+        captured = self.graphs.get(shape_key)
+        if captured is None:
+            self.calls[shape_key] = self.calls.get(shape_key, 0) + 1
+            if self.calls[shape_key] <= WARMUP_CALLS or len(self.graphs) >= self.max_graphs:
+                return fn(tensors)
+            captured = self.graphs[shape_key] = self._capture(tensors, fn)
+        for name, tensor in tensors.items():
+            captured.inputs[name].copy_(tensor)
+        captured.graph.replay()
+        return captured.output.clone()
+
+    def _capture(self, tensors: Tensors, fn: Callable[[Tensors], torch.Tensor]) -> _Captured:
+        inputs = {name: tensor.clone() for name, tensor in tensors.items()}
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        # thread_local: other threads' CUDA calls (NCCL's watchdog, Triton's) do not break the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            output = fn(inputs)
+        return _Captured(graph, inputs, output)
+
+
+class GraphedTransformer:
+    """Calls ``transformer`` (the keyword call of ``pipeline.call``) through ``ShapeGraphs``; everything else
+    (``config``, ``dtype``...) is the transformer's."""
+
+    def __init__(self, transformer, max_graphs: int = DEFAULT_MAX_GRAPHS):
+        self.transformer = transformer
+        self.graphs = ShapeGraphs(max_graphs)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["transformer"], name)
@@ -43,29 +81,26 @@ class GraphedTransformer:
     def __call__(self, **kwargs):
         tensors = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
         others = {name: value for name, value in kwargs.items() if name not in tensors}
-        key = (*((name, tuple(t.shape), t.dtype) for name, t in tensors.items()), repr(sorted(others.items())))
-        captured = self.graphs.get(key)
-        if captured is None:
-            self.calls[key] = self.calls.get(key, 0) + 1
-            if self.calls[key] <= WARMUP_CALLS or len(self.graphs) >= self.max_graphs:
-                return self.transformer(**kwargs)
-            captured = self.graphs[key] = self._capture(tensors, others)
-        for name, tensor in tensors.items():
-            captured.inputs[name].copy_(tensor)
-        captured.graph.replay()
-        return (captured.output.clone(),)
+        forward = lambda inputs: self.transformer(**inputs, **others)[0]  # noqa: E731
+        return (self.graphs.run(tensors, forward, repr(sorted(others.items()))),)
 
-    def _capture(self, tensors: dict[str, torch.Tensor], others: dict) -> _Captured:
-        inputs = {name: tensor.clone() for name, tensor in tensors.items()}
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        # thread_local: other threads' CUDA calls (NCCL's watchdog, Triton's) do not break the capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            (output,) = self.transformer(**inputs, **others)
-        return _Captured(graph, inputs, output)
+
+class GraphedEngine:
+    """An engine's ``run(tensors) -> noise_pred`` through ``ShapeGraphs``, its inputs first moved to ``device``."""
+
+    def __init__(self, engine: Callable[[Tensors], torch.Tensor], device: torch.device, max_graphs=DEFAULT_MAX_GRAPHS):
+        self.engine, self.device = engine, device
+        self.graphs = ShapeGraphs(max_graphs)
+
+    def __call__(self, tensors: Tensors) -> torch.Tensor:
+        return self.graphs.run({name: t.to(self.device) for name, t in tensors.items()}, self.engine)
+
+
+def check_cuda(device: torch.device | str) -> None:
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device; this model runs on {device}")
 
 
 def with_cuda_graphs(transformer, device: torch.device, max_graphs: int = DEFAULT_MAX_GRAPHS) -> GraphedTransformer:
-    if torch.device(device).type != "cuda":
-        raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device; this model runs on {device}")
+    check_cuda(device)
     return GraphedTransformer(transformer, max_graphs)

@@ -6,6 +6,7 @@ paths. None changes the function computed except ``fp8`` (lossy, reported by the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,19 +18,30 @@ class Speedups:
     attention_backend: str = "native"  # diffusers backend name, e.g. _native_cudnn, _native_flash
     fuse_qkv: bool = False  # one QKV GEMM per attention; the unfused weights are freed
     fp8: bool = False  # e4m3 block linears (model.fp8), Hopper and newer
+    fp8_scales: str = (
+        ""  # "": per-token activation scales; a file in the model's folder: static ones (model.fp8_scales)
+    )
     compile: str = "none"  # none | regional (each repeated block compiled once) | full
     cuda_graphs: bool = False  # each step shape captured in one CUDA graph and replayed (model.graphs)
 
     @classmethod
     def parse(
-        cls, attention_backend="native", fuse_qkv="false", fp8="false", compile="none", cuda_graphs="false"
+        cls,
+        attention_backend="native",
+        fuse_qkv="false",
+        fp8="false",
+        fp8_scales="",
+        compile="none",
+        cuda_graphs="false",
     ) -> Speedups:
         def flag(value) -> bool:
             return str(value).lower() in ("1", "true", "yes", "on")
 
         if compile not in ("none", "regional", "full"):
             raise ValueError(f"compile: expected none, regional or full, got {compile!r}")
-        return cls(attention_backend, flag(fuse_qkv), flag(fp8), compile, flag(cuda_graphs))
+        if fp8_scales and not flag(fp8):
+            raise ValueError(f"fp8_scales {fp8_scales!r}: static activation scales are for fp8 true")
+        return cls(attention_backend, flag(fuse_qkv), flag(fp8), fp8_scales, compile, flag(cuda_graphs))
 
 
 def fuse_qkv_projections(transformer) -> None:
@@ -43,9 +55,10 @@ def fuse_qkv_projections(transformer) -> None:
     torch.cuda.empty_cache()
 
 
-def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None):
+def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, fp8_scales=None):
     """Apply ``speedups``, diffusers' step ``cache`` (a config, or ``None``) and context ``parallel``-ism (a
-    ``model.parallel.ParallelSettings``, its process group joined) in place (the transformer is already on its
+    ``model.parallel.ParallelSettings``, its process group joined) in place, FP8 with the static activation scales
+    ``fp8_scales`` (``model.fp8_scales.load_scales``) if given (the transformer is already on its
     device); returns the callable to use, which is the transformer itself unless compiled whole or graphed."""
     if cache is not None and speedups.compile == "full":
         raise ValueError("compile full: a whole-model graph cannot hold a step cache's per-step decisions; "
@@ -60,7 +73,7 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None):
     if speedups.fp8:
         from flux_triton.model.fp8 import quantize_blocks
 
-        quantize_blocks(transformer)
+        quantize_blocks(transformer, fp8_scales)
     if parallel is not None and parallel.enabled:
         from flux_triton.model.parallel import enable_context_parallel
 
@@ -83,8 +96,15 @@ def load_with_speedups(
     model_dir, dtype: torch.dtype, device: torch.device, speedups: Speedups, cache=None, parallel=None
 ):
     """The served transformer: its weights read from ``model_dir`` onto ``device``, then ``apply_speedups``
-    (every context-parallel rank builds its model this way)."""
-    return apply_speedups(store.load_transformer(model_dir, dtype, device), speedups, cache, parallel)
+    (every context-parallel rank builds its model this way), with the static FP8 scales in ``model_dir``'s file
+    ``speedups.fp8_scales`` if named."""
+    transformer = store.load_transformer(model_dir, dtype, device)
+    scales = None
+    if speedups.fp8_scales:
+        from flux_triton.model.fp8_scales import load_scales
+
+        scales = load_scales(store.inside(Path(model_dir), speedups.fp8_scales), transformer)
+    return apply_speedups(transformer, speedups, cache, parallel, scales)
 
 
 def hooked_forward(module):

@@ -38,6 +38,14 @@ def resolve_model_dir(name: str, root: Path) -> Path:
     return candidate
 
 
+def inside(folder: Path, name: str) -> Path:
+    """``name`` (a file of a model, from a config parameter) inside ``folder``; it may not leave it."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ModelDirError(f"{name!r} resolves to {path}, outside the model folder {folder}")
+    return path
+
+
 def read_config(model_dir: Path) -> dict:
     try:
         return json.loads((model_dir / "config.json").read_text())

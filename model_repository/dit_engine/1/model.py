@@ -26,7 +26,8 @@ class TritonPythonModel:
         locations = Locations.of_repository(REPOSITORY)
         sidecar_path = locations.engine(config["parameters"]["engine"]["string_value"])
         device = triton.instance_device(args)
-        self.sidecar, self.engine = load_engine(sidecar_path, device, locations.model_root)
+        graphs = config["parameters"].get("cuda_graphs", {}).get("string_value", "false").lower() == "true"
+        self.sidecar, self.engine = load_engine(sidecar_path, device, locations.model_root, cuda_graphs=graphs)
         triton.log_info(f"dit_engine: {self.sidecar.kind} {self.sidecar.precision} {sidecar_path} on {device}")
 
     def execute(self, requests):
