@@ -1,7 +1,8 @@
 """The served step on GPUs (skipped with fewer than 2): ``dit_transformer`` placed on one GPU serves bitwise the
 pipeline's call, and placed as one instance across GPUs 0 and 1 (Ulysses-2, bf16, over NCCL) bitwise diffusers' own
 context-parallel forward of the same weights, and the one-GPU step within bf16's rounding. Both bitwise checks fail
-on the GPU hosts measured so far, by 1-2 bf16 ulps in the served process (open: benchmarks/README.md)."""
+on the GPU hosts measured so far, by 1-2 bf16 ulps in the served process (open: benchmarks/README.md, which names
+a candidate cause, since fixed)."""
 
 from __future__ import annotations
 

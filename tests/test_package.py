@@ -1,5 +1,6 @@
 """The package as users install and run it: the wheel holds ``flux_triton`` alone, ``python -m
-flux_triton`` lists its commands, and locations follow the environment, not the source tree."""
+flux_triton`` lists its commands, locations follow the environment, not the source tree, and model processes
+see only libpython of Python's own library folder."""
 
 from __future__ import annotations
 
@@ -59,3 +60,17 @@ def test_locations_come_from_the_environment(monkeypatch, tmp_path):
     assert served.engine_reference(tmp_path / "elsewhere" / "x.json") == str(tmp_path / "elsewhere" / "x.json")
     monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
     assert Locations.here().repository == tmp_path / "home" / "model_repository"
+
+
+def test_model_processes_get_only_libpython_from_pythons_library_folder(tmp_path, monkeypatch):
+    """The stub embeds libpython; the other libraries beside it must not shadow the ones torch links."""
+    import sysconfig
+
+    from flux_triton.deploy.server import server_environment
+
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    paths = server_environment(cache=tmp_path)["LD_LIBRARY_PATH"].split(":")
+    assert sysconfig.get_config_var("LIBDIR") not in paths
+    [folder] = [Path(path) for path in paths if path.startswith(str(tmp_path))]
+    [library] = folder.iterdir()
+    assert library.name == sysconfig.get_config_var("INSTSONAME") and library.resolve().is_file()

@@ -8,6 +8,7 @@ container use its own ``tritonserver`` instead (README).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,16 +63,27 @@ def backend_directory(cache: Path) -> Path:
     return python_dir.parent
 
 
-def library_dirs(home: Path) -> list[str]:
-    """The server's shared libraries (the wheel keeps them beside the package, an unpacked copy
-    in ``lib/``) and this Python's ``libpython``, which the stub embeds."""
-    dirs = [home / "lib", home.parents[1] / "nvidia_pytriton.libs"]
-    return [str(d) for d in dirs if d.is_dir()] + [sysconfig.get_config_var("LIBDIR")]
+def library_dirs(home: Path, cache: Path) -> list[str]:
+    """The server's shared libraries (the wheel keeps them beside the package, an unpacked copy in ``lib/``)
+    and a folder with only this Python's ``libpython``, which the stub embeds. Python's whole library folder
+    (``/usr/lib/x86_64-linux-gnu`` for a distribution's Python) would put every library in it ahead of the ones
+    torch links through its RUNPATH, in every model process: a system cuDNN or cuBLAS instead of torch's."""
+    dirs = [str(d) for d in (home / "lib", home.parents[1] / "nvidia_pytriton.libs") if d.is_dir()]
+    name = sysconfig.get_config_var("INSTSONAME")
+    source = Path(sysconfig.get_config_var("LIBDIR") or "") / (name or "")
+    if name and source.is_file():
+        folder = cache / "libpython"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / name).exists():
+            with contextlib.suppress(FileExistsError):  # another server starting at the same time
+                (folder / name).symlink_to(source)
+        dirs.append(str(folder.resolve()))
+    return dirs
 
 
-def server_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+def server_environment(extra: dict[str, str] | None = None, cache: Path = Path(".triton")) -> dict[str, str]:
     env = dict(os.environ)
-    libs = library_dirs(triton_home())
+    libs = library_dirs(triton_home(), cache)
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     env["VIRTUAL_ENV"] = sys.prefix
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -193,7 +205,9 @@ class TritonServer:
             if not getattr(self, name):
                 setattr(self, name, free_port(LOOPBACK))
         log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
-        self.process = subprocess.Popen(self.command(), env=server_environment(self.env), stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            self.command(), env=server_environment(self.env, self.cache), stdout=log, stderr=log
+        )
         try:
             self.wait_ready(timeout_s, wait_for)
         except BaseException:

@@ -24,8 +24,8 @@ class Float8Linear(nn.Module):
         scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
         self.register_buffer("weight_fp8", (weight.float() / scale).to(FP8), persistent=False)
         self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out]
-        static = None if input_scale is None else torch.tensor([[input_scale]], device=weight.device)
-        self.register_buffer("input_scale", static, persistent=False)  # [1, 1], or None: per token
+        static = None if input_scale is None else _scale(input_scale, weight.device)
+        self.register_buffer("input_scale", static, persistent=False)  # or None: per-token scales
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.out_features = linear.out_features
 
@@ -80,5 +80,8 @@ def set_input_scales(transformer: nn.Module, input_scales: Mapping[str, float] |
     """Switch linears already converted between static activation scales and per-token ones (``None``)."""
     for name, module in transformer.named_modules():
         if isinstance(module, Float8Linear):
-            scale = None if input_scales is None else [[float(input_scales[name])]]
-            module.input_scale = None if scale is None else torch.tensor(scale, device=module.weight_fp8.device)
+            module.input_scale = None if input_scales is None else _scale(input_scales[name], module.weight_fp8.device)
+
+
+def _scale(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor([[float(value)]], device=device)  # [1, 1]

@@ -1,0 +1,54 @@
+"""CUDA graphs served (skipped without CUDA): ``dit_transformer`` with ``cuda_graphs`` as two instances on one GPU.
+Requests sent one at a time (batch 1 and 2, each shape past its two ordinary calls, so both instances replay
+graphs) answer bitwise what the same server answers without graphs; requests sent at once, which the dynamic batcher
+merges into batches of other sizes (other graphs), each get their own answer within bf16's batch-size rounding."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import tritonclient.http as httpclient
+from helpers import CHECKOUT, infer_concurrently, launch
+
+from flux_triton.client.wire import infer_step
+from flux_triton.contract import DitSignature
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, set_parameter
+from flux_triton.locations import MODEL_ROOT_ENV
+from flux_triton.model import store
+from flux_triton.pipeline import inputs
+
+pytestmark = [pytest.mark.gpu, pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
+TWO_INSTANCES_ON_GPU_0 = "instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0 ] } ]\n"
+MERGED_TOLERANCE = 2e-2  # rel. L2: the same rows in a batch of another size; another request's answer is ~1
+
+
+def _serve(folder, model_root, steps, graphs: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each step 4 times one at a time (the last answers), then all at once."""
+    repository = folder / "model_repository"
+    shutil.copytree(CHECKOUT / "model_repository" / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
+    config = repository / DIT_TRANSFORMER / "config.pbtxt"
+    set_parameter(config, "cuda_graphs", str(graphs).lower())
+    config.write_text(config.read_text() + TWO_INSTANCES_ON_GPU_0)
+    with launch(repository, folder, {MODEL_ROOT_ENV: str(model_root)}) as server:
+        with httpclient.InferenceServerClient(server.url, network_timeout=300) as client:
+            for _ in range(4):
+                alone = [infer_step(client, DIT_TRANSFORMER, step.wire()) for step in steps]
+        merged, inferences, _ = infer_concurrently(server, DIT_TRANSFORMER, [step.wire() for step in steps])
+        assert inferences == len(steps)
+    return alone, merged
+
+
+def test_graphed_instances_answer_as_without_graphs_alone_and_merged(tmp_path, model_root):
+    model_dir = store.resolve_model_dir("tiny-flux-dev", model_root)
+    signature = DitSignature.from_config(store.read_config(model_dir), torch.bfloat16)
+    steps = [inputs.random_step(signature, batch=1 + i % 2, seed=30 + i) for i in range(6)]
+    plain, _ = _serve(tmp_path / "plain", model_root, steps, graphs=False)
+    graphed, merged = _serve(tmp_path / "graphs", model_root, steps, graphs=True)
+    for index, (with_graphs, without) in enumerate(zip(graphed, plain, strict=True)):
+        assert torch.equal(with_graphs, without), index
+    for index, answer in enumerate(merged):
+        assert inputs.rel_l2(answer, plain[index]) < MERGED_TOLERANCE, index
+        other = plain[(index + 2) % len(plain)]  # the same batch size, another request
+        assert inputs.rel_l2(answer, other) > MERGED_TOLERANCE, index
