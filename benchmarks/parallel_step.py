@@ -38,7 +38,7 @@ from flux_triton.deploy.placement import place
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
-from flux_triton.model.parallel import PARALLEL_KINDS, ParallelSettings
+from flux_triton.model.parallel import ParallelSettings
 from flux_triton.model.presets import RANDOM_MODEL, full_size_step, save_random
 from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline.call import reference_call
@@ -50,8 +50,7 @@ ACCURACY_SHAPE = "1024x1024-b1"
 def parse_config(text: str) -> tuple[ParallelSettings | None, Speedups]:
     """``1``, ``ulysses2``, ``ring4``..., optionally ``:fp8`` (FP8 linears) and ``:graphs`` (CUDA graphs)."""
     name, *flags = text.split(":")
-    kind = name.rstrip("0123456789")
-    parallel = ParallelSettings(kind, int(name[len(kind) :])) if kind in PARALLEL_KINDS else None
+    parallel = None if name == "1" else ParallelSettings.named(name)
     speedups = Speedups("_native_cudnn", fp8="fp8" in flags, compile="regional", cuda_graphs="graphs" in flags)
     return parallel, speedups
 

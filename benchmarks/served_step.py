@@ -1,5 +1,5 @@
-"""The served step on one GPU: full-size FLUX.1-dev (random weights, saved and loaded like real
-ones) through the real tritonserver, client -> server -> client, against the same step run in
+"""The served step on one GPU (or across GPUs with ``--parallel``): full-size FLUX.1-dev (random weights, saved
+and loaded like real ones) through the real tritonserver, client -> server -> client, against the same step run in
 process by the same serving code. The model served is ``dit_transformer``, or with ``--engine``
 the ``flux_dit`` ensemble (``dit_preprocess`` -> ``dit_engine``) on a prebuilt engine of
 ``make engine`` for the random model (``flux-dev-random``, saved here first if the model root lacks it).
@@ -9,11 +9,13 @@ per-model times (Triton's statistics extension) show where the difference goes.
 
     python benchmarks/served_step.py --out served.json
     python benchmarks/served_step.py --engine engines/flux-dev-random-bf16.aoti.json --out served-aoti.json
+    python benchmarks/served_step.py --parallel ulysses2 --cuda-graphs --out served-ulysses2.json   # 2 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -29,10 +31,12 @@ from flux_triton.client.generations import Generations
 from flux_triton.client.transport import make_transport
 from flux_triton.client.wire import infer_step
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, set_parameter
+from flux_triton.deploy.placement import place
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.engines.kinds import load_engine
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.model.parallel import ParallelSettings
 from flux_triton.model.presets import RANDOM_MODEL, full_size_step, save_random
 from flux_triton.model.speedups import Speedups
 from flux_triton.serving.merging import run_engine_batched
@@ -52,9 +56,15 @@ def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
+def speedups_of(args) -> Speedups:
+    return Speedups(args.attention_backend, fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
+
+
 def dit_transformer_step(args, models: Path, wire: dict):
-    speedups = Speedups(attention_backend=args.attention_backend, compile=args.compile)
-    service = DitService(ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups), models, torch.device("cuda"))
+    parallel = ParallelSettings.named(args.parallel)
+    settings = ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups_of(args), parallel=parallel.kind,
+                             parallel_degree=parallel.degree)  # fmt: skip
+    service = DitService(settings, models, torch.device("cuda"))
     prepared = service.prepare(wire)
     return lambda: service.execute([prepared])[0]
 
@@ -74,8 +84,11 @@ def write_served_repository(args, repository: Path) -> str:
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
     config = repository / DIT_TRANSFORMER / "config.pbtxt"
     set_parameter(config, "model_dir", RANDOM_MODEL)
-    set_parameter(config, "attention_backend", args.attention_backend)
-    set_parameter(config, "compile", args.compile)
+    for name, value in dataclasses.asdict(speedups_of(args)).items():
+        set_parameter(config, name, str(value).lower() if isinstance(value, bool) else value)
+    parallel = ParallelSettings.named(args.parallel)
+    if parallel.enabled:
+        place(config, parallel=parallel)
     return DIT_TRANSFORMER
 
 
@@ -142,6 +155,9 @@ def main() -> None:
     parser.add_argument("--shape", default="1024x1024-b1")
     parser.add_argument("--attention-backend", default="_native_cudnn")
     parser.add_argument("--compile", default="regional")
+    parser.add_argument("--fp8", action="store_true", help="FP8 block linears")
+    parser.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per step shape")
+    parser.add_argument("--parallel", default="none", help="dit_transformer across GPUs: ulysses2, ring2, ...")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--engine", type=Path, default=None, help="serve flux_dit on this engine sidecar")

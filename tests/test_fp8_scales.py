@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,11 +128,11 @@ def test_fp8_scales_need_fp8():
         ServeSettings.from_model_config({"parameters": {"fp8_scales": {"string_value": SCALES_FILE}}})
 
 
-def test_the_calibrate_command_writes_the_scales_into_the_model_folder(model_root, dev_folder, capsys):
-    from flux_triton.tools.calibrate import main
-
-    main(["tiny-flux-dev", "--root", str(dev_folder.parent), "--shapes", "64x64x1,128x64x2", "--timesteps", "1000,300"])
-    assert "17 activation scales from 8 steps on cpu"  # 2 shapes, 2 timesteps, 2 seeds in capsys.readouterr().out
+def test_the_calibrate_command_writes_the_scales_into_the_model_folder(model_root, dev_folder):
+    command = [sys.executable, "-m", "flux_triton", "calibrate", "tiny-flux-dev", "--root", str(dev_folder.parent),
+               "--shapes", "64x64x1,128x64x2", "--timesteps", "1000,300"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert "17 activation scales from 8 steps on cpu" in done.stdout  # 2 shapes, 2 timesteps, 2 seeds
     scales = load_scales(dev_folder / SCALES_FILE, load_tiny(model_root, "tiny-flux-dev"))
     with safe_open(dev_folder / SCALES_FILE, framework="pt") as saved:
         assert json.loads(saved.metadata()["calibration"])["shapes"] == [[64, 64, 1], [128, 64, 2]]

@@ -2,7 +2,8 @@
 steps equal diffusers' own context-parallel forward bit for bit; the worker ranks start and end with the
 instance; a rank that dies, hangs or runs out of memory fails its step with the cause, and the model keeps
 serving on new ranks. Placement configs (one instance per GPU, or one across GPUs) and the settings' refusals.
-The server tests run where there is no GPU (a GPU host runs ranks on its GPUs: tests/test_gpu_parallel.py)."""
+On a host with 2 GPUs the lifecycle and fault tests run on GPU ranks over NCCL (the bf16 parity checks are in
+tests/test_gpu_parallel.py)."""
 
 from __future__ import annotations
 
@@ -202,6 +203,9 @@ def test_parallel_settings_refuse_what_cannot_run(model_root):
         ServeSettings.from_model_config({"parameters": {"parallel": {"string_value": "tensor"}}})
     with pytest.raises(ValueError, match="ulysses needs at least 2 ranks"):
         ParallelSettings("ulysses", 1)
+    assert ParallelSettings.named("ring4") == ParallelSettings("ring", 4) and not ParallelSettings.named("none").enabled
+    with pytest.raises(ValueError, match="ulysses needs at least 2 ranks"):
+        ParallelSettings.named("ulysses")
     with pytest.raises(ValueError, match="parallel_degree 4: this host has 2 GPUs visible"):
         check_degree(4, gpus_present=2)
     check_degree(2, gpus_present=2)

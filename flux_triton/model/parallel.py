@@ -29,6 +29,12 @@ class ParallelSettings:
         if self.kind == NO_PARALLEL and self.degree != 1:
             raise ValueError(f"parallel_degree {self.degree} needs parallel ulysses or ring (it is none)")
 
+    @classmethod
+    def named(cls, text: str) -> ParallelSettings:
+        """``none``, or a kind and its degree in one word: ``ulysses2``, ``ring4``."""
+        kind = text.rstrip("0123456789")
+        return cls(kind, int(text[len(kind) :] or 1))
+
     @property
     def enabled(self) -> bool:
         return self.kind != NO_PARALLEL

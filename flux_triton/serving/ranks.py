@@ -187,15 +187,22 @@ class Ranks:
     def _wait(self, output: torch.Tensor) -> None:
         """Until rank 0's forward is done on its GPU, looking at the other ranks meanwhile (a rank that died
         leaves the collectives waiting forever); gloo's collectives return only when done."""
-        if output.device.type != "cuda":
-            return
+        if output.device.type == "cuda":
+            self._until_gpu_done("the step did not finish", "a rank hangs", self._check_workers)
+
+    def drain(self, device: torch.device) -> None:
+        """After ``abort``: until rank 0's GPU work queued before it has ended (its collectives aborted)."""
+        if device.type == "cuda":
+            self._until_gpu_done("rank 0's GPU work did not end", "after the process group was aborted")
+
+    def _until_gpu_done(self, what: str, why: str, meanwhile=lambda: None) -> None:
         done = torch.cuda.Event()
         done.record()
         deadline = time.monotonic() + self.spec.parallel.timeout_s
         while not done.query():
-            self._check_workers()
+            meanwhile()
             if time.monotonic() > deadline:
-                raise RanksFailed(f"the step did not finish within {self.spec.parallel.timeout_s:g} s (a rank hangs)")
+                raise RanksFailed(f"{what} within {self.spec.parallel.timeout_s:g} s ({why})")
             time.sleep(_POLL_S)
 
     def _check_workers(self) -> None:
@@ -236,7 +243,10 @@ class Ranks:
                 worker.wait(timeout=30 if graceful else 5)
             except subprocess.TimeoutExpired:
                 worker.kill()
-                worker.wait()
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # stuck in the driver: serving goes on without it
+                    sys.stderr.write(f"context-parallel worker {worker.pid} did not end after SIGKILL\n")
             with contextlib.suppress(OSError):
                 worker.stdin.close()
         self.workers = []

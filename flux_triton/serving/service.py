@@ -157,12 +157,13 @@ class DitService:
             failure = f"context-parallel step failed: {exc}"
         self.transformer = None  # the failed forward's model and memory go
         self.ranks.abort()  # first: a CUDA stream waiting on a collective is freed only by the abort
-        faults.release_after_oom(self.device)
         try:
+            self.ranks.drain(self.device)
+            faults.release_after_oom(self.device)
             self._bring_up()
         except Exception as exc:
             self.transformer = None
-            self.ranks_lost = f"starting them again failed: {type(exc).__name__}: {exc}"
+            self.ranks_lost = f"recovering failed: {type(exc).__name__}: {exc}"
             raise RanksFailed(f"{failure}; the ranks are lost ({self.ranks_lost}); reload the model") from None
         raise RanksFailed(f"{failure}; the ranks were started again")
 
