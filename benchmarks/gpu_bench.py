@@ -8,7 +8,7 @@ per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the fin
 
 Paths: ``eager``, ``compile`` (whole model), ``regional`` (dit_transformer's bf16: cuDNN attention, regional
 compile), ``fp8`` (+ FP8 block linears, per-token activation scales), ``fp8-static`` (static scales calibrated here
-first, ``model.fp8_scales``), ``-graphs`` (+ one CUDA graph per shape), ``aoti``/``aoti-fp8`` (engines).
+first, ``model.fp8_scales``), ``aoti``/``aoti-fp8`` (engines), ``-graphs`` (+ one CUDA graph per shape).
 
     python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
     python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
@@ -30,6 +30,7 @@ from flux_triton.engines.aoti_engine import prebuilt_or_build
 from flux_triton.model import speedups
 from flux_triton.model.fp8 import set_input_scales
 from flux_triton.model.fp8_scales import Calibration, calibrate
+from flux_triton.model.graphs import GraphedTransformer
 from flux_triton.model.presets import FULL_SIZE_SHAPES, FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random
 from flux_triton.model.presets import full_size_step as step_for
 from flux_triton.pipeline import loop
@@ -105,8 +106,8 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,fp8,fp8-graphs,fp8-static,"
-                        "fp8-static-graphs,aoti-fp8")  # fmt: skip
+    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,aoti-graphs,fp8,fp8-graphs,"
+                        "fp8-static,fp8-static-graphs,aoti-fp8,aoti-fp8-graphs")  # fmt: skip
     parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -157,12 +158,13 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         fp8 = name.startswith("fp8")
         chosen = speedups.Speedups(cudnn, fp8=fp8, compile="regional", cuda_graphs=name.endswith("-graphs"))
         return partial(transformer_call, speedups.apply_speedups(model, chosen, fp8_scales=scales)), started
-    if name in ("aoti", "aoti-fp8"):
-        speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=name == "aoti-fp8"))
-        engine_dir, packages = prebuilt_or_build(name, model, args.engines, RANDOM_MODEL)
+    kind = name.removesuffix("-graphs")
+    if kind in ("aoti", "aoti-fp8"):
+        speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=kind == "aoti-fp8"))
+        engine_dir, packages = prebuilt_or_build(kind, model, args.engines, RANDOM_MODEL)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
         aoti.attach(model, engine_dir, packages)
-        return call, started
+        return (partial(transformer_call, GraphedTransformer(model)) if kind != name else call), started
     raise ValueError(f"unknown path {name}")
 
 

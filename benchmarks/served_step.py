@@ -30,7 +30,7 @@ import tritonclient.http as httpclient
 from flux_triton.client.generations import Generations
 from flux_triton.client.transport import make_transport
 from flux_triton.client.wire import infer_step
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, set_parameter
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, set_parameter
 from flux_triton.deploy.placement import place
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
@@ -69,9 +69,9 @@ def dit_transformer_step(args, models: Path, wire: dict):
     return lambda: service.execute([prepared])[0]
 
 
-def engine_step(sidecar_path: Path, models: Path, wire: dict):
+def engine_step(args, sidecar_path: Path, models: Path, wire: dict):
     """``dit_preprocess`` then ``dit_engine``, as the ensemble runs them."""
-    sidecar, engine = load_engine(sidecar_path, torch.device("cuda"), models)
+    sidecar, engine = load_engine(sidecar_path, torch.device("cuda"), models, cuda_graphs=args.cuda_graphs)
     signature, limits = sidecar.dit_signature, sidecar.limits
     return lambda: run_engine_batched(engine, [preprocess(wire, signature, limits)])[0]
 
@@ -80,6 +80,7 @@ def write_served_repository(args, repository: Path) -> str:
     """The model repository the server gets; returns the model name clients call."""
     if args.engine:
         write_repository(args.engine.resolve(), repository)
+        set_parameter(repository / ENGINE / "config.pbtxt", "cuda_graphs", str(args.cuda_graphs).lower())
         return ENSEMBLE
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
     config = repository / DIT_TRANSFORMER / "config.pbtxt"
@@ -182,7 +183,9 @@ def main() -> None:
 
     wire = full_size_step(args.shape).wire()
     started = time.perf_counter()
-    local_step = engine_step(args.engine, models, wire) if args.engine else dit_transformer_step(args, models, wire)
+    local_step = (
+        engine_step(args, args.engine, models, wire) if args.engine else dit_transformer_step(args, models, wire)
+    )
     first = local_step().cpu()
     results["in_process_ready_s"] = time.perf_counter() - started
 

@@ -204,13 +204,13 @@ def worker_pids() -> list[int]:
     return found
 
 
-def diffusers_context_parallel(model_dir, step, tmp_path, degree: int = 2):
+def diffusers_context_parallel(model_dir, step, tmp_path, degree: int = 2, kind: str = "ulysses"):
     """diffusers' own context-parallel forward of ``step`` in ``degree`` processes (tests/cp_reference.py)."""
     step_file, out = tmp_path / "step.safetensors", tmp_path / "noise_pred.safetensors"
     save_file({name: t.contiguous() for name, t in step.tensors().items()}, step_file)
     port = str(free_port())
     script = [sys.executable, str(CHECKOUT / "tests" / "cp_reference.py")]
-    arguments = [str(degree), port, "ulysses", str(model_dir), str(step_file), str(out)]
+    arguments = [str(degree), port, kind, str(model_dir), str(step_file), str(out)]
     ranks = [subprocess.Popen([*script, str(rank), *arguments]) for rank in range(degree)]
     assert [rank.wait(timeout=120) for rank in ranks] == [0] * degree
     return load_file(out)["noise_pred"]

@@ -1,8 +1,8 @@
 """The served step on GPUs (skipped with fewer than 2): ``dit_transformer`` placed on one GPU serves bitwise the
-pipeline's call, and placed as one instance across GPUs 0 and 1 (Ulysses-2, bf16, over NCCL) bitwise diffusers' own
-context-parallel forward of the same weights, and the one-GPU step within bf16's rounding. Both bitwise checks fail
-on the GPU hosts measured so far, by 1-2 bf16 ulps in the served process (open: benchmarks/README.md, which names
-a candidate cause, since fixed)."""
+pipeline's call, and placed as one instance across GPUs (Ulysses-2, ring-2, ring-4 where 4 GPUs are present; bf16,
+over NCCL) bitwise diffusers' own context-parallel forward of the same weights, and the one-GPU step within bf16's
+rounding. Both bitwise checks failed on the GPU hosts measured so far, by 1-2 bf16 ulps in the served process
+(open: benchmarks/README.md, which names a candidate cause, since fixed)."""
 
 from __future__ import annotations
 
@@ -68,11 +68,18 @@ def test_one_gpu_through_triton_serves_the_pipeline_call(tmp_path, model_root):
     _bitwise(served, _one_gpu_call(model_dir, step))
 
 
+# the tiny model has 2 heads: Ulysses splits heads (degree 2 at most), ring splits the sequence (any degree)
+PLACEMENTS = [ParallelSettings("ulysses", 2), ParallelSettings("ring", 2), ParallelSettings("ring", 4)]
+
+
 @pytest.mark.server
-def test_two_gpus_serve_diffusers_context_parallel_forward(tmp_path, model_root):
+@pytest.mark.parametrize("parallel", PLACEMENTS, ids=lambda p: f"{p.kind}{p.degree}")
+def test_gpus_serve_diffusers_context_parallel_forward(tmp_path, model_root, parallel):
+    if torch.cuda.device_count() < parallel.degree:
+        pytest.skip(f"needs {parallel.degree} GPUs")
     model_dir, step = _tiny_step(model_root)
-    served, [worker] = _serve(tmp_path, model_root, step, parallel=ParallelSettings("ulysses", 2))
-    assert worker_gone(worker)
-    _bitwise(served, diffusers_context_parallel(model_dir, step, tmp_path))
+    served, workers = _serve(tmp_path, model_root, step, parallel=parallel)
+    assert len(workers) == parallel.degree - 1 and all(worker_gone(worker) for worker in workers)
     expected = _one_gpu_call(model_dir, step)
     assert inputs.rel_l2(served, expected) < ONE_GPU_TOLERANCE < inputs.rel_l2(served.flip(0), expected)
+    _bitwise(served, diffusers_context_parallel(model_dir, step, tmp_path, parallel.degree, parallel.kind))
