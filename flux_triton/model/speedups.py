@@ -18,9 +18,7 @@ class Speedups:
     attention_backend: str = "native"  # diffusers backend name, e.g. _native_cudnn, _native_flash
     fuse_qkv: bool = False  # one QKV GEMM per attention; the unfused weights are freed
     fp8: bool = False  # e4m3 block linears (model.fp8), Hopper and newer
-    fp8_scales: str = (
-        ""  # "": per-token activation scales; a file in the model's folder: static ones (model.fp8_scales)
-    )
+    fp8_scales: str = ""  # "": per-token activation scales; else a file of static ones (model.fp8_scales)
     compile: str = "none"  # none | regional (each repeated block compiled once) | full
     cuda_graphs: bool = False  # each step shape captured in one CUDA graph and replayed (model.graphs)
 

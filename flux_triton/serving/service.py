@@ -50,7 +50,7 @@ class ServeSettings:
     parallel_timeout_s: float = ParallelSettings.timeout_s
     fault_forward_bytes: int = 0  # test-only fault injection (serving.faults); 0: off
     fault_rank: int = 0  # ... on this context-parallel rank
-    speedups: Speedups = field(default_factory=Speedups)  # attention_backend, fuse_qkv, fp8, compile, cuda_graphs
+    speedups: Speedups = field(default_factory=Speedups)  # the parameters named as Speedups' fields
 
     @classmethod
     def from_model_config(cls, model_config: Mapping) -> ServeSettings:
