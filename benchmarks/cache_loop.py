@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, set_parameter
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
-from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, save_random
+from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, random_model_root
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import CACHE_KINDS, NO_CACHE, build_cache
 from flux_triton.pipeline.inputs import rel_l2
@@ -64,9 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("cache-loop.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cache-loop-"))
-    models = Path(os.environ.get(MODEL_ROOT_ENV) or work / "models")
-    if not (models / RANDOM_MODEL / "transformer" / "config.json").is_file():
-        save_random(models)
+    models, _ = random_model_root(work)
     generator = torch.Generator().manual_seed(1)
     prompt = {"prompt_embeds": torch.randn(1, FULL_SIZE_TEXT_TOKENS, 4096, generator=generator).bfloat16(),
               "pooled_prompt_embeds": torch.randn(1, 768, generator=generator).bfloat16()}  # fmt: skip

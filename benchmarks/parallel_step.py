@@ -22,7 +22,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
 from flux_triton.model.parallel import ParallelSettings
-from flux_triton.model.presets import RANDOM_MODEL, full_size_step, save_random
+from flux_triton.model.presets import RANDOM_MODEL, full_size_step, random_model_root
 from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import rel_l2
@@ -171,9 +170,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("parallel.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="parallel-step-"))
-    models = Path(os.environ.get(MODEL_ROOT_ENV) or work / "models")
-    if not (models / RANDOM_MODEL / "transformer" / "config.json").is_file():
-        save_random(models)
+    models, _ = random_model_root(work)
     reference = fp32_reference(models, full_size_step(ACCURACY_SHAPE, seed=1, device="cpu"))
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     results = {"gpus": gpus, "latency": {}, "throughput": {}}

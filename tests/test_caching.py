@@ -46,14 +46,19 @@ def cached_server(request, tmp_path_factory, model_root):
     server.stop()
 
 
+def _local_loops(model_root, config, seed: int, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiny dev model's dev loop in local diffusers: without a cache, then with the cache ``config``."""
+    local = load_tiny(model_root, "tiny-flux-dev")
+    uncached = generate(local, "dev", seed=seed, **kwargs)
+    local.enable_cache(config)
+    return uncached, generate(local, "dev", seed=seed, **kwargs)
+
+
 @pytest.mark.server
 def test_a_cached_served_loop_equals_local_diffusers_with_the_same_cache(cached_server, model_root):
     server, config = cached_server
     kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(21))
-    local = load_tiny(model_root, "tiny-flux-dev")
-    uncached = generate(local, "dev", seed=21, **kwargs)
-    local.enable_cache(config)
-    expected = generate(local, "dev", seed=21, **kwargs)
+    uncached, expected = _local_loops(model_root, config, 21, kwargs)
     with RemoteFluxTransformer(url=server.url) as remote:
         remote.enable_cache(config)
         served = generate(remote, "dev", seed=21, **kwargs)
@@ -197,10 +202,7 @@ def test_regional_compile_runs_under_the_cache_hooks(kind, model_root):
     compiled kernels' rounding - far closer than to the uncached loop."""
     config = build_cache({"kind": kind})
     kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(23))
-    eager = load_tiny(model_root, "tiny-flux-dev")
-    uncached = generate(eager, "dev", seed=23, **kwargs)
-    eager.enable_cache(config)
-    expected = generate(eager, "dev", seed=23, **kwargs)
+    uncached, expected = _local_loops(model_root, config, 23, kwargs)
     compiled = load_tiny(model_root, "tiny-flux-dev")
     apply_speedups(compiled, Speedups(compile="regional"), config)
     wrapped = [hooked_forward(module) for module in compiled.modules() if hooked_forward(module) is not None]

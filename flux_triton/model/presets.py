@@ -3,11 +3,14 @@ loaded like real weights) and FLUX.1-dev's full-size architecture, built with ra
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
 
 from flux_triton.contract import DitSignature, Step
+from flux_triton.locations import MODEL_ROOT_ENV
 from flux_triton.pipeline.inputs import random_step
 
 TINY_SEED = 0
@@ -94,3 +97,14 @@ def save_random(root: Path, name: str = RANDOM_MODEL) -> Path:
     del model
     torch.cuda.empty_cache()
     return path
+
+
+def random_model_root(scratch: Path) -> tuple[Path, float | None]:
+    """The model root of the benchmarks (``$FLUX_MODEL_ROOT``, else ``scratch/models``) holding the random full-size
+    model; and the seconds spent saving it there, ``None`` when it already was."""
+    root = Path(os.environ.get(MODEL_ROOT_ENV) or scratch / "models")
+    if (root / RANDOM_MODEL / "transformer" / "config.json").is_file():
+        return root, None
+    started = time.perf_counter()
+    save_random(root)
+    return root, time.perf_counter() - started
