@@ -8,8 +8,11 @@
 #
 # Then run the scripts of benchmarks/ and `python3 -m pytest -m gpu` with that Python (benchmarks/README.md).
 # Wheels are installed without their dependencies: the host's PyTorch, numpy, onnx and the rest stay.
+# nvidia-cudnn-frontend (FP8 attention, model.fp8_attention) goes without its CuTe DSL dependencies: cuDNN's own FP8
+# SDPA on Hopper needs none of them, only the libcudnn.so.9 of PyTorch's nvidia-cudnn wheel.
 WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 tritonclient==2.73.0 geventhttpclient==2.6.1 gevent==26.9.0
-  greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 python-rapidjson==1.25 brotli==1.2.1 pytest-timeout==2.4.0)
+  greenlet==3.3.2 zope.event==6.2 zope.interface==8.7 python-rapidjson==1.25 brotli==1.2.1 pytest-timeout==2.4.0
+  nvidia-cudnn-frontend==1.32.0)
 
 pack() {
   set -euo pipefail

@@ -1,7 +1,8 @@
 """diffusers' own context-parallel forward of a step, the parity reference of the served one (tests/test_parallel.py):
-``python tests/cp_reference.py RANK WORLD PORT KIND MODEL_DIR STEP OUT`` in WORLD processes, as the served ranks run:
-on GPUs 0..WORLD-1 over NCCL in bf16, else on the CPU over gloo in fp32 with one thread each; rank 0 writes
-``noise_pred`` to OUT. Nothing of flux_triton's parallel code is used."""
+``python tests/cp_reference.py RANK WORLD PORT ULYSSES RING BACKEND MODEL_DIR STEP OUT`` in WORLD processes
+(ULYSSES x RING degrees, diffusers attention BACKEND), as the served ranks run: on GPUs 0..WORLD-1 over NCCL in bf16,
+else on the CPU over gloo in fp32 with one thread each; rank 0 writes ``noise_pred`` to OUT. Nothing of
+flux_triton's parallel code is used."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from flux_triton.pipeline.call import reference_call
 
 
 def main() -> None:
-    rank, world, port, kind, model_dir, step_file, out = sys.argv[1:]
+    rank, world, port, ulysses, ring, backend, model_dir, step_file, out = sys.argv[1:]
     rank, world = int(rank), int(world)
     gpu = torch.cuda.is_available()
     if gpu:  # rank r on GPU r, in bf16, as the served ranks
@@ -30,7 +31,9 @@ def main() -> None:
     dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=120))  # fmt: skip
     transformer = FluxTransformer2DModel.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
-    transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": world}))
+    if backend != "native":
+        transformer.set_attention_backend(backend)
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=int(ulysses), ring_degree=int(ring)))
     tensors = {name: tensor.to(device) for name, tensor in load_file(step_file).items()}
     noise_pred = reference_call(transformer, Step(**{"guidance": None, **tensors}))
     if rank == 0:

@@ -204,15 +204,16 @@ def worker_pids() -> list[int]:
     return found
 
 
-def diffusers_context_parallel(model_dir, step, tmp_path, degree: int = 2, kind: str = "ulysses"):
-    """diffusers' own context-parallel forward of ``step`` in ``degree`` processes (tests/cp_reference.py)."""
+def diffusers_context_parallel(model_dir, step, tmp_path, ulysses: int = 2, ring: int = 1, backend: str = "native"):
+    """diffusers' own context-parallel forward of ``step`` with these degrees and attention ``backend``, in
+    ``ulysses * ring`` processes (tests/cp_reference.py)."""
     step_file, out = tmp_path / "step.safetensors", tmp_path / "noise_pred.safetensors"
     save_file({name: t.contiguous() for name, t in step.tensors().items()}, step_file)
-    port = str(free_port())
+    port, world = str(free_port()), ulysses * ring
     script = [sys.executable, str(CHECKOUT / "tests" / "cp_reference.py")]
-    arguments = [str(degree), port, kind, str(model_dir), str(step_file), str(out)]
-    ranks = [subprocess.Popen([*script, str(rank), *arguments]) for rank in range(degree)]
-    assert [rank.wait(timeout=120) for rank in ranks] == [0] * degree
+    arguments = [str(world), port, str(ulysses), str(ring), backend, str(model_dir), str(step_file), str(out)]
+    ranks = [subprocess.Popen([*script, str(rank), *arguments]) for rank in range(world)]
+    assert [rank.wait(timeout=120) for rank in ranks] == [0] * world
     return load_file(out)["noise_pred"]
 
 

@@ -2,7 +2,7 @@
 (``transformer.enable_parallelism(config=ContextParallelConfig(...))``): each rank holds the whole model and
 a slice of the sequence; attention exchanges the slices (Ulysses: all-to-all of heads; ring: K/V passed round).
 
-One table (``PARALLEL_KINDS``) names the kinds, with the ``ContextParallelConfig`` field each sets."""
+One table (``PARALLEL_KINDS``) names the kinds, with the ``ContextParallelConfig`` degrees each sets for N ranks."""
 
 from __future__ import annotations
 
@@ -12,12 +12,20 @@ from dataclasses import dataclass
 import torch
 
 NO_PARALLEL = "none"
-PARALLEL_KINDS = {"ulysses": "ulysses_degree", "ring": "ring_degree"}
+PARALLEL_KINDS = {
+    "ulysses": lambda ranks: {"ulysses_degree": ranks},
+    "ring": lambda ranks: {"ring_degree": ranks},
+    # unified (xDiT's USP): Ulysses over pairs of ranks, ring across the pairs
+    "usp": lambda ranks: {"ulysses_degree": 2, "ring_degree": ranks // 2},
+}
+
+# diffusers attention backends that cannot return the log-sum-exp by which ring attention merges its parts
+NO_LSE_BACKENDS = ("native", "_native_npu")
 
 
 @dataclass(frozen=True)
 class ParallelSettings:
-    kind: str = NO_PARALLEL  # none | ulysses | ring
+    kind: str = NO_PARALLEL  # none | ulysses | ring | usp
     degree: int = 1  # ranks (GPUs) per step
     timeout_s: float = 120.0  # a rank that does not finish its part of a step within this is lost
 
@@ -27,17 +35,31 @@ class ParallelSettings:
         if self.kind != NO_PARALLEL and self.degree < 2:
             raise ValueError(f"parallel_degree: {self.kind} needs at least 2 ranks, got {self.degree}")
         if self.kind == NO_PARALLEL and self.degree != 1:
-            raise ValueError(f"parallel_degree {self.degree} needs parallel ulysses or ring (it is none)")
+            raise ValueError(f"parallel_degree {self.degree} needs parallel {', '.join(PARALLEL_KINDS)} (it is none)")
+        if self.kind == "usp" and (self.degree < 4 or self.degree % 2):
+            raise ValueError(f"parallel_degree: usp needs an even number of ranks, 4 or more, got {self.degree}")
 
     @classmethod
     def named(cls, text: str) -> ParallelSettings:
-        """``none``, or a kind and its degree in one word: ``ulysses2``, ``ring4``."""
+        """``none``, or a kind and its degree in one word: ``ulysses2``, ``ring4``, ``usp4``."""
         kind = text.rstrip("0123456789")
         return cls(kind, int(text[len(kind) :] or 1))
 
     @property
     def enabled(self) -> bool:
         return self.kind != NO_PARALLEL
+
+    def degrees(self) -> dict[str, int]:
+        """The ``ContextParallelConfig`` degrees of this kind and rank count."""
+        return PARALLEL_KINDS[self.kind](self.degree)
+
+    def check_attention(self, attention_backend: str) -> None:
+        """Refuse an attention backend this kind cannot run with (at load, not at the first step)."""
+        if self.degrees().get("ring_degree", 1) > 1 and attention_backend in NO_LSE_BACKENDS:
+            raise ValueError(
+                f"parallel {self.kind}: ring attention needs the log-sum-exp of each part, which attention_backend "
+                f"{attention_backend} does not return; use _native_cudnn or _native_flash"
+            )
 
     def backend(self) -> str:
         return "nccl" if torch.cuda.is_available() else "gloo"
@@ -81,4 +103,4 @@ def enable_context_parallel(transformer, settings: ParallelSettings) -> None:
     from diffusers import ContextParallelConfig
 
     with _cpu_ranks():
-        transformer.enable_parallelism(config=ContextParallelConfig(**{PARALLEL_KINDS[settings.kind]: settings.degree}))
+        transformer.enable_parallelism(config=ContextParallelConfig(**settings.degrees()))

@@ -15,7 +15,7 @@ from flux_triton.model import store
 
 @dataclass(frozen=True)
 class Speedups:
-    attention_backend: str = "native"  # diffusers backend name, e.g. _native_cudnn, _native_flash
+    attention_backend: str = "native"  # diffusers backend name (_native_cudnn, ...), or fp8_cudnn (model.fp8_attention)
     fuse_qkv: bool = False  # one QKV GEMM per attention; the unfused weights are freed
     fp8: bool = False  # e4m3 block linears (model.fp8), Hopper and newer
     fp8_scales: str = ""  # "": per-token activation scales; else a file of static ones (model.fp8_scales)
@@ -64,7 +64,11 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, f
     if cache is not None and speedups.cuda_graphs:
         raise ValueError("cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
                          "turn one of them off")  # fmt: skip
-    if speedups.attention_backend != "native":
+    if speedups.attention_backend == "fp8_cudnn":  # not a diffusers backend: our processor around cuDNN's FP8 SDPA
+        from flux_triton.model.fp8_attention_processor import use_fp8_attention
+
+        use_fp8_attention(transformer, context_parallel=parallel is not None and parallel.enabled)
+    elif speedups.attention_backend != "native":
         transformer.set_attention_backend(speedups.attention_backend)
     if speedups.fuse_qkv:
         fuse_qkv_projections(transformer)

@@ -1,4 +1,4 @@
-"""The context-parallel ranks of one ``dit_transformer`` instance (``parallel: ulysses|ring``).
+"""The context-parallel ranks of one ``dit_transformer`` instance (``parallel: ulysses|ring|usp``).
 
 The instance is rank 0. It starts ranks 1..N-1 as worker processes (``python -m flux_triton.serving.worker``),
 one per GPU, joined with it in one ``torch.distributed`` process group (NCCL between GPUs, gloo on a host without
@@ -64,8 +64,11 @@ class RankSpec:
     def join(self, rank: int) -> None:
         """Join the process group as ``rank`` (blocks until every rank has joined, ``timeout_s`` at most)."""
         backend, timeout_s = self.parallel.backend(), self.parallel.timeout_s
-        if backend == "nccl":  # NCCL's watchdog ends a process whose collective times out: rank 0's own deadline
-            timeout_s = 2 * timeout_s + 60  # (``Ranks._wait``) comes first, then it aborts the group and restarts
+        if backend == "nccl":
+            # by default NCCL's watchdog ends a process (rank 0 is Triton's stub) whose collective failed or timed
+            # out; here it only reports, and the ranks' own deadlines (``Ranks._wait``) abort the group and restart
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+            timeout_s = 2 * timeout_s + 60
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{self.port}",
@@ -232,6 +235,10 @@ class Ranks:
         return own
 
     def _end(self, graceful: bool) -> None:
+        if not graceful and dist.is_initialized() and dist.get_backend() != "gloo":
+            # first, before a worker dies under it: NCCL collectives that may never finish hold the group, which is
+            # aborted (destroying it would wait for them)
+            dist.distributed_c10d._abort_process_group()
         for worker in self.workers:
             if graceful:
                 with contextlib.suppress(OSError):
@@ -250,12 +257,8 @@ class Ranks:
             with contextlib.suppress(OSError):
                 worker.stdin.close()
         self.workers = []
-        if dist.is_initialized():
-            if graceful or dist.get_backend() == "gloo":  # gloo's failed collectives have returned with their error
-                dist.destroy_process_group()
-            else:
-                # NCCL collectives that may never finish hold the group: it is aborted, not destroyed (which waits)
-                dist.distributed_c10d._abort_process_group()
+        if dist.is_initialized():  # gloo's failed collectives have returned with their error
+            dist.destroy_process_group()
 
     def close(self) -> None:
         """Stop the workers (their pipes closed: they leave their loop; killed if they do not) and leave the

@@ -45,7 +45,7 @@ class ServeSettings:
     max_sessions: int = SessionSettings.max_sessions  # live generation sessions (serving.sessions)
     session_idle_s: float = SessionSettings.idle_timeout_s
     cache: str = "none"  # a step cache sessions may choose (pipeline.caching): none, a kind, or its JSON
-    parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses or ring
+    parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses, ring or usp
     parallel_degree: int = 1  # its ranks, one per GPU (GPUs 0..N-1 of the visible ones)
     parallel_timeout_s: float = ParallelSettings.timeout_s
     fault_forward_bytes: int = 0  # test-only fault injection (serving.faults); 0: off
@@ -119,6 +119,7 @@ class DitService:
             raise ValueError(f"cache {settings.cache} with parallel {parallel.kind}: step caches are not served "
                              f"across ranks yet; use one of them")  # fmt: skip
         if parallel.enabled:
+            parallel.check_attention(settings.speedups.attention_backend)
             self.ranks = self._ranks(parallel)
         try:
             self._bring_up()

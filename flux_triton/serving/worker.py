@@ -44,6 +44,9 @@ def main() -> None:
         spec.error_file(rank).write_text(f"{type(exc).__name__}: {exc}", encoding="utf-8")
         sys.stderr.write(f"context-parallel rank {rank}: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
+        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+            # its collectives that never found their peers' end here, not in the driver's teardown of the process
+            torch.distributed.distributed_c10d._abort_process_group()
         os._exit(3)
 
 
