@@ -1,8 +1,8 @@
 """The served step on GPUs (skipped with fewer than 2): ``dit_transformer`` placed on one GPU serves bitwise the
 pipeline's call, and placed as one instance across GPUs (Ulysses-2, ring-2; ring-4 and USP-4 where 4 GPUs are; bf16,
 over NCCL) bitwise diffusers' own context-parallel forward of the same weights, and the one-GPU step within bf16's
-rounding. Both bitwise checks failed on the GPU hosts measured so far, by 1-2 bf16 ulps in the served process
-(open: benchmarks/README.md, which names a candidate cause, since fixed)."""
+rounding. Ring and USP are served with cuDNN attention (ring attention needs its log-sum-exp), and diffusers' forward
+with the same."""
 
 from __future__ import annotations
 
