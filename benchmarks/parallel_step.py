@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import shutil
 import statistics
@@ -58,8 +57,7 @@ def server_for(work: Path, models: Path, label: str, speedups: Speedups, paralle
     repository = work / f"repository-{label}"
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
     config = repository / DIT_TRANSFORMER / "config.pbtxt"
-    settings = {"model_dir": RANDOM_MODEL, "max_sessions": "0",
-                **{name: str(value).lower() for name, value in dataclasses.asdict(speedups).items()}}  # fmt: skip
+    settings = {"model_dir": RANDOM_MODEL, "max_sessions": "0", **speedups.parameters()}
     for key, value in settings.items():
         set_parameter(config, key, value)
     place(config, gpus=() if parallel else gpus, parallel=parallel)

@@ -15,7 +15,6 @@ per-model times (Triton's statistics extension) show where the difference goes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -84,8 +83,8 @@ def write_served_repository(args, repository: Path) -> str:
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
     config = repository / DIT_TRANSFORMER / "config.pbtxt"
     set_parameter(config, "model_dir", RANDOM_MODEL)
-    for name, value in dataclasses.asdict(speedups_of(args)).items():
-        set_parameter(config, name, str(value).lower() if isinstance(value, bool) else value)
+    for name, value in speedups_of(args).parameters().items():
+        set_parameter(config, name, value)
     parallel = ParallelSettings.named(args.parallel)
     if parallel.enabled:
         place(config, parallel=parallel)

@@ -22,8 +22,8 @@ import math
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
+from flux_triton.model.fp8 import FP8, FP8_MAX
+
 FRONTEND_PACKAGE = "nvidia-cudnn-frontend"  # pinned in pyproject's fp8-attention group and gpu_host.sh
 MIN_CAPABILITY = (9, 0)  # cuDNN's FP8 SDPA: Hopper and newer
 O_HEADROOM = 2.0  # O's scale leaves 2x room over amax(v): FP8-rounded softmax weights may sum past 1

@@ -5,7 +5,7 @@ paths. None changes the function computed except ``fp8`` (lossy, reported by the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,14 +32,20 @@ class Speedups:
         compile="none",
         cuda_graphs="false",
     ) -> Speedups:
-        def flag(value) -> bool:
-            return str(value).lower() in ("1", "true", "yes", "on")
-
         if compile not in ("none", "regional", "full"):
             raise ValueError(f"compile: expected none, regional or full, got {compile!r}")
         if fp8_scales and not flag(fp8):
             raise ValueError(f"fp8_scales {fp8_scales!r}: static activation scales are for fp8 true")
         return cls(attention_backend, flag(fuse_qkv), flag(fp8), fp8_scales, compile, flag(cuda_graphs))
+
+    def parameters(self) -> dict[str, str]:
+        """The model config parameters that ``parse`` reads back as these speed-ups."""
+        return {name: str(value).lower() if isinstance(value, bool) else value for name, value in asdict(self).items()}
+
+
+def flag(value) -> bool:
+    """A config parameter's truth: ``1``, ``true``, ``yes`` or ``on``, in any case."""
+    return str(value).lower() in ("1", "true", "yes", "on")
 
 
 def fuse_qkv_projections(transformer) -> None:

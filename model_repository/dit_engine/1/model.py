@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flux_triton.engines.kinds import load_engine
 from flux_triton.locations import Locations
+from flux_triton.model.speedups import flag
 from flux_triton.serving import triton
 from flux_triton.serving.merging import run_engine_requests
 
@@ -26,7 +27,7 @@ class TritonPythonModel:
         locations = Locations.of_repository(REPOSITORY)
         sidecar_path = locations.engine(config["parameters"]["engine"]["string_value"])
         device = triton.instance_device(args)
-        graphs = config["parameters"].get("cuda_graphs", {}).get("string_value", "false").lower() == "true"
+        graphs = flag(config["parameters"].get("cuda_graphs", {}).get("string_value", "false"))
         self.sidecar, self.engine = load_engine(sidecar_path, device, locations.model_root, cuda_graphs=graphs)
         triton.log_info(f"dit_engine: {self.sidecar.kind} {self.sidecar.precision} {sidecar_path} on {device}")
 
