@@ -8,8 +8,8 @@ per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the fin
 
 Paths: ``eager``, ``compile`` (whole model), ``regional`` (dit_transformer's bf16: cuDNN attention, regional
 compile), ``fp8`` (+ FP8 block linears, per-token activation scales), ``fp8-static`` (static scales calibrated here
-first, ``model.fp8_scales``), ``fp8-attn`` (``fp8`` + FP8 cuDNN attention, ``model.fp8_attention``),
-``aoti``/``aoti-fp8`` (engines), ``-graphs`` (+ one CUDA graph per shape).
+first, ``model.fp8_scales``), ``-fast`` (FP8 GEMMs with fast accumulation), ``fp8-attn`` (``fp8`` + FP8 cuDNN
+attention, ``model.fp8_attention``), ``aoti``/``aoti-fp8`` (engines), ``-graphs`` (+ one CUDA graph per shape).
 
     python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
     python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
@@ -29,7 +29,7 @@ import torch
 from flux_triton.engines import aoti
 from flux_triton.engines.aoti_engine import prebuilt_or_build
 from flux_triton.model import speedups
-from flux_triton.model.fp8 import set_input_scales
+from flux_triton.model.fp8 import set_fp8_options
 from flux_triton.model.fp8_attention_processor import use_diffusers_attention
 from flux_triton.model.fp8_scales import Calibration, calibrate
 from flux_triton.model.graphs import GraphedTransformer
@@ -109,7 +109,8 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,aoti-graphs,fp8,fp8-graphs,"
-                        "fp8-static,fp8-static-graphs,fp8-attn,fp8-attn-graphs,aoti-fp8,aoti-fp8-graphs")  # fmt: skip
+                        "fp8-static,fp8-static-graphs,fp8-fast-graphs,fp8-static-fast-graphs,fp8-attn,"
+                        "fp8-attn-graphs,aoti-fp8,aoti-fp8-graphs")  # fmt: skip
     parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -155,10 +156,12 @@ def prepare_path(name: str, model, args, results: dict, started: float):
     if name == "compile":
         return partial(transformer_call, torch.compile(model, fullgraph=True)), started
     scales = results.get("fp8_scales") if "-static" in name else None
-    set_input_scales(model, scales)  # FP8 linears converted by an earlier path: static or per-token scales
-    if name.startswith(("regional", "fp8")):  # dit_transformer's paths: regional, fp8, fp8-static, fp8-attn, ...-graphs
+    fast_accum = "-fast" in name
+    set_fp8_options(model, scales, fast_accum)  # FP8 linears converted by an earlier path: this path's options
+    if name.startswith(("regional", "fp8")):  # dit_transformer's: regional, fp8[-static][-fast], fp8-attn, ...-graphs
         fp8, attention = name.startswith("fp8"), "fp8_cudnn" if name.startswith("fp8-attn") else cudnn
-        chosen = speedups.Speedups(attention, fp8=fp8, compile="regional", cuda_graphs=name.endswith("-graphs"))
+        chosen = speedups.Speedups(attention, fp8=fp8, fp8_fast_accum=fast_accum, compile="regional",
+                                   cuda_graphs=name.endswith("-graphs"))  # fmt: skip
         return partial(transformer_call, speedups.apply_speedups(model, chosen, fp8_scales=scales)), started
     kind = name.removesuffix("-graphs")
     if kind in ("aoti", "aoti-fp8"):

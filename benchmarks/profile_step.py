@@ -1,5 +1,5 @@
-"""Where a step's GPU time goes: attention vs GEMMs vs the rest, from torch.profiler's kernel
-times, for dit_transformer's bf16 and FP8 paths (per-token and static activation scales) on the full-size
+"""Where a step's GPU time goes: attention vs GEMMs vs the rest, from torch.profiler's kernel times, for
+dit_transformer's bf16 and FP8 paths (per-token and static activation scales, fast accumulation) on the full-size
 model (random weights).
 
     python benchmarks/profile_step.py --out profile.json
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flux_triton.model.fp8 import set_input_scales
+from flux_triton.model.fp8 import set_fp8_options
 from flux_triton.model.fp8_scales import Calibration, calibrate
 from flux_triton.model.presets import build_random, full_size_step
 from flux_triton.model.speedups import Speedups, apply_speedups
@@ -66,11 +66,13 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "paths": {}}
     static = {name: scale.item() for name, scale in calibrate(model, Calibration()).items()}  # on bf16 weights
     with torch.inference_mode():
-        # bf16 first: FP8 replaces the block weights; then per-token and static activation scales
-        for name, fp8, scales in (("bf16", False, None), ("fp8", True, None), ("fp8-static", True, static)):
+        # bf16 first: FP8 replaces the block weights; then per-token and static activation scales, fast accumulation
+        paths = (("bf16", False, None, False), ("fp8", True, None, False), ("fp8-static", True, static, False),
+                 ("fp8-static-fast", True, static, True))  # fmt: skip
+        for name, fp8, scales, fast in paths:
             torch._dynamo.reset()
-            set_input_scales(model, scales)
-            speedups = Speedups(attention_backend="_native_cudnn", fp8=fp8, compile="regional")
+            set_fp8_options(model, scales, fast)
+            speedups = Speedups(attention_backend="_native_cudnn", fp8=fp8, fp8_fast_accum=fast, compile="regional")
             apply_speedups(model, speedups, fp8_scales=scales)
             results["paths"][name] = breakdown(lambda s: transformer_call(model, s), step)
     args.out.write_text(json.dumps(results, indent=2))

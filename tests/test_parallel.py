@@ -45,7 +45,10 @@ from flux_triton.serving.service import DitService, ServeSettings
 ULYSSES_2 = ParallelSettings("ulysses", 2)
 ADMIN_KEY = "test-key"
 SERVED = DEV if not torch.cuda.is_available() else dataclasses.replace(DEV, dtype="BF16")  # the served dtype
-OOM_ON_GPUS = "open: over NCCL the step went unanswered; the abort order has changed since (benchmarks/README.md)"
+OOM_ON_GPUS = (
+    "open: over NCCL rank 0's host blocks inside its forward, holding the GIL, behind the collective the "
+    "failed rank never joins (benchmarks/README.md)"
+)
 FAULT_BUDGET = 1_000_000  # bytes: a 64x64 step fits on a rank (~25 kB), a 1024x1024 one (~4 MB) does not
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flux_triton.contract import DitSignature
+from flux_triton.model.fp8 import Float8Linear
 from flux_triton.model.presets import build_tiny
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import call, inputs
@@ -49,3 +50,14 @@ def test_fused_qkv_keeps_the_output_and_frees_the_unfused_weights():
     attention = transformer.transformer_blocks[0].attn
     assert hasattr(attention, "to_qkv") and not hasattr(attention, "to_q")
     assert sum(p.numel() for p in transformer.parameters()) == before  # one copy of the q/k/v weights
+
+
+def test_fp8_fast_accumulation_reaches_every_fp8_linear_and_needs_fp8():
+    settings = ServeSettings.from_model_config(_config(fp8="true", fp8_fast_accum="true"))
+    assert settings.speedups == Speedups(fp8=True, fp8_fast_accum=True)
+    transformer = build_tiny("tiny-flux-dev")
+    apply_speedups(transformer, settings.speedups)
+    linears = [module for module in transformer.modules() if isinstance(module, Float8Linear)]
+    assert len(linears) == 17 and all(linear.fast_accum for linear in linears)
+    with pytest.raises(ValueError, match="fp8_fast_accum true: fast accumulation is for fp8 true"):
+        ServeSettings.from_model_config(_config(fp8_fast_accum="true"))

@@ -19,6 +19,7 @@ class Speedups:
     fuse_qkv: bool = False  # one QKV GEMM per attention; the unfused weights are freed
     fp8: bool = False  # e4m3 block linears (model.fp8), Hopper and newer
     fp8_scales: str = ""  # "": per-token activation scales; else a file of static ones (model.fp8_scales)
+    fp8_fast_accum: bool = False  # FP8 GEMMs with Hopper's fast (reduced-precision) accumulation
     compile: str = "none"  # none | regional (each repeated block compiled once) | full
     cuda_graphs: bool = False  # each step shape captured in one CUDA graph and replayed (model.graphs)
 
@@ -29,6 +30,7 @@ class Speedups:
         fuse_qkv="false",
         fp8="false",
         fp8_scales="",
+        fp8_fast_accum="false",
         compile="none",
         cuda_graphs="false",
     ) -> Speedups:
@@ -36,7 +38,10 @@ class Speedups:
             raise ValueError(f"compile: expected none, regional or full, got {compile!r}")
         if fp8_scales and not flag(fp8):
             raise ValueError(f"fp8_scales {fp8_scales!r}: static activation scales are for fp8 true")
-        return cls(attention_backend, flag(fuse_qkv), flag(fp8), fp8_scales, compile, flag(cuda_graphs))
+        if flag(fp8_fast_accum) and not flag(fp8):
+            raise ValueError("fp8_fast_accum true: fast accumulation is for fp8 true")
+        return cls(attention_backend, flag(fuse_qkv), flag(fp8), fp8_scales, flag(fp8_fast_accum), compile,
+                   flag(cuda_graphs))  # fmt: skip
 
     def parameters(self) -> dict[str, str]:
         """The model config parameters that ``parse`` reads back as these speed-ups."""
@@ -81,7 +86,7 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, f
     if speedups.fp8:
         from flux_triton.model.fp8 import quantize_blocks
 
-        quantize_blocks(transformer, fp8_scales)
+        quantize_blocks(transformer, fp8_scales, speedups.fp8_fast_accum)
     if parallel is not None and parallel.enabled:
         from flux_triton.model.parallel import enable_context_parallel
 

@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -214,13 +215,14 @@ class Ranks:
             raise RanksFailed(reason)
 
     def _exited(self) -> str | None:
+        """The first worker that failed: it exited, or wrote its error and is still ending (aborting its NCCL
+        communicator can take a while, and the step must not wait for it)."""
         for rank, worker in enumerate(self.workers, start=1):
-            code = worker.poll()
+            code, error = worker.poll(), self.spec.error_file(rank)
+            if error.is_file():
+                return f"rank {rank} (pid {worker.pid}) failed: " + error.read_text(encoding="utf-8").strip()
             if code is not None:
-                error = self.spec.error_file(rank)
-                return f"rank {rank} (pid {worker.pid}) exited: " + (
-                    error.read_text(encoding="utf-8", errors="replace").strip() if error.is_file() else f"status {code}"
-                )
+                return f"rank {rank} (pid {worker.pid}) exited: status {code}"
         return None
 
     def _failure(self, own: str) -> str:
@@ -235,10 +237,11 @@ class Ranks:
         return own
 
     def _end(self, graceful: bool) -> None:
+        aborted = True
         if not graceful and dist.is_initialized() and dist.get_backend() != "gloo":
             # first, before a worker dies under it: NCCL collectives that may never finish hold the group, which is
             # aborted (destroying it would wait for them)
-            dist.distributed_c10d._abort_process_group()
+            aborted = _abort_within(self.spec.parallel.timeout_s)
         for worker in self.workers:
             if graceful:
                 with contextlib.suppress(OSError):
@@ -257,6 +260,8 @@ class Ranks:
             with contextlib.suppress(OSError):
                 worker.stdin.close()
         self.workers = []
+        if not aborted:
+            raise RanksFailed(f"aborting the NCCL process group did not end within {self.spec.parallel.timeout_s:g} s")
         if dist.is_initialized():  # gloo's failed collectives have returned with their error
             dist.destroy_process_group()
 
@@ -267,6 +272,15 @@ class Ranks:
 
     def pids(self) -> list[int]:
         return [worker.pid for worker in self.workers]
+
+
+def _abort_within(timeout_s: float) -> bool:
+    """Abort every NCCL communicator of this process; ``False`` if that has not returned within ``timeout_s`` (the
+    process's GPU work is then stuck, and only a new process serves again)."""
+    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True)
+    aborting.start()
+    aborting.join(timeout_s)
+    return not aborting.is_alive()
 
 
 def python_executable() -> str:

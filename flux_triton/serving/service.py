@@ -157,8 +157,8 @@ class DitService:
         except RanksFailed as exc:
             failure = f"context-parallel step failed: {exc}"
         self.transformer = None  # the failed forward's model and memory go
-        self.ranks.abort()  # first: a CUDA stream waiting on a collective is freed only by the abort
         try:
+            self.ranks.abort()  # first: a CUDA stream waiting on a collective is freed only by the abort
             self.ranks.drain(self.device)
             faults.release_after_oom(self.device)
             self._bring_up()

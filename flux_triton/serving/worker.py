@@ -41,7 +41,9 @@ def main() -> None:
     try:
         serve(rank, spec)
     except BaseException as exc:
-        spec.error_file(rank).write_text(f"{type(exc).__name__}: {exc}", encoding="utf-8")
+        partial = spec.error_file(rank).with_suffix(".partial")  # renamed whole: rank 0 never reads half of it
+        partial.write_text(f"{type(exc).__name__}: {exc}", encoding="utf-8")
+        partial.replace(spec.error_file(rank))
         sys.stderr.write(f"context-parallel rank {rank}: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
         if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
