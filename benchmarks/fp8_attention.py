@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flux_triton.model.fp8_attention import O_HEADROOM, fp8_sdpa, quantize, require_fp8_attention, require_frontend
+from flux_triton.model.fp8_attention import (
+    dequantize_output,
+    fp8_sdpa,
+    kernel_arguments,
+    require_fp8_attention,
+    require_frontend,
+)
 from flux_triton.pipeline.inputs import rel_l2
 
 SHAPES = {  # (batch, tokens, heads, head_dim): image + 512 text tokens
@@ -54,13 +60,12 @@ def bf16_cudnn(q, k, v):
 
 def fp8_kernel_only(q, k, v):
     """The cuDNN call on inputs quantized once; returns a function of nothing and one that dequantizes its output."""
-    (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize(q), quantize(k), quantize(v)
-    scale_o = descale_v.reciprocal() / O_HEADROOM  # as fp8_sdpa scales O
+    arguments = kernel_arguments(q, k, v)
 
     def run(*_):
-        return torch.ops.flux_triton.cudnn_sdpa_fp8(q8, k8, v8, descale_q, descale_k, descale_v, scale_o)
+        return torch.ops.flux_triton.cudnn_sdpa_fp8(*arguments)
 
-    return run, lambda out: out.float() * scale_o.reciprocal()
+    return run, lambda out: dequantize_output(out, arguments)
 
 
 def time_calls(fn, args, warmup: int, iters: int) -> list[float]:

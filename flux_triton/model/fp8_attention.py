@@ -18,6 +18,7 @@ implementation for tracing. Its cuDNN graphs are built on first use, one per (sh
 from __future__ import annotations
 
 import enum
+import functools
 import math
 
 import torch
@@ -60,12 +61,19 @@ def fp8_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ker
     back is contiguous. ``kernel`` replaces ``cudnn_sdpa_fp8`` (same arguments; the tests pass a reference of
     cuDNN's contract to check the scales on the CPU)."""
     kernel = kernel or torch.ops.flux_triton.cudnn_sdpa_fp8
-    q8, descale_q = quantize(query)
-    k8, descale_k = quantize(key)
-    v8, descale_v = quantize(value)
-    scale_o = descale_v.reciprocal() / O_HEADROOM
-    out = kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o)
-    return (out.float() * scale_o.reciprocal()).to(query.dtype)
+    arguments = kernel_arguments(query, key, value)
+    return dequantize_output(kernel(*arguments), arguments).to(query.dtype)
+
+
+def kernel_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``cudnn_sdpa_fp8``'s arguments for bf16 q/k/v: each in e4m3 with its descale, then O's scale."""
+    (q8, descale_q), (k8, descale_k), (v8, descale_v) = quantize(query), quantize(key), quantize(value)
+    return q8, k8, v8, descale_q, descale_k, descale_v, descale_v.reciprocal() / O_HEADROOM
+
+
+def dequantize_output(out: torch.Tensor, arguments: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The kernel's e4m3 O back in float32, by the O scale among its ``arguments``."""
+    return out.float() * arguments[-1].reciprocal()
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +158,7 @@ def require_fp8_attention(device) -> None:
         )
 
 
+@functools.cache  # once per process: each attention call asks
 def require_frontend():
     """The ``cudnn`` module of ``nvidia-cudnn-frontend``.
 
