@@ -9,7 +9,8 @@ per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the fin
 Paths: ``eager``, ``compile`` (whole model), ``regional`` (dit_transformer's bf16: cuDNN attention, regional
 compile), ``fp8`` (+ FP8 block linears, per-token activation scales), ``fp8-static`` (static scales calibrated here
 first, ``model.fp8_scales``), ``-fast`` (FP8 GEMMs with fast accumulation), ``fp8-attn`` (``fp8`` + FP8 cuDNN
-attention, ``model.fp8_attention``), ``aoti``/``aoti-fp8`` (engines), ``-graphs`` (+ one CUDA graph per shape).
+attention, ``model.fp8_attention``), ``aoti``/``aoti-fp8`` (engines), ``-graphs`` (+ one CUDA graph per shape; on
+``aoti`` not a default path: its capture fails inside the AOTI runner at 1024x1024, benchmarks/README.md).
 
     python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
     python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
@@ -108,9 +109,9 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,aoti-graphs,fp8,fp8-graphs,"
-                        "fp8-static,fp8-static-graphs,fp8-fast-graphs,fp8-static-fast-graphs,fp8-attn,"
-                        "fp8-attn-graphs,aoti-fp8,aoti-fp8-graphs")  # fmt: skip
+    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,fp8,fp8-graphs,fp8-static,"
+                        "fp8-static-graphs,fp8-fast-graphs,fp8-static-fast-graphs,fp8-attn-static-fast-graphs,"
+                        "aoti-fp8")  # fmt: skip
     parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

@@ -40,8 +40,20 @@ install() {
   python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'
 }
 
+spy() {
+  # after $1 seconds, the native and Python stacks of every Triton Python stub and context-parallel worker (py-spy
+  # on PATH): where a hung test waits
+  sleep "$1"
+  local pid
+  for pid in $(pgrep -f 'triton_python_backend_stub|flux_triton[.]serving[.]worker'); do
+    echo "== pid $pid: $(tr '\0' ' ' </proc/"$pid"/cmdline | cut -c1-160)"
+    py-spy dump --native --pid "$pid"
+  done
+}
+
 case "${1:-}" in
 pack) (pack) ;;
 install) install ;;
-*) echo "usage: benchmarks/gpu_host.sh pack | source benchmarks/gpu_host.sh install" >&2 ;;
+spy) spy "${2:-300}" ;;
+*) echo "usage: benchmarks/gpu_host.sh pack | source benchmarks/gpu_host.sh install | benchmarks/gpu_host.sh spy SECONDS" >&2 ;;
 esac

@@ -197,7 +197,7 @@ def worker_pids() -> list[int]:
     for entry in os.scandir("/proc"):
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
-                if b"flux_triton.serving.worker" in cmdline.read():
+                if b"flux_triton.serving.worker" in cmdline.read().split(b"\0"):  # the argument, not a shell's text
                     found.append(int(entry.name))
         except OSError:
             continue

@@ -162,7 +162,11 @@ def attach(transformer, engine_dir: Path, packages: dict[str, str]) -> None:
     """Route every block's forward through its kind's compiled package (loaded once per kind)."""
     for kind, attribute in BLOCK_KINDS.items():
         device_index = transformer.device.index if transformer.device.type == "cuda" else -1
-        runner = torch._inductor.aoti_load_package(str(engine_dir / packages[kind]), device_index=device_index or 0)
+        # single-threaded: without the runner's own stream synchronization, which a CUDA graph capture refuses
+        # (an instance runs one forward at a time)
+        runner = torch._inductor.aoti_load_package(
+            str(engine_dir / packages[kind]), run_single_threaded=True, device_index=device_index or 0
+        )
         for block in getattr(transformer, attribute):
             block.forward = CompiledBlock(runner, tuple(block_weights(block).values()))
 

@@ -9,8 +9,7 @@ step runs without a graph. Replays compute bitwise what the ordinary call comput
 With context parallelism every rank sees the same steps in the same order, so the ranks capture together
 and the captured collectives pair up.
 
-``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``); ``GraphedEngine`` an engine's
-``run(tensors)`` (``dit_engine`` on an AOTI engine)."""
+``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``)."""
 
 from __future__ import annotations
 
@@ -83,17 +82,6 @@ class GraphedTransformer:
         others = {name: value for name, value in kwargs.items() if name not in tensors}
         forward = lambda inputs: self.transformer(**inputs, **others)[0]  # noqa: E731
         return (self.graphs.run(tensors, forward, repr(sorted(others.items()))),)
-
-
-class GraphedEngine:
-    """An engine's ``run(tensors) -> noise_pred`` through ``ShapeGraphs``, its inputs first moved to ``device``."""
-
-    def __init__(self, engine: Callable[[Tensors], torch.Tensor], device: torch.device, max_graphs=DEFAULT_MAX_GRAPHS):
-        self.engine, self.device = engine, device
-        self.graphs = ShapeGraphs(max_graphs)
-
-    def __call__(self, tensors: Tensors) -> torch.Tensor:
-        return self.graphs.run({name: t.to(self.device) for name, t in tensors.items()}, self.engine)
 
 
 def check_cuda(device: torch.device | str) -> None:

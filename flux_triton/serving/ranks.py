@@ -9,8 +9,10 @@ A fault on any rank - a worker that exits (its error, an OOM included, written f
 finished within ``timeout_s`` (a rank hangs), an error of rank 0 or of a collective - fails the step in flight with
 its cause; then the process group is aborted (its collectives may never finish), the workers are killed and new ones
 started, and every rank builds its model again (``DitService``), so the model keeps serving. If that fails, every
-later request fails fast with the reason until the model is reloaded (``serve``'s probes do that). Workers end with
-the instance, and on their own when its pipe to them closes (the instance died).
+later request fails fast with the reason until the model is reloaded (``serve``'s probes do that). Over NCCL, when
+rank 0's own host is blocked inside its forward and cannot look at the other ranks, NCCL's watchdog aborts the group
+after ``2 * timeout_s + 60`` s, and the step fails then. Workers end with the instance, and on their own when its pipe
+to them closes (the instance died).
 """
 
 from __future__ import annotations
@@ -66,10 +68,18 @@ class RankSpec:
         """Join the process group as ``rank`` (blocks until every rank has joined, ``timeout_s`` at most)."""
         backend, timeout_s = self.parallel.backend(), self.parallel.timeout_s
         if backend == "nccl":
-            # by default NCCL's watchdog ends a process (rank 0 is Triton's stub) whose collective failed or timed
-            # out; here it only reports, and the ranks' own deadlines (``Ranks._wait``) abort the group and restart
-            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-            timeout_s = 2 * timeout_s + 60
+            # NCCL's watchdog is the last resort, for a rank 0 whose host is blocked inside its forward, holding
+            # the GIL (loading a kernel waits for the GPU, which waits on a collective a failed rank never joins):
+            # it aborts the group's communicators, and does not end the process (rank 0 is Triton's stub), without
+            # first waiting for debug dumps (by default 15 s, then four times that). The ranks' own deadlines
+            # (``Ranks._wait``) come first.
+            os.environ.update(
+                TORCH_NCCL_ASYNC_ERROR_HANDLING="2",
+                TORCH_NCCL_DUMP_ON_TIMEOUT="0",
+                TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC="100",
+                TORCH_NCCL_ENABLE_MONITORING="0",
+            )
+            timeout_s = watchdog_timeout_s(self.parallel)
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{self.port}",
@@ -84,6 +94,28 @@ class RankSpec:
     def ready_file(self, rank: int) -> Path:
         """Written by a worker once its model is built (before that, a collective could time out on it)."""
         return Path(self.error_dir) / f"rank-{rank}.ready"
+
+
+def watchdog_timeout_s(parallel: ParallelSettings) -> float:
+    """After this a collective is NCCL's watchdog's to abort: well after the ranks' own deadline."""
+    return 2 * parallel.timeout_s + 60
+
+
+def watch_collectives(parallel: ParallelSettings) -> None:
+    """Give every process group of this rank the watchdog's timeout, once the model is built: diffusers' device
+    mesh makes its groups with NCCL's default of 10 minutes."""
+    if dist.get_backend() == "nccl":
+        for group in list(dist.distributed_c10d._world.pg_map):
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=watchdog_timeout_s(parallel)), group)
+
+
+def _watchdog_aborted() -> str | None:
+    """The first NCCL group whose watchdog found a collective failed or timed out (and aborted the group)."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        error = group._get_backend(torch.device("cuda")).get_error()
+        if error.name != "SUCCESS":
+            return f"a collective of process group {group.group_name!r} failed ({error.name.lower()})"
+    return None
 
 
 def free_port() -> int:
@@ -106,10 +138,10 @@ def send_step(step: Step, workers: list[subprocess.Popen]) -> None:
 
 
 def receive_step(device: torch.device) -> Step | None:
-    """Ranks 1..N-1: the next step rank 0 sends; ``None`` when its pipe closes (stop, or rank 0 is gone). Idle ranks
-    wait on the pipe, not inside a collective that would time out."""
+    """Ranks 1..N-1: the next step rank 0 sends; ``None`` at an empty line (stop) or when the pipe closes (rank 0 is
+    gone). Idle ranks wait on the pipe, not inside a collective that would time out."""
     line = sys.stdin.buffer.readline()
-    if not line:
+    if not line.strip():
         return None
     header = json.loads(line)
     tensors = {
@@ -149,7 +181,7 @@ class Ranks:
             self.spec.error_file(rank).unlink(missing_ok=True)
             self.spec.ready_file(rank).unlink(missing_ok=True)
             command = [python_executable(), "-m", "flux_triton.serving.worker", str(rank), self.spec.to_json()]
-            # stdin: a line before each step; its end tells the worker to stop (or that rank 0 is gone)
+            # stdin: a line before each step, an empty one to stop; its end: rank 0 is gone
             self.workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, env=env))
         try:
             self.spec.join(0)
@@ -168,6 +200,7 @@ class Ranks:
             if waiting and time.monotonic() > deadline:
                 raise RanksFailed(f"ranks {waiting} did not build their models within {timeout_s:g} s")
             time.sleep(0.05)
+        watch_collectives(self.spec.parallel)
 
     def abort(self) -> None:
         """After a fault: kill the workers and abort the process group (its collectives may never finish); a new
@@ -193,6 +226,11 @@ class Ranks:
         leaves the collectives waiting forever); gloo's collectives return only when done."""
         if output.device.type == "cuda":
             self._until_gpu_done("the step did not finish", "a rank hangs", self._check_workers)
+            # a fault while rank 0's host was blocked: its GPU work ended only when the watchdog aborted the group
+            self._check_workers()
+            reason = _watchdog_aborted()
+            if reason:
+                raise RanksFailed(f"rank 0: {reason}, after {watchdog_timeout_s(self.spec.parallel):g} s")
 
     def drain(self, device: torch.device) -> None:
         """After ``abort``: until rank 0's GPU work queued before it has ended (its collectives aborted)."""
@@ -237,14 +275,15 @@ class Ranks:
         return own
 
     def _end(self, graceful: bool) -> None:
-        aborted = True
-        if not graceful and dist.is_initialized() and dist.get_backend() != "gloo":
+        nccl, aborted = dist.is_initialized() and dist.get_backend() == "nccl", True
+        if nccl and not graceful:
             # first, before a worker dies under it: NCCL collectives that may never finish hold the group, which is
             # aborted (destroying it would wait for them)
             aborted = _abort_within(self.spec.parallel.timeout_s)
         for worker in self.workers:
             if graceful:
                 with contextlib.suppress(OSError):
+                    worker.stdin.write(b"\n")  # stop
                     worker.stdin.close()
             elif worker.poll() is None:
                 worker.kill()
@@ -260,9 +299,11 @@ class Ranks:
             with contextlib.suppress(OSError):
                 worker.stdin.close()
         self.workers = []
+        if nccl and graceful:  # the workers have left: aborting is local, destroying could wait on their side
+            aborted = _abort_within(self.spec.parallel.timeout_s)
         if not aborted:
             raise RanksFailed(f"aborting the NCCL process group did not end within {self.spec.parallel.timeout_s:g} s")
-        if dist.is_initialized():  # gloo's failed collectives have returned with their error
+        if dist.is_initialized():  # gloo (its failed collectives have returned with their error)
             dist.destroy_process_group()
 
     def close(self) -> None:
@@ -274,9 +315,14 @@ class Ranks:
         return [worker.pid for worker in self.workers]
 
 
+_ABORTED_GROUPS: list = []  # kept for the life of the process: see _abort_within
+
+
 def _abort_within(timeout_s: float) -> bool:
     """Abort every NCCL communicator of this process; ``False`` if that has not returned within ``timeout_s`` (the
-    process's GPU work is then stuck, and only a new process serves again)."""
+    process's GPU work is then stuck, and only a new process serves again). The aborted groups stay referenced:
+    their destructors would wait for watchdog threads that may be stuck with them."""
+    _ABORTED_GROUPS.extend(dist.distributed_c10d._world.pg_map)
     aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True)
     aborting.start()
     aborting.join(timeout_s)
