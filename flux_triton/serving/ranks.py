@@ -71,8 +71,8 @@ class RankSpec:
             # NCCL's watchdog is the last resort, for a rank 0 whose host is blocked inside its forward, holding
             # the GIL (loading a kernel waits for the GPU, which waits on a collective a failed rank never joins):
             # it aborts the group's communicators, and does not end the process (rank 0 is Triton's stub), without
-            # first waiting for debug dumps (by default 15 s, then four times that). The ranks' own deadlines
-            # (``Ranks._wait``) come first.
+            # first waiting for debug dumps (by default 15 s or more). The ranks' own deadlines (``Ranks._wait``)
+            # come first.
             os.environ.update(
                 TORCH_NCCL_ASYNC_ERROR_HANDLING="2",
                 TORCH_NCCL_DUMP_ON_TIMEOUT="0",
