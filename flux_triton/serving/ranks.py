@@ -275,11 +275,11 @@ class Ranks:
         return own
 
     def _end(self, graceful: bool) -> None:
-        nccl, aborted = dist.is_initialized() and dist.get_backend() == "nccl", True
-        if nccl and not graceful:
+        timeout_s, left = self.spec.parallel.timeout_s, True
+        if not graceful and dist.is_initialized() and dist.get_backend() == "nccl":
             # first, before a worker dies under it: NCCL collectives that may never finish hold the group, which is
             # aborted (destroying it would wait for them)
-            aborted = _abort_within(self.spec.parallel.timeout_s)
+            left = _abort_within(timeout_s)
         for worker in self.workers:
             if graceful:
                 with contextlib.suppress(OSError):
@@ -299,12 +299,8 @@ class Ranks:
             with contextlib.suppress(OSError):
                 worker.stdin.close()
         self.workers = []
-        if nccl and graceful:  # the workers have left: aborting is local, destroying could wait on their side
-            aborted = _abort_within(self.spec.parallel.timeout_s)
-        if not aborted:
-            raise RanksFailed(f"aborting the NCCL process group did not end within {self.spec.parallel.timeout_s:g} s")
-        if dist.is_initialized():  # gloo (its failed collectives have returned with their error)
-            dist.destroy_process_group()
+        if not (left and leave_process_group(timeout_s)):  # graceful: after the workers have left
+            raise RanksFailed(f"aborting the NCCL process group did not end within {timeout_s:g} s")
 
     def close(self) -> None:
         """Stop the workers (their pipes closed: they leave their loop; killed if they do not) and leave the
@@ -313,6 +309,18 @@ class Ranks:
 
     def pids(self) -> list[int]:
         return [worker.pid for worker in self.workers]
+
+
+def leave_process_group(timeout_s: float) -> bool:
+    """Leave this process's process groups: NCCL's by aborting them (local, where destroying could wait on the other
+    ranks), gloo's by destroying them (its failed collectives have returned with their error); ``False`` if the
+    abort has not returned within ``timeout_s``."""
+    if not dist.is_initialized():
+        return True
+    if dist.get_backend() == "nccl":
+        return _abort_within(timeout_s)
+    dist.destroy_process_group()
+    return True
 
 
 _ABORTED_GROUPS: list = []  # kept for the life of the process: see _abort_within

@@ -14,7 +14,7 @@ import torch
 from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import faults
-from flux_triton.serving.ranks import RankSpec, receive_step, settled, watch_collectives
+from flux_triton.serving.ranks import RankSpec, leave_process_group, receive_step, settled, watch_collectives
 
 
 def serve(rank: int, spec: RankSpec) -> None:
@@ -34,7 +34,7 @@ def serve(rank: int, spec: RankSpec) -> None:
         while (step := receive_step(device)) is not None:
             with faults.forward_budget(budget):
                 settled(transformer_call(transformer, step))
-    leave_process_group()
+    leave_process_group(spec.parallel.timeout_s)
 
 
 def main() -> None:
@@ -47,16 +47,9 @@ def main() -> None:
         partial.replace(spec.error_file(rank))
         sys.stderr.write(f"context-parallel rank {rank}: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
-        leave_process_group()  # its collectives that never found their peers end here, not in the driver's teardown
+        # its collectives that never found their peers end here, not in the driver's teardown of the process
+        leave_process_group(spec.parallel.timeout_s)
         os._exit(3)
-
-
-def leave_process_group() -> None:
-    """Over NCCL by aborting: local, where destroying could wait on the other ranks' communicators."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        torch.distributed.distributed_c10d._abort_process_group()
-    elif torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
