@@ -9,8 +9,8 @@ per path the relative L2 error of noise_pred (1024x1024, batch 1) and of the fin
 Paths: ``eager``, ``compile`` (whole model), ``regional`` (dit_transformer's bf16: cuDNN attention, regional
 compile), ``fp8`` (+ FP8 block linears, per-token activation scales), ``fp8-static`` (static scales calibrated here
 first, ``model.fp8_scales``), ``-fast`` (FP8 GEMMs with fast accumulation), ``fp8-attn`` (``fp8`` + FP8 cuDNN
-attention, ``model.fp8_attention``), ``aoti``/``aoti-fp8`` (engines), ``-graphs`` (+ one CUDA graph per shape; on
-``aoti`` not a default path: its capture fails inside the AOTI runner at 1024x1024, benchmarks/README.md).
+attention, ``model.fp8_attention``), ``aoti``/``aoti-fp8`` (engines, each compiled once per run, or
+taken from ``--engines``/``--engine-cache``), ``-graphs`` (+ one CUDA graph per shape).
 
     python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
     python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -109,17 +110,20 @@ def measure_path(name, fn, ready_s, args, accuracy_step, refs, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,fp8,fp8-graphs,fp8-static,"
-                        "fp8-static-graphs,fp8-fast-graphs,fp8-static-fast-graphs,fp8-attn-static-fast-graphs,"
-                        "aoti-fp8")  # fmt: skip
+    parser.add_argument("--paths", default="eager,compile,regional,regional-graphs,aoti,aoti-graphs,fp8,fp8-graphs,"
+                        "fp8-static,fp8-static-graphs,fp8-fast-graphs,fp8-static-fast-graphs,"
+                        "fp8-attn-static-fast-graphs,aoti-fp8,aoti-fp8-graphs")  # fmt: skip
     parser.add_argument("--shapes", default=",".join(FULL_SIZE_SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--loop-steps", type=int, default=28)
     parser.add_argument("--engines", type=Path, default=None, help="prebuilt AOTI engines of make engine "
                         f"(MODEL={RANDOM_MODEL}, --max-batch 8); default: build them here")  # fmt: skip
+    parser.add_argument("--engine-cache", type=Path, default=None, help="without --engines: where the AOTI "
+                        "engines compiled here go, where a later run finds them (default: a new folder)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args()
+    args.engine_cache = args.engine_cache or Path(tempfile.mkdtemp(prefix="gpu-bench-engines-"))
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "paths": []}
     started = time.perf_counter()
@@ -167,7 +171,7 @@ def prepare_path(name: str, model, args, results: dict, started: float):
     kind = name.removesuffix("-graphs")
     if kind in ("aoti", "aoti-fp8"):
         speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=kind == "aoti-fp8"))
-        engine_dir, packages = prebuilt_or_build(kind, model, args.engines, RANDOM_MODEL)
+        engine_dir, packages = prebuilt_or_build(kind, model, args.engines, RANDOM_MODEL, args.engine_cache)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
         aoti.attach(model, engine_dir, packages)
         return (partial(transformer_call, GraphedTransformer(model)) if kind != name else call), started

@@ -10,6 +10,8 @@ per-model times (Triton's statistics extension) show where the difference goes.
     python benchmarks/served_step.py --out served.json
     python benchmarks/served_step.py --engine engines/flux-dev-random-bf16.aoti.json --out served-aoti.json
     python benchmarks/served_step.py --parallel ulysses2 --cuda-graphs --out served-ulysses2.json   # 2 GPUs
+    python benchmarks/served_step.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --cuda-graphs \
+        --out served-fp8.json                                     # the fastest FP8 path of gpu_bench.py, served
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.engines.kinds import load_engine
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.model import store
+from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, calibrate, save_scales
 from flux_triton.model.parallel import ParallelSettings
-from flux_triton.model.presets import RANDOM_MODEL, full_size_step, random_model_root
+from flux_triton.model.presets import RANDOM_MODEL, build_random, full_size_step, random_model_root
 from flux_triton.model.speedups import Speedups
 from flux_triton.serving.merging import run_engine_batched
 from flux_triton.serving.preprocess import preprocess
@@ -55,7 +59,22 @@ def summary(times: list[float]) -> dict:
 
 
 def speedups_of(args) -> Speedups:
-    return Speedups(args.attention_backend, fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    return Speedups(args.attention_backend, fp8=args.fp8, fp8_scales=args.fp8_scales,
+                    fp8_fast_accum=args.fp8_fast_accum, compile=args.compile, cuda_graphs=args.cuda_graphs)  # fmt: skip
+
+
+def ensure_scales(models: Path, name: str) -> float | None:
+    """Static FP8 activation scales ``name`` beside the random model, calibrated here (``Calibration``'s
+    defaults, as ``python -m flux_triton calibrate``) unless there; the seconds that took, ``None`` when there."""
+    path = store.inside(store.resolve_model_dir(RANDOM_MODEL, models), name)
+    if path.is_file():
+        return None
+    started = time.perf_counter()
+    model = build_random()  # the saved model's weights: the same seed
+    save_scales(path, calibrate(model, Calibration()), model.config, Calibration())
+    del model
+    torch.cuda.empty_cache()
+    return time.perf_counter() - started
 
 
 def dit_transformer_step(args, models: Path, wire: dict):
@@ -155,6 +174,9 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="_native_cudnn")
     parser.add_argument("--compile", default="regional")
     parser.add_argument("--fp8", action="store_true", help="FP8 block linears")
+    parser.add_argument("--fp8-scales", default="", help=f"static activation scales ({SCALES_FILE}; calibrated "
+                        "here if the model lacks them); default: per-token")  # fmt: skip
+    parser.add_argument("--fp8-fast-accum", action="store_true", help="FP8 GEMMs with fast accumulation")
     parser.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per step shape")
     parser.add_argument("--parallel", default="none", help="dit_transformer across GPUs: ulysses2, ring2, ...")
     parser.add_argument("--warmup", type=int, default=3)
@@ -176,6 +198,8 @@ def main() -> None:
     models, save_s = random_model_root(work)
     if save_s is not None:
         results["save_s"] = save_s
+    if args.fp8_scales:
+        results["calibration_s"] = ensure_scales(models, args.fp8_scales)
 
     wire = full_size_step(args.shape).wire()
     started = time.perf_counter()

@@ -93,9 +93,14 @@ def test_runner_refuses_packages_compiled_for_another_device(aoti_engines, model
         load_engine(other, torch.device("cpu"), model_root)
 
 
-def test_cuda_graphs_are_refused_with_the_reason(aoti_engines, model_root):
-    with pytest.raises(ValueError, match=r"cuda_graphs: dit_engine's runners are not captured .* dit_transformer's"):
-        load_engine(aoti_engines["tiny-flux-dev"], torch.device("cpu"), model_root, cuda_graphs=True)
+def test_cuda_graphs_are_refused_on_the_cpu_and_for_a_runner_that_cannot_be_captured(aoti_engines, model_root):
+    path = aoti_engines["tiny-flux-dev"]
+    with pytest.raises(ValueError, match="cuda_graphs: CUDA graphs need a CUDA device; this model runs on cpu"):
+        load_engine(path, torch.device("cpu"), model_root, cuda_graphs=True)
+    onnx = path.with_name("tiny-flux-dev-fp32.onnxruntime-named.json")
+    onnx.write_text(json.dumps({**json.loads(path.read_text()), "kind": "onnxruntime"}))
+    with pytest.raises(ValueError, match=r"the onnxruntime runner cannot be captured \(only: aoti, aoti-fp8\)"):
+        load_engine(onnx, torch.device("cpu"), model_root, cuda_graphs=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -12,6 +12,8 @@ A package only runs on the device type (and GPU architecture) it was compiled fo
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -94,32 +96,36 @@ def load(sidecar: EngineSidecar, sidecar_path: Path, device: torch.device, model
     transformer = store.load_transformer(model_dir, sidecar.dit_signature.torch_dtype, device)
     apply_speedups(transformer, speedups_for(sidecar.kind, device))
     aoti.attach(transformer, sidecar_path.parent / sidecar.engine_file, packages(sidecar))
-    return AotiEngine(sidecar, transformer, device)
+    return AotiEngine(sidecar.kind, transformer, device, sidecar.build["aoti_profile"]["text_tokens"])
 
 
-def prebuilt_or_build(kind: str, transformer, engines_dir: Path | None, model: str) -> tuple[Path, dict[str, str]]:
+def prebuilt_or_build(
+    kind: str, transformer, engines_dir: Path | None, model: str, build_dir: Path | None = None
+) -> tuple[Path, dict[str, str]]:
     """The folder and packages of ``model``'s engine of ``kind`` in ``engines_dir`` (packages hold code only,
-    so any weights of the architecture attach), else of one compiled here for ``transformer``."""
+    so any weights of the architecture attach), else of one compiled here for ``transformer``: into
+    ``build_dir/kind`` if given, and taken from there when an earlier call built it."""
     if engines_dir is not None:
         path = sidecar_path(engines_dir, model, kind_named(kind).precision().name, kind)
         sidecar = EngineSidecar.read(path)
         return path.parent / sidecar.engine_file, packages(sidecar)
-    import tempfile
-
     from flux_triton.engines.profiles import PROFILE_PRESETS
 
-    engine_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-"))
+    engine_dir = build_dir / kind if build_dir else Path(tempfile.mkdtemp(prefix=f"{kind}-"))
+    record_path = engine_dir / "build.json"
+    if record_path.is_file():
+        return engine_dir, json.loads(record_path.read_text())["packages"]
     profile = replace(PROFILE_PRESETS["default"], batch=(1, 1, 8))
     record = aoti.build(transformer, engine_dir, aoti.AotiProfile.from_profile(fixed_text(profile)))
+    record_path.write_text(json.dumps(record))
     return engine_dir, record["packages"]
 
 
 class AotiEngine:
     """``run(engine tensors) -> noise_pred`` on the attached model."""
 
-    def __init__(self, sidecar: EngineSidecar, transformer, device: torch.device):
-        self.kind, self.transformer, self.device = sidecar.kind, transformer, device
-        self.text_tokens = sidecar.build["aoti_profile"]["text_tokens"]
+    def __init__(self, kind: str, transformer, device: torch.device, text_tokens: int):
+        self.kind, self.transformer, self.device, self.text_tokens = kind, transformer, device, text_tokens
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         tensors = {name: tensor.to(self.device) for name, tensor in tensors.items()}

@@ -29,6 +29,7 @@ class EngineKind:
     precisions: tuple[str, ...]  # the first is the default
     platform: str  # dit_engine's Triton model: "python" (this package's runner) or "tensorrt_plan"
     summary: str
+    cuda_graphs: bool = False  # the runner's step can be captured in a CUDA graph (dit_engine's cuda_graphs)
 
     def implementation(self) -> ModuleType:
         return importlib.import_module(f"flux_triton.engines.{self.module}")
@@ -58,8 +59,8 @@ KINDS: dict[str, EngineKind] = {
         EngineKind(
             "tensorrt", "tensorrt_engine", ("bf16", "fp16", "fp8", "fp32"), "tensorrt_plan", "a TensorRT plan; NVIDIA GPU"
         ),
-        EngineKind("aoti", "aoti_engine", (DEVICE_DTYPE, "bf16", "fp32"), "python", "AOTInductor block packages for the build device"),
-        EngineKind("aoti-fp8", "aoti_engine", ("fp8",), "python", "AOTInductor packages with FP8 block linears; Hopper+"),
+        EngineKind("aoti", "aoti_engine", (DEVICE_DTYPE, "bf16", "fp32"), "python", "AOTInductor block packages for the build device", True),
+        EngineKind("aoti-fp8", "aoti_engine", ("fp8",), "python", "AOTInductor packages with FP8 block linears; Hopper+", True),
     )
 }
 DEFAULT_KIND = "onnxruntime"
@@ -80,13 +81,8 @@ def load_engine(
     path: Path, device: torch.device, model_root: Path, cuda_graphs: bool = False
 ) -> tuple[EngineSidecar, EngineFn]:
     """The engine a sidecar describes, loaded by its kind's runner onto ``device`` (engines that attach
-    to the source model's weights load them from ``model_root``). ``cuda_graphs`` is refused: no runner here is
-    captured yet (docs/engines.md)."""
-    if cuda_graphs:
-        raise ValueError(
-            "cuda_graphs: dit_engine's runners are not captured in CUDA graphs (the AOTI runner's capture fails "
-            "at 1024x1024, docs/engines.md); use dit_transformer's cuda_graphs"
-        )
+    to the source model's weights load them from ``model_root``); with ``cuda_graphs``, each input shape's step
+    captured in a CUDA graph and replayed (``model.graphs``)."""
     sidecar = EngineSidecar.read(path)
     kind = KINDS.get(sidecar.kind)
     if kind is None or kind.platform != "python":
@@ -94,4 +90,12 @@ def load_engine(
         raise ValueError(f"{path}: engine kind {sidecar.kind!r} has no loader in this runner (known: {served})")
     if not (Path(path).parent / sidecar.engine_file).exists():
         raise FileNotFoundError(f"engine file {Path(path).parent / sidecar.engine_file} named by {path} does not exist")
-    return sidecar, kind.implementation().load(sidecar, Path(path), device, model_root)
+    if cuda_graphs:
+        from flux_triton.model.graphs import GraphedEngine, check_cuda
+
+        if not kind.cuda_graphs:
+            capturable = ", ".join(name for name, k in KINDS.items() if k.cuda_graphs)
+            raise ValueError(f"cuda_graphs: the {sidecar.kind} runner cannot be captured (only: {capturable})")
+        check_cuda(device)
+    engine = kind.implementation().load(sidecar, Path(path), device, model_root)
+    return sidecar, GraphedEngine(engine, device) if cuda_graphs else engine

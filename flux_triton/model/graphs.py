@@ -9,7 +9,8 @@ step runs without a graph. Replays compute bitwise what the ordinary call comput
 With context parallelism every rank sees the same steps in the same order, so the ranks capture together
 and the captured collectives pair up.
 
-``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``)."""
+``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``), ``GraphedEngine`` an engine's
+call (``dit_engine``'s AOTI runners)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ class ShapeGraphs:
     """``run(tensors, fn, key)``: ``fn(tensors)`` (one output tensor, all on one GPU), replayed from the graph of
     the tensors' shapes and dtypes (and ``key``) once captured."""
 
-    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS):
-        self.max_graphs = max_graphs
+    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS, capture_mode: str = "thread_local"):
+        self.max_graphs, self.capture_mode = max_graphs, capture_mode
         self.graphs: dict[tuple, _Captured] = {}
         self.calls: dict[tuple, int] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -60,8 +61,8 @@ class ShapeGraphs:
         inputs = {name: tensor.clone() for name, tensor in tensors.items()}
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        # thread_local: other threads' CUDA calls (NCCL's watchdog, Triton's) do not break the capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        # thread_local (the default): other threads' CUDA calls (NCCL's watchdog, Triton's) do not break it
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.capture_mode):
             output = fn(inputs)
         return _Captured(graph, inputs, output)
 
@@ -70,9 +71,9 @@ class GraphedTransformer:
     """Calls ``transformer`` (the keyword call of ``pipeline.call``) through ``ShapeGraphs``; everything else
     (``config``, ``dtype``...) is the transformer's."""
 
-    def __init__(self, transformer, max_graphs: int = DEFAULT_MAX_GRAPHS):
+    def __init__(self, transformer, max_graphs: int = DEFAULT_MAX_GRAPHS, capture_mode: str = "thread_local"):
         self.transformer = transformer
-        self.graphs = ShapeGraphs(max_graphs)
+        self.graphs = ShapeGraphs(max_graphs, capture_mode)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["transformer"], name)
@@ -82,6 +83,18 @@ class GraphedTransformer:
         others = {name: value for name, value in kwargs.items() if name not in tensors}
         forward = lambda inputs: self.transformer(**inputs, **others)[0]  # noqa: E731
         return (self.graphs.run(tensors, forward, repr(sorted(others.items()))),)
+
+
+class GraphedEngine:
+    """An engine's ``run(tensors) -> noise_pred`` (``dit_engine``) through ``ShapeGraphs``, its inputs first moved to
+    ``device``."""
+
+    def __init__(self, engine: Callable[[Tensors], torch.Tensor], device: torch.device, max_graphs=DEFAULT_MAX_GRAPHS):
+        self.engine, self.device = engine, device
+        self.graphs = ShapeGraphs(max_graphs)
+
+    def __call__(self, tensors: Tensors) -> torch.Tensor:
+        return self.graphs.run({name: tensor.to(self.device) for name, tensor in tensors.items()}, self.engine)
 
 
 def check_cuda(device: torch.device | str) -> None:
