@@ -1,8 +1,9 @@
 """Where a step's GPU time goes: attention vs GEMMs vs the rest, from torch.profiler's kernel times, for
-dit_transformer's bf16 and FP8 paths (per-token and static activation scales, fast accumulation) on the full-size
-model (random weights).
+dit_transformer's bf16 and FP8 paths (per-token and static activation scales, fast accumulation, FP8 attention) on
+the full-size model (random weights).
 
     python benchmarks/profile_step.py --out profile.json
+    python benchmarks/profile_step.py --paths fp8-static-fast,fp8-attn-static-fast --out profile-fp8-attn.json
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ from flux_triton.pipeline.call import transformer_call
 CATEGORIES = {
     "attention": re.compile(r"flash|fmha|cudnn|attention|sdpa", re.IGNORECASE),
     "gemm": re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|cublas|matmul|scaled_mm", re.IGNORECASE),
+}
+
+
+CUDNN = "_native_cudnn"
+# name: (FP8 block linears, static activation scales, fast accumulation, attention backend); bf16 first, since FP8
+# replaces the block weights
+PATHS = {
+    "bf16": (False, False, False, CUDNN),
+    "fp8": (True, False, False, CUDNN),
+    "fp8-static": (True, True, False, CUDNN),
+    "fp8-static-fast": (True, True, True, CUDNN),
+    "fp8-attn-static-fast": (True, True, True, "fp8_cudnn"),
 }
 
 
@@ -59,6 +72,7 @@ def breakdown(fn, step, steps: int = 3) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1024x1024-b1")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"in this order: {', '.join(PATHS)}")
     parser.add_argument("--out", type=Path, default=Path("profile.json"))
     args = parser.parse_args()
     model = build_random()
@@ -66,20 +80,19 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "paths": {}}
     static = {name: scale.item() for name, scale in calibrate(model, Calibration()).items()}  # on bf16 weights
     with torch.inference_mode():
-        # bf16 first: FP8 replaces the block weights; then per-token and static activation scales, fast accumulation
-        paths = (("bf16", False, None, False), ("fp8", True, None, False), ("fp8-static", True, static, False),
-                 ("fp8-static-fast", True, static, True))  # fmt: skip
-        for name, fp8, scales, fast in paths:
+        for name in args.paths.split(","):
+            fp8, static_scales, fast, attention = PATHS[name]
+            scales = static if static_scales else None
             torch._dynamo.reset()
             set_fp8_options(model, scales, fast)
-            speedups = Speedups(attention_backend="_native_cudnn", fp8=fp8, fp8_fast_accum=fast, compile="regional")
+            speedups = Speedups(attention_backend=attention, fp8=fp8, fp8_fast_accum=fast, compile="regional")
             apply_speedups(model, speedups, fp8_scales=scales)
             results["paths"][name] = breakdown(lambda s: transformer_call(model, s), step)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"{results['gpu']} {args.shape}: GPU kernel time per step (ms)")
     for name, row in results["paths"].items():
         parts = "  ".join(f"{kind} {ms:6.1f}" for kind, ms in sorted(row["ms_per_step"].items()))
-        print(f"{name:<10} total {row['total_ms']:6.1f}  {parts}")
+        print(f"{name:<20} total {row['total_ms']:6.1f}  {parts}")
         for kernel, ms in list(row["top_kernels_ms"].items())[:6]:
             print(f"      {ms:6.2f} ms  {kernel[:110]}")
 
