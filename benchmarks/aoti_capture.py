@@ -32,17 +32,18 @@ RUNS = "thread_local:1024x1024-b1+512x512-b1,thread_local:512x512-b1+1024x1024-b
 REPLAYS = 3
 
 
-def attached_model(engine_dir: Path, packages: dict[str, str]):
+def aoti_ready_model():
+    """The random model with the speed-ups the ``aoti`` engine is compiled with and runs with."""
     model = build_random()
     apply_speedups(model, speedups_for("aoti", model.device))
-    aoti.attach(model, engine_dir, packages)
     return model
 
 
 def child(run: str, engine_dir: Path, packages: dict[str, str]) -> None:
     """One run: its rows as JSON lines on stdout; stops at the first failure (the process is unusable after)."""
     mode, shapes = run.split(":")
-    model = attached_model(engine_dir, packages)
+    model = aoti_ready_model()
+    aoti.attach(model, engine_dir, packages)
     graphed = GraphedTransformer(model, capture_mode=mode)
     for shape in shapes.split("+"):
         row = {"run": run, "mode": mode, "shape": shape}
@@ -70,10 +71,7 @@ def main() -> None:
     if args.child:
         return child(args.child, args.engine_dir, json.loads(args.packages))
 
-    model = build_random()
-    apply_speedups(model, speedups_for("aoti", model.device))
-    engine_dir, packages = prebuilt_or_build("aoti", model, args.engines, RANDOM_MODEL)
-    del model
+    engine_dir, packages = prebuilt_or_build("aoti", aoti_ready_model(), args.engines, RANDOM_MODEL)
     torch.cuda.empty_cache()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     env = {**os.environ, "CUDA_LOG_FILE": "stderr", "TORCH_SHOW_CPP_STACKTRACES": "1"}

@@ -70,8 +70,8 @@ def ensure_scales(models: Path, name: str) -> float | None:
     if path.is_file():
         return None
     started = time.perf_counter()
-    model = build_random()  # the saved model's weights: the same seed
-    save_scales(path, calibrate(model, Calibration()), model.config, Calibration())
+    model, calibration = build_random(), Calibration()  # the saved model's weights: the same seed
+    save_scales(path, calibrate(model, calibration), model.config, calibration)
     del model
     torch.cuda.empty_cache()
     return time.perf_counter() - started
