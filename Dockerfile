@@ -48,7 +48,7 @@ EXPOSE 8000 8001 8002
 USER triton-server
 
 # The project's launcher: tritonserver behind the guard, every model probed and healed (docs/reliability.md).
-# Set FLUX_ADMIN_KEY: the liveness check (`health`) needs the key to list the models.
+# Set FLUX_ADMIN_KEY: the liveness check (`health`) needs the key to list the models and probe the internal ones.
 HEALTHCHECK --interval=30s --timeout=120s --start-period=1800s --retries=3 \
     CMD ["python3", "-m", "flux_triton", "health", "--url", "127.0.0.1:8000"]
 ENTRYPOINT ["python3", "-m", "flux_triton", "serve"]

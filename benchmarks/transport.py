@@ -25,7 +25,8 @@ import torch
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature
-from flux_triton.deploy.guard import GuardProcess, GuardSettings
+from flux_triton.deploy.guard import GuardSettings
+from flux_triton.deploy.guard.process import GuardProcess
 from flux_triton.deploy.pbtxt import to_pbtxt
 from flux_triton.deploy.server import LOOPBACK, TritonServer, free_port
 
@@ -143,10 +144,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 repository,
                 log_path=Path(folder) / "tritonserver.log",
                 args=["--exit-timeout-secs=5"],
-                admin_key=ADMIN_KEY,  # as make serve runs it
             )
             with server.start():
-                guard = GuardProcess(LOOPBACK, (free_port(), free_port(), free_port()), GuardSettings())
+                ports = (free_port(), free_port(), free_port())
+                guard = GuardProcess(LOOPBACK, ports, GuardSettings(), ADMIN_KEY)  # as make serve runs it
                 guard.start(server.endpoints)
                 try:
                     urls = {"direct": server.url, "guard": f"{LOOPBACK}:{guard.ports[0]}"}

@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("flux_triton.tools.demo:main", "the main job: a denoising loop through each public model, with parity"),
     "serve": ("flux_triton.deploy.commands:serve", "serve a model repository on loopback, healing failed models"),
-    "guard": ("flux_triton.deploy.guard:main", "the guard in front of a running tritonserver (make serve starts it)"),
+    "guard": ("flux_triton.deploy.guard.process:main", "the guard in front of a running tritonserver"),
     "health": ("flux_triton.deploy.commands:health", "probe every model of a running server with a real inference"),
     "engine": ("flux_triton.deploy.commands:engine", "build an engine, then its flux_dit repository"),
     "repo": ("flux_triton.deploy.commands:repo", "generate and check the flux_dit repository of an engine"),

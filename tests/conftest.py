@@ -4,12 +4,7 @@ processes on loopback serving each public model (helpers in ``helpers.py``)."""
 from __future__ import annotations
 
 import gc
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, REPOSITORY, load_tiny, start_engine_server, start_server
+from helpers import CHECKOUT, REPOSITORY, Supervised, load_tiny, start_engine_server, start_server
 
-from flux_triton.client.connection import ADMIN_KEY_ENV
 from flux_triton.contract import Step
 from flux_triton.deploy.repository import write_repository
-from flux_triton.deploy.server import TritonServer, free_port
-from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.deploy.server import TritonServer
+from flux_triton.locations import Locations
 from flux_triton.model.presets import TINY_PRESETS, build_random, write_tiny_models
 from flux_triton.pipeline.call import reference_call
 from flux_triton.serving.service import MODEL_DIR_ENV
@@ -147,29 +141,10 @@ def public_schnell(request, tmp_path_factory, model_root) -> Iterator[Served]:
     yield from _serve_public(request, tmp_path_factory, model_root, "tiny-flux-schnell")
 
 
-@dataclass
-class Supervised:
-    """``python -m flux_triton serve`` as shipped (the guard in front, the supervisor probing every second)
-    over dit_transformer and flux_dit (tiny-flux-dev), with the admin key ``test-key``."""
-
-    url: str
-    grpc_url: str
-    repository: Path
-    log: Path
-    process: subprocess.Popen
-
-    def children(self) -> dict[str, int]:
-        """The serve command's child processes: ``{"tritonserver": pid, "guard": pid}``."""
-        pids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        found = {}
-        for pid in map(int, pids):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            found["guard" if b"guard" in argv else "tritonserver"] = pid
-        return found
-
-
 @pytest.fixture(scope="session")
 def supervised(tmp_path_factory, model_root) -> Iterator[Supervised]:
+    """serve over dit_transformer and flux_dit (tiny-flux-dev), probing every second (10 s each at most), a request
+    body that pauses 2 s refused."""
     from flux_triton.engines.build import build_engine
 
     folder = tmp_path_factory.mktemp("supervised")
@@ -178,21 +153,10 @@ def supervised(tmp_path_factory, model_root) -> Iterator[Supervised]:
     repository = folder / "model_repository"
     write_repository(sidecar, repository, Locations(CHECKOUT))
     shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
-    ports = [free_port() for _ in range(3)]
-    command = [sys.executable, "-m", "flux_triton", "serve", "--model-repository", str(repository)]
-    command += ["--heal-interval", "1", "--exit-timeout-secs=5"]
-    command += [f"--{kind}-port={port}" for kind, port in zip(("http", "grpc", "metrics"), ports, strict=True)]
-    env = {**os.environ, MODEL_ROOT_ENV: str(model_root), ADMIN_KEY_ENV: "test-key"}
-    log = folder / "serve.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=CHECKOUT, env=env, stdout=output, stderr=output)
-    deadline = time.monotonic() + 180
-    while "every model probed" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert process.poll() is None, log.read_text()[-3000:]
-    yield Supervised(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", repository, log, process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    served = Supervised.start(folder, repository, model_root, "--heal-interval", "1", "--probe-timeout", "10",
+                              "--body-idle-s", "2")  # fmt: skip
+    yield served
+    served.stop()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ flux_triton's parallel code is used."""
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 
@@ -34,11 +35,14 @@ def main() -> None:
     if backend != "native":
         transformer.set_attention_backend(backend)
     transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=int(ulysses), ring_degree=int(ring)))
-    tensors = {name: tensor.to(device) for name, tensor in load_file(step_file).items()}
+    # copies: safetensors' tensors sit at any offset of the file's buffer, and on CPU a small matrix product over
+    # misaligned input can round differently (the served model gets its inputs in aligned memory)
+    tensors = {name: tensor.to(device).clone() for name, tensor in load_file(step_file).items()}
     noise_pred = reference_call(transformer, Step(**{"guidance": None, **tensors}))
     if rank == 0:
         save_file({"noise_pred": noise_pred.cpu().contiguous()}, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # gloo's teardown at exit sometimes aborts ("terminate called without an active exception")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
+from flux_triton.contract.protocol import ADMIN_KEY_ENV
 from flux_triton.deploy.check import check_repository
 from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.repository import write_repository
@@ -49,16 +52,19 @@ def start_server(
     env: dict[str, str] | None = None,
     wait_for: str = "ready",
     parameters: dict[str, dict[str, str]] | None = None,
+    model_control: bool = False,
 ) -> TritonServer:
     """A tritonserver over a copy of the listed repository models, bound to loopback.
     ``parameters`` sets config parameters per model; ``wait_for="live"`` returns before the
-    models are loaded (to check why one does not load)."""
+    models are loaded (to check why one does not load); ``model_control``: explicit, to reload models."""
     repository = tmp_path / "model_repository"
     for name in models:
         shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
         for key, value in (parameters or {}).get(name, {}).items():
             set_parameter(repository / name / "config.pbtxt", key, value)
-    return launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root), **(env or {})}).start(wait_for=wait_for)
+    server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root), **(env or {})})
+    server.model_control = model_control
+    return server.start(wait_for=wait_for)
 
 
 def launch(repository: Path, folder: Path, env: dict[str, str]) -> TritonServer:
@@ -225,3 +231,46 @@ def worker_gone(pid: int, timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@dataclass
+class Supervised:
+    """``python -m flux_triton serve`` as shipped (the guard in front, the supervisor probing), with the admin key
+    ``test-key``."""
+
+    url: str
+    grpc_url: str
+    metrics_url: str
+    repository: Path
+    log: Path
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, folder: Path, repository: Path, model_root: Path, *arguments: str) -> Supervised:
+        """``serve`` over ``repository`` on free loopback ports, once it probes its models."""
+        ports = [free_port() for _ in range(3)]
+        command = [sys.executable, "-m", "flux_triton", "serve", "--model-repository", str(repository)]
+        command += [*arguments, "--exit-timeout-secs=5"]
+        command += [f"--{kind}-port={port}" for kind, port in zip(("http", "grpc", "metrics"), ports, strict=True)]
+        env = {**os.environ, MODEL_ROOT_ENV: str(model_root), ADMIN_KEY_ENV: "test-key"}
+        log = folder / "serve.log"
+        with open(log, "wb") as output:
+            process = subprocess.Popen(command, cwd=CHECKOUT, env=env, stdout=output, stderr=output)
+        deadline = time.monotonic() + 180
+        while f"serving {repository} at" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        return cls(*(f"127.0.0.1:{port}" for port in ports), repository, log, process)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+    def children(self) -> dict[str, int]:
+        """The serve command's child processes: ``{"tritonserver": pid, "guard": pid}``."""
+        pids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        found = {}
+        for pid in map(int, pids):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            found["guard" if b"guard" in argv else "tritonserver"] = pid
+        return found

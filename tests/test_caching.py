@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import RemoteDitError
-from flux_triton.client.generations import SequenceStep
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
+from flux_triton.contract.protocol import SequenceStep
 from flux_triton.model.speedups import Speedups, apply_speedups, hooked_forward
 from flux_triton.pipeline import inputs
 from flux_triton.pipeline.caching import build_cache, describe_cache
@@ -108,9 +108,10 @@ def test_a_sequence_asking_for_another_cache_is_refused(cached_server):
             ("{not json", "cache: "),
         ]:
             with pytest.raises(InferenceServerException, match=message):
-                infer_step(client, "dit_transformer", step.wire(), sequence=SequenceStep(41, start=True, cache=cache))
+                sequence = SequenceStep(41, start=True, key="k", cache=cache)
+                infer_step(client, "dit_transformer", step.wire(), sequence=sequence)
         # The id was freed with the error: it starts again cleanly.
-        infer_step(client, "dit_transformer", step.wire(), sequence=SequenceStep(41, start=True, end=True))
+        infer_step(client, "dit_transformer", step.wire(), sequence=SequenceStep(41, start=True, end=True, key="k"))
 
 
 @pytest.mark.server
@@ -129,7 +130,10 @@ def test_cache_state_is_dropped_when_its_sequence_ends_fails_or_expires(model_ro
     cache = json.dumps(describe_cache(service.cache))
 
     def run(sequence_id: int, flags: int, tensors=None):
-        return service.run([(tensors or step.wire(), sequence_id, flags, cache if flags & 1 else "")])[0]
+        sequence = SequenceStep.from_flags(
+            sequence_id, flags, {"session_key": "k", "cache": cache if flags & 1 else ""}
+        )
+        return service.run([(tensors or step.wire(), sequence)])[0]
 
     for sequence_id in (1, 2, 3):
         assert isinstance(run(sequence_id, 1), torch.Tensor)
@@ -143,7 +147,7 @@ def test_cache_state_is_dropped_when_its_sequence_ends_fails_or_expires(model_ro
     assert caching.live_contexts(service.transformer) == set()
     assert len(service.sessions) == 0
     # A stateless request under the hooks leaves no state either.
-    assert torch.equal(run(0, 0), service.run([(step.wire(), 0, 0, "")])[0])
+    assert torch.equal(run(0, 0), service.run([(step.wire(), SequenceStep())])[0])
     assert caching.live_contexts(service.transformer) == set()
 
 

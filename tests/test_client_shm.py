@@ -4,6 +4,7 @@ cleaned up, server errors carried."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def server_regions(url: str) -> list[str]:
         client.close()
 
 
+def left_behind(regions: list[tuple[str, str]], url: str) -> list[str]:
+    """Of a transport's regions (name, key), those still in /dev/shm or registered with the server."""
+    registered, files = set(server_regions(url)), set(shm_entries())
+    return [name for name, key in regions if name in registered or key.lstrip("/") in files]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_leaks():
     before = set(shm_entries())
@@ -51,6 +58,7 @@ def test_schnell_4_steps_shm_equals_http_and_local(public_schnell, tiny_schnell)
     kwargs = dict(num_inference_steps=4, size=size, **embeds(1))
     with RemoteFluxTransformer(url=url, model_name=model, transport="shm") as over_shm:
         served = generate(over_shm, "schnell", seed=1, **kwargs)
+        regions = over_shm.transport.regions
         assert written_sets(over_shm, 0) == [set(over_shm.transport.written[0]), PER_STEP, PER_STEP, PER_STEP]
         assert set(over_shm.transport.written[0]) == PER_STEP | set(EMBEDDINGS)
     with RemoteFluxTransformer(url=url, model_name=model) as over_http:
@@ -62,8 +70,7 @@ def test_schnell_4_steps_shm_equals_http_and_local(public_schnell, tiny_schnell)
         assert torch.equal(served, local)
     else:  # ONNX Runtime engine: close, not bitwise (test_flux_dit_parity)
         torch.testing.assert_close(served, local, rtol=1e-4, atol=1e-4)
-    assert not shm_entries(over_shm.transport.prefix)
-    assert not [r for r in server_regions(url) if r.startswith(over_shm.transport.prefix)]
+    assert regions and not left_behind(regions, url)
 
 
 def test_dev_28_steps_embeddings_written_once_per_generation(dev_server, tiny_dev):
@@ -158,21 +165,20 @@ def test_regions_are_released_on_close_on_collection_and_at_exit(dev_server):
 
     remote = RemoteFluxTransformer(url=dev_server.url, transport="shm")
     remote(**step_call(torch.randn(1, TEXT_TOKENS, 32)))
-    prefix = remote.transport.prefix
-    assert len(shm_entries(prefix)) == 8  # 7 inputs and noise_pred
-    assert len([r for r in server_regions(dev_server.url) if r.startswith(prefix)]) == 8
+    regions = remote.transport.regions
+    assert len(regions) == 8 and len(left_behind(regions, dev_server.url)) == 8  # 7 inputs and noise_pred
     remote.close()
     remote.close()  # idempotent
-    assert not shm_entries(prefix) and not [r for r in server_regions(dev_server.url) if r.startswith(prefix)]
+    assert not left_behind(regions, dev_server.url)
     with pytest.raises(RemoteDitError, match="transport is closed"):
         remote(**step_call(torch.randn(1, TEXT_TOKENS, 32)))
 
     dropped = RemoteFluxTransformer(url=dev_server.url, transport="shm")
     dropped(**step_call(torch.randn(1, TEXT_TOKENS, 32)))
-    prefix = dropped.transport.prefix
+    regions = dropped.transport.regions
     del dropped
     gc.collect()
-    assert not shm_entries(prefix) and not [r for r in server_regions(dev_server.url) if r.startswith(prefix)]
+    assert not left_behind(regions, dev_server.url)
 
     script = (
         "import torch\n"
@@ -181,13 +187,12 @@ def test_regions_are_released_on_close_on_collection_and_at_exit(dev_server):
         "r(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 8, 32), "
         "pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), "
         "txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))\n"
-        "print(r.transport.prefix)\n"
+        "import json; print(json.dumps(r.transport.regions))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    prefix = done.stdout.strip().splitlines()[-1]
-    assert prefix.startswith(KEY_PREFIX)
-    assert not shm_entries(prefix) and not [r for r in server_regions(dev_server.url) if r.startswith(prefix)]
+    regions = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(regions) == 8 and not left_behind(regions, dev_server.url)
     assert "leaked shared_memory" not in done.stderr
 
 
@@ -196,9 +201,16 @@ def test_the_transport_setting_is_checked():
         RemoteFluxTransformer(url="127.0.0.1:1", transport="grpc")
 
 
-def test_prefix_names_this_process(dev_server):
+def test_region_files_name_this_process_and_hide_the_server_names(dev_server):
+    """A listing of /dev/shm shows whose files they are, not the names the server knows the regions by (another
+    client would need those to read or write them through an inference)."""
     with RemoteFluxTransformer(url=dev_server.url, transport="shm") as remote:
-        assert remote.transport.prefix.startswith(f"{KEY_PREFIX}{os.getpid()}_")
+        remote(**step_call(torch.randn(1, TEXT_TOKENS, 32)))
+        for name, key in remote.transport.regions:
+            assert (
+                key.startswith(f"/{KEY_PREFIX}{os.getpid()}_") and len(key) > len(f"/{KEY_PREFIX}{os.getpid()}_") + 30
+            )
+            assert name.startswith(KEY_PREFIX) and str(os.getpid()) not in name and name not in key
 
 
 def test_cli_transport_shm_matches_http(dev_server, tmp_path, capsys):
@@ -254,12 +266,13 @@ def test_regions_the_server_lost_are_registered_again(dev_server, tiny_dev):
         first = generate(remote, "dev", seed=9, **kwargs)
         with httpclient.InferenceServerClient(dev_server.url) as other:
             other.unregister_system_shared_memory()  # every region of every client
-        assert not [r for r in server_regions(dev_server.url) if r.startswith(remote.transport.prefix)]
+        assert not {name for name, _ in remote.transport.regions} & set(server_regions(dev_server.url))
         calls = len(remote.transport.written)
         again = generate(remote, "dev", seed=9, **kwargs)
         assert remote.transport.reregistered == 1
         assert written_sets(remote, calls) == [PER_STEP] * 4  # the regions kept their contents
-        assert len([r for r in server_regions(dev_server.url) if r.startswith(remote.transport.prefix)]) == 8
+        assert {name for name, _ in remote.transport.regions} <= set(server_regions(dev_server.url))
+        assert len(remote.transport.regions) == 8
     assert torch.equal(first, again)
     assert torch.equal(again, generate(tiny_dev, "dev", seed=9, **kwargs))
 

@@ -16,11 +16,13 @@ from helpers import BUSY_SIZE, DEV, SCHNELL, TEXT_TOKENS, embeds, generate, infe
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import RemoteDitError
-from flux_triton.client.generations import SequenceStep
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
+from flux_triton.contract import Limits, Step
+from flux_triton.contract.protocol import SequenceStep
 from flux_triton.pipeline import call, inputs, loop
 from flux_triton.pipeline.caching import build_cache
+from flux_triton.serving.merging import run_engine_requests
 
 pytestmark = pytest.mark.server
 
@@ -153,11 +155,11 @@ def test_dit_engine_checks_its_own_inputs(dev_engine_server, http_client, tiny_d
 
 def test_generation_sessions_hold_the_prompt_in_the_preprocessor(dev_engine_server, tiny_dev):
     """flux_dit keeps sessions in dit_preprocess: a generation's later steps send no prompt and give bitwise the
-    stateless latents; the next generation reuses the client's sequence id (START starts it clean), and an
-    END-only request, which the ensemble cannot answer without a forward, is refused by name."""
+    stateless latents; each generation ends its sequence with an END-only request, which dit_preprocess frees and
+    dit_engine answers empty without a forward."""
     kwargs = dict(num_inference_steps=4, guidance_scale=3.5, size=256, **embeds(6))
     with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit") as remote:
-        assert remote.sessions and remote.generations.reuse_ids
+        assert remote.sessions
         served = generate(remote, "dev", seed=6, **kwargs)
         again = generate(remote, "dev", seed=6, **kwargs)
         assert remote.generations.started == 2 and remote.generations.restarted == 0
@@ -174,8 +176,16 @@ def test_generation_sessions_hold_the_prompt_in_the_preprocessor(dev_engine_serv
     later = {name: step.wire()[name] for name in ("hidden_states", "timestep", "img_ids")}  # no prompt
     closing = {**later, "hidden_states": step.hidden_states[:, :0], "img_ids": later["img_ids"][:, :0]}
     with httpclient.InferenceServerClient(dev_engine_server.url) as client:
-        infer_step(client, "flux_dit", step.wire(), sequence=SequenceStep(99, start=True))
-        with pytest.raises(InferenceServerException, match="sequence 99: flux_dit runs its engine for every request"):
-            infer_step(client, "flux_dit", closing, sequence=SequenceStep(99, end=True))
-        with pytest.raises(InferenceServerException, match="sequence 99: unknown or expired"):  # freed by the error
-            infer_step(client, "flux_dit", later, sequence=SequenceStep(99))
+        infer_step(client, "flux_dit", step.wire(), sequence=SequenceStep(99, start=True, key="k"))
+        assert infer_step(client, "flux_dit", closing, sequence=SequenceStep(99, end=True, key="k")).shape == (1, 0, 4)
+        with pytest.raises(InferenceServerException, match="sequence 99: unknown or expired"):  # ended
+            infer_step(client, "flux_dit", later, sequence=SequenceStep(99, key="k"))
+
+
+def test_an_end_only_request_reaches_no_engine_forward():
+    """What dit_preprocess passes on for an END-only request (zero tokens) is answered empty by dit_engine's runner
+    without calling the engine."""
+    calls = []
+    closing = Step.closing(DEV).engine_tensors(DEV)
+    [answer] = run_engine_requests(lambda tensors: calls.append(tensors), [closing], DEV, Limits())
+    assert answer.shape == (1, 0, 4) and calls == []

@@ -4,6 +4,7 @@ reloads the ones that fail: a test kills stubs under it and gets correct answers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -15,8 +16,9 @@ import tritonclient.http as httpclient
 from helpers import answers_correctly, step_call, stub_pids
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.client.connection import ADMIN_HEADER, ADMIN_KEY_ENV, RemoteDitError
+from flux_triton.client.connection import RemoteDitError
 from flux_triton.client.remote import RemoteFluxTransformer
+from flux_triton.contract.protocol import ADMIN_HEADER, ADMIN_KEY_ENV
 from flux_triton.deploy import health
 
 pytestmark = pytest.mark.server
@@ -52,6 +54,30 @@ def test_a_model_whose_stub_died_answers_again(supervised, tiny_dev, killed, pub
     assert not [region for region in regions if Path(region).exists()], log.read_text()[-2000:]
     with httpclient.InferenceServerClient(url) as client:  # Triton itself said ready all along
         assert client.is_server_ready()
+
+
+def test_a_hung_model_is_reloaded(supervised, tiny_dev):
+    """A stub that stops answering (stopped here) fails its own probe, within the probe timeout, while the other
+    models pass theirs; the supervisor reloads it and it answers again."""
+    url, repository, log = supervised.url, supervised.repository, supervised.log
+    (pid,) = stub_pids(repository, "dit_transformer")
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        while time.monotonic() - stopped_at < HEALED_WITHIN_S:
+            if stub_pids(repository, "dit_transformer") not in ([], [pid]) and answers_correctly(
+                url, "dit_transformer", tiny_dev
+            ):
+                break
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    healed_s = time.monotonic() - stopped_at
+    print(f"dit_transformer: answering again {healed_s:.1f} s after its stub stopped")
+    assert healed_s < HEALED_WITHIN_S, log.read_text()[-3000:]
+    assert "[supervisor] dit_transformer failed its probe" in log.read_text()
+    assert answers_correctly(url, "flux_dit", tiny_dev)
 
 
 def test_the_repository_api_needs_the_admin_key(supervised):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import CHECKOUT
 
-from flux_triton.client.wire import SEQUENCE_HEADER
+from flux_triton.contract.protocol import SEQUENCE_HEADER
 from flux_triton.deploy.commands import health_parser, serve_parser
 
 K8S = CHECKOUT / "deploy" / "k8s"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flux_triton.contract import DitSignature
-from flux_triton.contract.tensors import AXIS_NAMES, ENGINE_OUTPUTS, engine_inputs
+from flux_triton.contract.specs import AXIS_NAMES, ENGINE_OUTPUTS, engine_inputs
 from flux_triton.engines.onnx_export import ExportConfig, data_path, export_onnx
 from flux_triton.engines.onnxruntime_engine import open_session
 from flux_triton.engines.profiles import PROFILE_PRESETS

@@ -30,7 +30,6 @@ from helpers import (
 )
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.client.connection import admin_headers
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, parse_pbtxt, set_parameter
@@ -43,7 +42,6 @@ from flux_triton.serving import faults
 from flux_triton.serving.service import DitService, ServeSettings
 
 ULYSSES_2 = ParallelSettings("ulysses", 2)
-ADMIN_KEY = "test-key"
 SERVED = DEV if not torch.cuda.is_available() else dataclasses.replace(DEV, dtype="BF16")  # the served dtype
 FAULT_BUDGET = 1_000_000  # bytes: a 64x64 step fits on a rank (~25 kB), a 1024x1024 one (~4 MB) does not
 
@@ -63,7 +61,7 @@ any_ranks = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def parallel_server(tmp_path_factory, model_root):
     """dit_transformer placed as one instance across 2 ranks, with a rank-1 memory budget (fault injection)
-    and a short collective timeout; model control through the admin key."""
+    and a short collective timeout; explicit model control."""
     folder = tmp_path_factory.mktemp("parallel")
     repository = folder / "model_repository"
     shutil.copytree(CHECKOUT / "model_repository" / DIT_TRANSFORMER, repository / DIT_TRANSFORMER,
@@ -74,7 +72,7 @@ def parallel_server(tmp_path_factory, model_root):
     env = {MODEL_ROOT_ENV: str(model_root), faults.FAULT_FORWARD_BYTES_ENV: str(FAULT_BUDGET),
            faults.FAULT_RANK_ENV: "1"}  # fmt: skip
     server = launch(repository, folder, env)
-    server.admin_key = ADMIN_KEY
+    server.model_control = True
     server.start()
     yield server
     server.stop()
@@ -159,12 +157,11 @@ def test_an_out_of_memory_rank_fails_the_step_on_every_rank_and_the_model_keeps_
 @pytest.mark.server
 def test_workers_end_with_their_instance(parallel_server):
     """Unloading ends the workers; so does the instance's process dying (their pipe to it closes)."""
-    headers = admin_headers(ADMIN_KEY)
     with httpclient.InferenceServerClient(parallel_server.url, network_timeout=120) as client:
         [worker] = worker_pids()
-        client.unload_model(DIT_TRANSFORMER, headers=headers)
+        client.unload_model(DIT_TRANSFORMER)
         assert worker_gone(worker)
-        client.load_model(DIT_TRANSFORMER, headers=headers)
+        client.load_model(DIT_TRANSFORMER)
         [worker] = worker_pids()
         [stub] = stub_pids(parallel_server.model_repository, DIT_TRANSFORMER)
         assert parent_pid(worker) == stub

@@ -13,10 +13,10 @@ import torch
 from helpers import embeds, generate, load_tiny, start_server
 
 from flux_triton.client.connection import RemoteDitError, RemoteSettings
-from flux_triton.client.generations import SequenceStep
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.replicas import Replicas, endpoint, split_endpoint, unreachable
-from flux_triton.client.wire import SEQUENCE_HEADER, ServerUnavailable, sequence_arguments
+from flux_triton.client.wire import ServerUnavailable, sequence_arguments
+from flux_triton.contract.protocol import SEQUENCE_HEADER, SESSION_KEY_PARAMETER, SequenceStep
 from flux_triton.pipeline.caching import build_cache
 from flux_triton.serving.service import MODEL_DIR_ENV
 
@@ -144,9 +144,16 @@ def test_a_replica_serving_another_model_is_not_used(pair, fleet, monkeypatch):
 
 
 def test_every_step_of_a_generation_names_its_sequence_in_a_header():
-    """The header an ingress hashes on (deploy/k8s/components/istio): the sequence id, at every step."""
-    for step in (SequenceStep(7, start=True), SequenceStep(7), SequenceStep(7, end=True)):
-        assert sequence_arguments(step)["headers"] == {SEQUENCE_HEADER: "7"}
+    """The header an ingress hashes on (deploy/k8s/components/istio): the sequence id, at every step; the session
+    key goes in the body's parameters only, never in a header a proxy may log."""
+    for step in (
+        SequenceStep(7, True, key="secret"),
+        SequenceStep(7, key="secret"),
+        SequenceStep(7, end=True, key="secret"),
+    ):
+        arguments = sequence_arguments(step)
+        assert arguments["headers"] == {SEQUENCE_HEADER: "7"}
+        assert arguments["parameters"] == {SESSION_KEY_PARAMETER: "secret"}
     assert sequence_arguments(None) == {}
 
 

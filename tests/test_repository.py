@@ -10,7 +10,7 @@ import torch
 from helpers import CHECKOUT, REPOSITORY
 
 from flux_triton.contract import DitSignature
-from flux_triton.contract.tensors import engine_inputs
+from flux_triton.contract.specs import engine_inputs
 from flux_triton.deploy.check import RepositoryError, check_repository
 from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, model_config_pb2, parse_pbtxt, to_pbtxt
 from flux_triton.deploy.repository import engine_config, ensemble_config, preprocess_config, write_repository

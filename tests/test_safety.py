@@ -3,7 +3,11 @@ sockets the real server listens on)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from flux_triton.contract.protocol import ADMIN_KEY_ENV
 from flux_triton.deploy.server import TritonServer, free_port
 
 pytestmark = pytest.mark.server
@@ -54,19 +59,82 @@ def test_launcher_class_binds_loopback_by_default(dev_server):
         assert only_loopback(port), (port, listening(port))
 
 
-def test_launch_script_binds_loopback_by_default(tmp_path):
-    """`python -m flux_triton serve` (what `make serve` runs) with no --address."""
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def _tcp_listeners() -> set[str]:
+    """Inodes of every listening TCP socket (IPv4 and IPv6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":
+                found.add(fields[9])
+    return found
+
+
+def _connects_as_nobody(path: str) -> bool:
+    """Whether an unprivileged user (uid 65534) can connect to the Unix socket ``path`` (a forked child that
+    drops to that user and tries)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            socket.socket(socket.AF_UNIX).connect(path)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitpid(child, 0)[1] == 0
+
+
+def test_serve_keeps_its_backend_and_key_from_other_local_users(tmp_path):
+    """``python -m flux_triton serve`` (what ``make serve`` runs, an empty repository here): only the guard listens,
+    on loopback; tritonserver listens on no TCP port, only on Unix sockets in a folder that only this user can
+    enter; the admin key is on no command line, in no child's environment and in no log; killed outright, the
+    command takes its children with it."""
+    key = "key-that-must-not-leak-" + os.urandom(8).hex()
     ports = [free_port() for _ in range(3)]
     (tmp_path / "empty_repository").mkdir()
     command = [sys.executable, "-m", "flux_triton", "serve", "--model-repository", str(tmp_path / "empty_repository")]
     command += [f"--{kind}-port={port}" for kind, port in zip(("http", "grpc", "metrics"), ports, strict=True)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, env={**os.environ, ADMIN_KEY_ENV: key}, stdout=output, stderr=output)
     try:
         _wait_listening(ports)
         assert all(only_loopback(port) for port in ports), [listening(port) for port in ports]
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        (server,) = [pid for pid in children if b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert not _socket_inodes(int(server)) & _tcp_listeners()
+        argv = Path(f"/proc/{server}/cmdline").read_bytes().decode().split("\0")
+        (socket_path,) = [arg.split("unix:", 1)[1] for arg in argv if arg.startswith("--http-address=unix:")]
+        folder = Path(socket_path).parent
+        assert folder.stat().st_uid == os.getuid() and folder.stat().st_mode & 0o077 == 0
+        if os.geteuid() == 0:  # another user to try it with
+            assert not _connects_as_nobody(socket_path)
+        for entry in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                assert key.encode() not in (entry / "cmdline").read_bytes(), entry
+        for pid in children:
+            assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
+            time.sleep(0.2)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        assert key not in log.read_text()
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
 
 
 def test_other_addresses_only_when_asked(tmp_path):

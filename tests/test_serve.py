@@ -14,8 +14,8 @@ import pytest
 import tritonclient.http as httpclient
 from helpers import CHECKOUT, DEV
 
-from flux_triton.client.connection import ADMIN_HEADER, ADMIN_KEY_ENV
 from flux_triton.client.wire import infer_step
+from flux_triton.contract.protocol import ADMIN_HEADER, ADMIN_KEY_ENV
 from flux_triton.deploy.server import free_port
 from flux_triton.locations import ENGINES_DIR_ENV, MODEL_ROOT_ENV
 from flux_triton.pipeline.inputs import random_step

@@ -1,6 +1,8 @@
 """Generation sessions through a real server: one sequence per cache context of a pipeline call, the
 prompt sent with its first step only. Served loops equal stateless ones and local diffusers bit for bit;
-sequences are freed at END, on error and when idle, and a bad step of a sequence gets a clear 400."""
+sequences are freed at END, on error and when idle, reclaimed least recently used first when a START finds the
+model or its client at their limit, so they never run out; a sequence takes steps only from the client that
+started it; a bad step of a sequence gets a clear 400."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import tritonclient.http as httpclient
 from helpers import DEV, TEXT_TOKENS, embeds, generate, start_server
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.client.generations import SequenceStep
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
-from flux_triton.contract import PROMPT_INPUTS
+from flux_triton.contract import PROMPT_INPUTS, Step
+from flux_triton.contract.protocol import SequenceStep
 from flux_triton.pipeline import call, inputs
 
 pytestmark = pytest.mark.server
@@ -64,6 +66,19 @@ def _step(seed: int, size: int = 64):
     return inputs.random_step(DEV, height=size, width=size, seed=seed)
 
 
+KEY = "client-a"  # the session key of these tests' client
+
+
+def _seq(sequence_id: int, start: bool = False, end: bool = False, key: str = KEY) -> SequenceStep:
+    return SequenceStep(sequence_id, start, end, key)
+
+
+def _closing() -> dict[str, torch.Tensor]:
+    """An END-only request: zero image tokens, no prompt."""
+    wire = Step.closing(DEV).wire()
+    return {name: wire[name] for name in ("hidden_states", "timestep", "img_ids")}
+
+
 def _send(client, wire: dict, sequence: SequenceStep, without_prompt: bool = False) -> torch.Tensor:
     if without_prompt:
         wire = {name: tensor for name, tensor in wire.items() if name not in PROMPT_INPUTS}
@@ -82,13 +97,13 @@ def test_interleaved_and_concurrent_generations_each_equal_their_solo_run(dev_se
         ids = {"a": 101, "b": 202}
         for index in range(3):
             for name in ("a", "b"):
-                sequence = SequenceStep(ids[name], start=index == 0, end=index == 2)
+                sequence = _seq(ids[name], start=index == 0, end=index == 2)
                 served = _send(client, steps[name][index].wire(), sequence, without_prompt=index > 0)
                 assert torch.equal(served, expected[name][index]), (name, index)
 
     def run(name: str, sequence_id: int) -> list[torch.Tensor]:
         with httpclient.InferenceServerClient(dev_server.url) as client:
-            return [_send(client, steps[name][i].wire(), SequenceStep(sequence_id, i == 0, i == 2), i > 0)
+            return [_send(client, steps[name][i].wire(), _seq(sequence_id, i == 0, i == 2), i > 0)
                     for i in range(3)]  # fmt: skip
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -110,55 +125,54 @@ def test_sequences_are_freed_at_end_on_error_and_when_idle(small_server, tiny_de
     unknown = "sequence 5: unknown or expired"
     with httpclient.InferenceServerClient(small_server.url) as client:
         # END frees it: the next step of that id is unknown.
-        assert torch.equal(_send(client, step.wire(), SequenceStep(5, start=True)), expected)
-        assert torch.equal(_send(client, step.wire(), SequenceStep(5, end=True), without_prompt=True), expected)
-        _refused(client, step.wire(), SequenceStep(5), unknown)
+        assert torch.equal(_send(client, step.wire(), _seq(5, start=True)), expected)
+        assert torch.equal(_send(client, step.wire(), _seq(5, end=True), without_prompt=True), expected)
+        _refused(client, step.wire(), _seq(5), unknown)
         # A failed step frees it.
-        _send(client, step.wire(), SequenceStep(5, start=True))
-        _refused(client, step.replace(timestep=torch.tensor([float("nan")])).wire(), SequenceStep(5), "finite")
-        _refused(client, step.wire(), SequenceStep(5), unknown)
+        _send(client, step.wire(), _seq(5, start=True))
+        _refused(client, step.replace(timestep=torch.tensor([float("nan")])).wire(), _seq(5), "finite")
+        _refused(client, step.wire(), _seq(5), unknown)
         # Idle past session_idle_s frees it.
-        _send(client, step.wire(), SequenceStep(5, start=True))
+        _send(client, step.wire(), _seq(5, start=True))
         time.sleep(2.5)
-        _refused(client, step.wire(), SequenceStep(5), unknown)
+        _refused(client, step.wire(), _seq(5), unknown)
         # The same id starts clean, with another prompt, and answers as a stateless step of that prompt.
         other = step.replace(encoder_hidden_states=_step(8).encoder_hidden_states)
+        assert torch.equal(_send(client, other.wire(), _seq(5, start=True)), call.reference_call(tiny_dev, other))
         assert torch.equal(
-            _send(client, other.wire(), SequenceStep(5, start=True)), call.reference_call(tiny_dev, other)
+            _send(client, other.wire(), _seq(5), without_prompt=True), call.reference_call(tiny_dev, other)
         )
+        # At most max_sessions (2) live: a third START reclaims the least recently used one; an END-only step
+        # ends one.
+        _send(client, step.wire(), _seq(6, start=True))
+        _send(client, step.wire(), _seq(5), without_prompt=True)  # 6 is now the least recently used
+        assert torch.equal(_send(client, step.wire(), _seq(7, start=True)), expected)
+        _refused(client, step.wire(), _seq(6), "sequence 6: unknown or expired")
         assert torch.equal(
-            _send(client, other.wire(), SequenceStep(5), without_prompt=True), call.reference_call(tiny_dev, other)
+            _send(client, other.wire(), _seq(5), without_prompt=True), call.reference_call(tiny_dev, other)
         )
-        # At most max_sessions (2) live: a third START is refused until one ends; an END-only step ends one.
-        _send(client, step.wire(), SequenceStep(6, start=True))
-        _refused(client, step.wire(), SequenceStep(7, start=True), "2 sequences are live", without_prompt=False)
-        closing = {
-            "hidden_states": torch.zeros(1, 0, 4),
-            "timestep": torch.zeros(1, 1),
-            "img_ids": torch.zeros(1, 0, 3),
-        }
-        assert infer_step(client, "dit_transformer", closing, sequence=SequenceStep(6, end=True)).shape == (1, 0, 4)
-        assert torch.equal(_send(client, step.wire(), SequenceStep(7, start=True)), expected)
-        assert torch.equal(_send(client, step.wire(), SequenceStep(0)), expected)  # stateless, as ever
-        for sequence_id in (5, 7):  # leave no sequence live for the next test
-            infer_step(client, "dit_transformer", closing, sequence=SequenceStep(sequence_id, end=True))
+        closing = _closing()
+        assert infer_step(client, "dit_transformer", closing, sequence=_seq(7, end=True)).shape == (1, 0, 4)
+        _refused(client, step.wire(), _seq(7), "sequence 7: unknown or expired")
+        assert torch.equal(_send(client, step.wire(), _seq(0)), expected)  # stateless, as ever
+        infer_step(client, "dit_transformer", closing, sequence=_seq(5, end=True))  # leave none live
 
 
 def test_bad_steps_of_a_sequence_name_what_is_wrong(small_server, tiny_dev):
     step = _step(9)
     with httpclient.InferenceServerClient(small_server.url) as client:
-        _refused(client, step.wire(), SequenceStep(31), "sequence 31: unknown or expired")  # never started
-        _refused(client, step.wire(), SequenceStep(32, start=True),
+        _refused(client, step.wire(), _seq(31), "sequence 31: unknown or expired")  # never started
+        _refused(client, step.wire(), _seq(32, start=True),
                  "encoder_hidden_states: missing at the START of sequence 32")  # fmt: skip
-        _send(client, step.wire(), SequenceStep(33, start=True))
+        _send(client, step.wire(), _seq(33, start=True))
         bigger = _step(9, size=128)
-        _refused(client, bigger.wire(), SequenceStep(33), "a sequence keeps its shapes")
-        _refused(client, step.wire(), SequenceStep(33), "sequence 33: unknown or expired")  # freed by the error
+        _refused(client, bigger.wire(), _seq(33), "a sequence keeps its shapes")
+        _refused(client, step.wire(), _seq(33), "sequence 33: unknown or expired")  # freed by the error
         # A stateless step must carry the prompt.
         wire = {k: v for k, v in step.wire().items() if k != "encoder_hidden_states"}
         with pytest.raises(InferenceServerException, match="encoder_hidden_states: missing required input"):
             infer_step(client, "dit_transformer", wire)
-        assert torch.equal(_send(client, step.wire(), SequenceStep(0)), call.reference_call(tiny_dev, step))
+        assert torch.equal(_send(client, step.wire(), _seq(0)), call.reference_call(tiny_dev, step))
 
 
 def test_the_client_starts_a_sequence_again_when_the_server_lost_it(small_server, tiny_dev):
@@ -179,3 +193,49 @@ def test_the_client_starts_a_sequence_again_when_the_server_lost_it(small_server
             served = generate(remote, "dev", seed=12, **kwargs)
         assert remote.generations.restarted == 1
     assert torch.equal(served, expected)
+
+
+def test_a_sequence_takes_steps_only_from_the_client_that_started_it(dev_server, tiny_dev):
+    """Another client that learns the sequence id (it travels in a header) cannot step on it, end it or start it
+    again: each is refused by name, and the owner's next step is what diffusers answers."""
+    step, attack = _step(21), _step(22)
+    later = {name: tensor for name, tensor in step.wire().items() if name not in PROMPT_INPUTS}
+    with httpclient.InferenceServerClient(dev_server.url) as client:
+        _send(client, step.wire(), _seq(51, start=True))
+        attempts = [(_seq(51, key="other"), attack.wire()), (_seq(51, start=True, key="other"), attack.wire()),
+                    (_seq(51, end=True, key="other"), _closing())]  # fmt: skip
+        for sequence, wire in attempts:
+            with pytest.raises(InferenceServerException, match="sequence 51: session_key does not match"):
+                infer_step(client, "dit_transformer", wire, sequence=sequence)
+        _refused(client, step.wire(), SequenceStep(52, start=True), "session_key: missing at the START of sequence 52",
+                 without_prompt=False)  # fmt: skip
+        assert torch.equal(_send(client, later, _seq(51)), call.reference_call(tiny_dev, step))
+        infer_step(client, "dit_transformer", _closing(), sequence=_seq(51, end=True))
+
+
+SESSION_MODELS = {"dit_transformer": 64, "flux_dit": 256}  # model: image size (the engine's profile starts at 256)
+
+
+@pytest.mark.parametrize("model", list(SESSION_MODELS))
+def test_sessions_never_run_out(supervised, model):
+    """Through ``python -m flux_triton serve`` (64 sessions, 8 per client): 200 clients in a row, each starting one
+    generation and leaving without ending it, are all served; then one client opening 64 sequences keeps only its
+    last 8 and blocks nobody."""
+    step = _step(23, size=SESSION_MODELS[model])
+    later = {name: tensor for name, tensor in step.wire().items() if name not in PROMPT_INPUTS}
+    with httpclient.InferenceServerClient(supervised.url) as client:
+        for index in range(200):
+            key = f"client-{index}"
+            for sequence, wire in (
+                (_seq(1000 + index, start=True, key=key), step.wire()),
+                (_seq(1000 + index, key=key), later),
+            ):
+                assert infer_step(client, model, wire, sequence=sequence).shape == step.hidden_states.shape
+        for index in range(64):
+            infer_step(client, model, step.wire(), sequence=_seq(2000 + index, start=True, key="greedy"))
+        assert infer_step(client, model, step.wire(), sequence=_seq(3000, start=True, key="modest")).shape
+        with pytest.raises(InferenceServerException, match="sequence 2055: unknown or expired"):
+            infer_step(client, model, later, sequence=_seq(2055, key="greedy"))
+        for sequence_id, key in [(2056 + i, "greedy") for i in range(8)] + [(3000, "modest")]:
+            infer_step(client, model, later, sequence=_seq(sequence_id, key=key))
+            infer_step(client, model, _closing(), sequence=_seq(sequence_id, end=True, key=key))

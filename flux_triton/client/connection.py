@@ -14,14 +14,7 @@ from tritonclient.utils import InferenceServerException
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import INPUT_BY_NAME, OUTPUT_NAME, TRITON_TO_TORCH, DitSignature
-
-ADMIN_HEADER = "flux-admin-key"  # the header that carries a server's admin key
-ADMIN_KEY_ENV = "FLUX_ADMIN_KEY"
-
-
-def admin_headers(key: str | None) -> dict[str, str] | None:
-    """The request headers that carry a server's admin key (none without a key)."""
-    return {ADMIN_HEADER: key} if key else None
+from flux_triton.contract.protocol import ADMIN_KEY_ENV, admin_headers
 
 
 class RemoteDitError(RuntimeError):
@@ -173,12 +166,6 @@ def keeps_sessions(config: Mapping) -> bool:
     ``flux_dit``)."""
     value = config.get("parameters", {}).get("max_sessions", {}).get("string_value", "0")
     return value.isdigit() and int(value) > 0
-
-
-def ends_sessions_by_restart(config: Mapping) -> bool:
-    """Whether the model's sequences end when their id starts again, not by an END-only request (``flux_dit``:
-    its ensemble would run the engine for one)."""
-    return config.get("parameters", {}).get("session_end", {}).get("string_value") == "restart"
 
 
 def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings) -> DitSignature:

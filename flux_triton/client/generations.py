@@ -3,8 +3,8 @@ outside one) is one sequence on the server. Its first step carries the START fla
 tensors (``PROMPT_INPUTS``); later steps send them only when they change. A generation ends when the
 pipeline resets the transformer's caches, when the transformer is closed, or when a step of the same
 context comes with a timestep not below the previous one or other latents' shape (a new generation:
-``FluxPipeline``'s timesteps fall); the server also frees sequences left idle. Against a model whose sequences end
-when their id starts again (``flux_dit``), each context keeps one id across generations and nothing else ends them.
+``FluxPipeline``'s timesteps fall); the server also frees sequences left idle. Every step carries this client's
+session key, a secret that binds its sequences to it on the server.
 """
 
 from __future__ import annotations
@@ -16,16 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from flux_triton.contract import PROMPT_INPUTS
-
-
-@dataclass(frozen=True)
-class SequenceStep:
-    """A step's place in its sequence, as Triton's request carries it."""
-
-    sequence_id: int
-    start: bool = False
-    end: bool = False
-    cache: str = ""  # at START: the step cache the sequence runs with, as JSON (pipeline.caching); "": none
+from flux_triton.contract.protocol import SequenceStep
 
 
 @dataclass
@@ -52,11 +43,9 @@ def _same(sent: torch.Tensor | None, tensor: torch.Tensor) -> bool:
 class Generations:
     """The open sequences of one ``RemoteFluxTransformer``, by cache context."""
 
-    def __init__(self, reuse_ids: bool = False) -> None:
+    def __init__(self) -> None:
         self.cache = ""  # the step cache each new sequence asks for (RemoteFluxTransformer.enable_cache)
-        # True where sequences end by starting their id again (flux_dit): one id per context for this client
-        self.reuse_ids = reuse_ids
-        self._ids: dict[str, int] = {}
+        self.key = secrets.token_urlsafe(32)  # this client's session key: only it can step on its sequences
         self.open: dict[str, Generation] = {}
         self.started = 0
         self.restarted = 0  # sequences the server no longer knew, started again with the prompt
@@ -75,19 +64,17 @@ class Generations:
             current.sent.update(changed)
             current.timestep = timestep
             sent = {name: t for name, t in tensors.items() if name not in PROMPT_INPUTS or name in changed}
-            return sent, SequenceStep(current.sequence_id), None
+            return sent, SequenceStep(current.sequence_id, key=self.key), None
         ended = self.open.pop(context, None)
         return dict(tensors), self._start(context, tensors, endpoint()), ended
 
     def _start(self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: str) -> SequenceStep:
         timestep, shape = _position(tensors)
-        sequence_id = secrets.randbits(63) or 1  # unguessable; 0 means no sequence
-        if self.reuse_ids:
-            sequence_id = self._ids.setdefault(context, sequence_id)
+        sequence_id = secrets.randbits(63) or 1  # 0 means no sequence
         prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
         self.open[context] = Generation(sequence_id, timestep, shape, prompt, endpoint)
         self.started += 1
-        return SequenceStep(sequence_id, start=True, cache=self.cache)
+        return SequenceStep(sequence_id, start=True, key=self.key, cache=self.cache)
 
     def restart(self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: str = "") -> SequenceStep:
         """The server no longer knows ``context``'s sequence (expired, restarted, another replica), or its replica

@@ -17,21 +17,14 @@ from diffusers.configuration_utils import FrozenDict
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils.shared_memory import SharedMemoryException
 
-from flux_triton.client.connection import (
-    ADMIN_KEY_ENV,
-    RemoteDitError,
-    RemoteSettings,
-    connect,
-    describe,
-    ends_sessions_by_restart,
-    keeps_sessions,
-)
-from flux_triton.client.generations import Generation, Generations, SequenceStep
+from flux_triton.client.connection import RemoteDitError, RemoteSettings, connect, describe, keeps_sessions
+from flux_triton.client.generations import Generation, Generations
 from flux_triton.client.replicas import Replicas, unreachable
 from flux_triton.client.timestep import raw_timestep
 from flux_triton.client.transport import Transport, make_transport
 from flux_triton.client.wire import infer_step
-from flux_triton.contract import DitSignature
+from flux_triton.contract import DitSignature, Step
+from flux_triton.contract.protocol import ADMIN_KEY_ENV, SequenceStep
 from flux_triton.pipeline.caching import describe_cache
 
 
@@ -51,7 +44,7 @@ class RemoteFluxTransformer:
             first = self.replicas.choose()
             config = first.client.get_model_config(self.settings.model_name, self.settings.model_version)
             self.sessions = keeps_sessions(config) if self.settings.sessions is None else self.settings.sessions
-            self.generations = Generations(reuse_ids=ends_sessions_by_restart(config))
+            self.generations = Generations()
             self._runs_caches = config.get("platform") != "ensemble"  # flux_dit's engine has no diffusers hooks
         except Exception:
             self.replicas.close()
@@ -133,15 +126,9 @@ class RemoteFluxTransformer:
     def _end(self, generation: Generation) -> None:
         """End a sequence without a step: an END request with zero image tokens (a server that already
         freed the sequence answers the same)."""
-        sig = self.signature
-        closing = {
-            "hidden_states": torch.zeros(1, 0, sig.in_channels, dtype=sig.torch_dtype),
-            "timestep": torch.zeros(1, 1),
-            "img_ids": torch.zeros(1, 0, 3),
-        }
-        if self.generations.reuse_ids:  # ends when its id starts again, or idle (no END-only request)
-            return
-        sequence = SequenceStep(generation.sequence_id, end=True)
+        wire = Step.closing(self.signature).wire()
+        closing = {name: wire[name] for name in ("hidden_states", "timestep", "img_ids")}
+        sequence = SequenceStep(generation.sequence_id, end=True, key=self.generations.key)
         replica = self.replicas.connected(generation.endpoint)
         if replica is None:  # its replica stopped answering: it frees the sequence itself, if it comes back
             return
@@ -244,7 +231,7 @@ class RemoteFluxTransformer:
         except InferenceServerException as exc:
             hint = ""
             message = str(exc.message()).lower()
-            if "restricted" in message or "403" in message:
+            if "admin key" in message or "restricted" in message:
                 hint = f" (this server restricts the API: set {ADMIN_KEY_ENV} or RemoteSettings.admin_key to its key)"
             elif self.settings.transport == "shm" and "shared memory" in message and "unable to find" not in message:
                 hint = " (transport shm needs the server on this host, sharing its /dev/shm)"

@@ -26,12 +26,13 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.client.generations import SequenceStep
 from flux_triton.client.wire import sequence_arguments
 from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
+from flux_triton.contract.protocol import SequenceStep
 
 KEY_PREFIX = "flux_triton_"
-"""Every region's /dev/shm name starts with this, then the process id."""
+"""Every region's /dev/shm name starts with this, then the process id and 128 random bits; the name the server
+knows it by is another 128 random bits, so a listing of /dev/shm does not give it away."""
 
 # Bit-exact views: regions are written and compared as integers of the element's width.
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -120,15 +121,12 @@ class _Regions:
     """The regions of one transport; a separate object so that the finalizer does not hold the transport."""
 
     client: httpclient.InferenceServerClient
-    prefix: str
     headers: dict[str, str] | None = None  # the server's admin key, where the shared-memory API is restricted
     regions: list[Region] = field(default_factory=list)
-    count: int = 0
 
     def create(self, byte_size: int) -> Region:
-        self.count += 1
-        name = f"{self.prefix}{self.count}"
-        key = f"/{name}"
+        name = f"{KEY_PREFIX}{secrets.token_hex(16)}"  # the server's name for it: a secret of this client
+        key = f"/{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(16)}"
         handle = shm.create_shared_memory_region(name, key, byte_size, create_only=True)
         region = Region(name, key, byte_size, handle)
         self.regions.append(region)
@@ -164,8 +162,8 @@ class ShmTransport:
     altered at a generation's start and written again."""
 
     def __init__(self, client: httpclient.InferenceServerClient, headers: dict[str, str] | None = None):
-        prefix = f"{KEY_PREFIX}{os.getpid()}_{secrets.token_hex(16)}_"  # unguessable by other local clients
-        self._regions = _Regions(client, prefix, headers)
+        self._regions = _Regions(client, headers)
+        self._headers = headers  # a request that names regions carries the admin key too (the guard checks it)
         self._finalizer = weakref.finalize(self, _Regions.close, self._regions)
         self._client = client
         self._slots: dict[tuple[str, str], _Slot] = {}
@@ -177,8 +175,9 @@ class ShmTransport:
         self._last_timestep: dict[str, float] = {}
 
     @property
-    def prefix(self) -> str:
-        return self._regions.prefix
+    def regions(self) -> list[tuple[str, str]]:
+        """Each live region's name on the server and its /dev/shm key."""
+        return [(region.name, region.key) for region in self._regions.regions]
 
     def _region_for(self, current: Region | None, byte_size: int) -> Region:
         if current is not None and current.capacity >= byte_size:
@@ -228,7 +227,7 @@ class ShmTransport:
             requested = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
             requested.set_shared_memory(output.name, latents.nbytes)
             self.written.append(written)
-            call = dict(model_version=model_version, outputs=[requested], **sequence_arguments(sequence))
+            call = dict(model_version=model_version, outputs=[requested], **sequence_arguments(sequence, self._headers))
             try:
                 result = self._client.infer(model_name, inputs, **call)
             except InferenceServerException as exc:

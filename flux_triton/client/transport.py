@@ -9,8 +9,8 @@ from typing import Protocol
 import torch
 import tritonclient.http as httpclient
 
-from flux_triton.client.generations import SequenceStep
 from flux_triton.client.wire import infer_step
+from flux_triton.contract.protocol import SequenceStep
 
 TRANSPORTS = ("http", "shm")
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import tritonclient.http as httpclient
 
-from flux_triton.client.generations import SequenceStep
 from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
+from flux_triton.contract.protocol import CACHE_PARAMETER, SEQUENCE_HEADER, SESSION_KEY_PARAMETER, SequenceStep
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -41,19 +41,18 @@ class ServerUnavailable(ConnectionError):
     """The server could not be reached, or the connection was lost before the response came."""
 
 
-# Every step of a generation session carries its sequence id in this header too, so that an ingress can keep
-# the steps of one generation on one replica (Istio: a DestinationRule's consistentHash on this header).
-SEQUENCE_HEADER = "flux-sequence-id"
-
-
-def sequence_arguments(sequence: SequenceStep | None) -> dict:
-    """``client.infer``'s sequence arguments for a step of a generation session (none: a stateless step)."""
+def sequence_arguments(sequence: SequenceStep | None, headers: dict[str, str] | None = None) -> dict:
+    """``client.infer``'s arguments for a step of a generation session (none: a stateless step), with ``headers``
+    (the admin key, where a request needs it): the sequence and its flags, its id in a header for routing, and the
+    session key (and at START the step cache) as request parameters."""
+    arguments = {"headers": dict(headers)} if headers else {}
     if sequence is None:
-        return {}
-    arguments = {"sequence_id": sequence.sequence_id, "sequence_start": sequence.start, "sequence_end": sequence.end}
-    arguments["headers"] = {SEQUENCE_HEADER: str(sequence.sequence_id)}
+        return arguments
+    arguments |= {"sequence_id": sequence.sequence_id, "sequence_start": sequence.start, "sequence_end": sequence.end}
+    arguments["headers"] = {**arguments.get("headers", {}), SEQUENCE_HEADER: str(sequence.sequence_id)}
+    arguments["parameters"] = {SESSION_KEY_PARAMETER: sequence.key}
     if sequence.cache:
-        arguments["parameters"] = {"cache": sequence.cache}
+        arguments["parameters"][CACHE_PARAMETER] = sequence.cache
     return arguments
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flux_triton.contract.tensors import DitSignature, engine_inputs
+from flux_triton.contract.specs import engine_inputs
+from flux_triton.contract.tensors import DitSignature
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,21 @@ class Step:
     encoder_hidden_states: torch.Tensor  # [B, S, D]
     txt_ids: torch.Tensor  # [S, 3]
     img_ids: torch.Tensor  # [N, 3]
+
+    @classmethod
+    def closing(cls, signature: DitSignature) -> Step:
+        """The step of a request that only ends its sequence (END): zero image and text tokens, which the models
+        answer without a forward."""
+        dtype = signature.torch_dtype
+        return cls(
+            hidden_states=torch.zeros(1, 0, signature.in_channels, dtype=dtype),
+            timestep=torch.zeros(1),
+            guidance=torch.zeros(1) if signature.guidance_embeds else None,
+            pooled_projections=torch.zeros(1, signature.pooled_dim, dtype=dtype),
+            encoder_hidden_states=torch.zeros(1, 0, signature.text_dim, dtype=dtype),
+            txt_ids=torch.zeros(0, 3),
+            img_ids=torch.zeros(0, 3),
+        )
 
     @property
     def batch_size(self) -> int:

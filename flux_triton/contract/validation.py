@@ -8,17 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from flux_triton.contract.step import Step
-from flux_triton.contract.tensors import (
+from flux_triton.contract.specs import (
     ENGINE_INPUTS,
     GUIDANCE_RANGE,
     INPUT_BY_NAME,
     OUTPUT_NAME,
     TIMESTEP_RANGE,
-    TRITON_TO_TORCH,
-    DitSignature,
     TensorSpec,
 )
+from flux_triton.contract.step import Step
+from flux_triton.contract.tensors import TRITON_TO_TORCH, DitSignature
 
 _ORIGIN = {
     "B": "the batch size of hidden_states",

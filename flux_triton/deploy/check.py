@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature
-from flux_triton.contract.tensors import ENGINE_OUTPUTS, engine_inputs, engine_tensor_name
+from flux_triton.contract.specs import ENGINE_OUTPUTS, engine_inputs, engine_tensor_name
 from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, dtype_enum, parse_pbtxt
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations

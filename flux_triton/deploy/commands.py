@@ -91,6 +91,7 @@ def repo(argv: list[str] | None = None) -> None:
 def serve_parser() -> argparse.ArgumentParser:
     """``serve``'s arguments (the container image's command and the Kubernetes manifests are checked against it)."""
     from flux_triton.deploy.guard import GuardSettings
+    from flux_triton.deploy.health import PROBE_TIMEOUT_S
     from flux_triton.deploy.server import LOOPBACK
 
     parser = argparse.ArgumentParser(prog="python -m flux_triton serve", description=serve.__doc__)
@@ -100,29 +101,38 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--heal-interval", type=float, default=10.0, help="seconds between probes; 0: no probes")
-    parser.add_argument("--max-request-mib", type=int, default=GuardSettings.max_request_mib, help="the guard's "
-                        "request-size limit")  # fmt: skip
-    parser.add_argument("--no-guard", action="store_true", help="expose tritonserver itself (trusted clients only)")
+    parser.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT_S, help="seconds a model may take to "
+                        "answer its probe before it counts as hung (if it ran nothing else meanwhile)")  # fmt: skip
+    GuardSettings.add_arguments(parser.add_argument_group("the guard's limits (GuardSettings)"))
+    parser.add_argument("--no-guard", action="store_true", help="expose tritonserver itself, without restricted "
+                        "APIs and with model control off (trusted clients only)")  # fmt: skip
     return parser
 
 
 def serve(argv: list[str] | None = None) -> None:
     """``make serve``: tritonserver over a model repository behind the guard (``python -m flux_triton guard``),
     bound to loopback unless told otherwise, kept serving: every model is probed with a real inference on an
-    interval and reloaded if it fails, and an exited server or guard started again. Further arguments go to
-    tritonserver."""
-    from flux_triton.client.connection import ADMIN_KEY_ENV
-    from flux_triton.deploy.guard import GuardProcess, GuardSettings
+    interval and reloaded if it fails, and an exited server or guard started again. tritonserver listens only on
+    Unix sockets in a private folder, and the admin key reaches the guard through a pipe, never a command line.
+    The children end with this process. Further arguments go to tritonserver."""
+    import shutil
+    import tempfile
+
+    from flux_triton.contract.protocol import ADMIN_KEY_ENV
+    from flux_triton.deploy.guard import GuardSettings
+    from flux_triton.deploy.guard.process import GuardProcess
     from flux_triton.deploy.health import Supervisor
-    from flux_triton.deploy.server import LOOPBACK, TritonServer
+    from flux_triton.deploy.server import TritonServer
 
     args, extra = serve_parser().parse_known_args(argv)
     repository = (args.model_repository or Locations.here().repository).resolve()
     ports = (args.http_port, args.grpc_port, args.metrics_port)
-    guard = None if args.no_guard else GuardProcess(args.address, ports, GuardSettings(args.max_request_mib))
-    # Behind the guard, tritonserver listens on free loopback ports.
-    server = TritonServer(repository, *((LOOPBACK, 0, 0, 0) if guard else (args.address, *ports)), args=extra)
-    server.admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+    private = Path(tempfile.mkdtemp(prefix="flux-triton-"))  # mode 0700: this user's only
+    guard, server = None, TritonServer(repository, args.address, *ports, args=extra)
+    if not args.no_guard:
+        guard = GuardProcess(args.address, ports, GuardSettings.from_arguments(args), admin_key)
+        server = TritonServer(repository, args=extra, model_control=True, socket_dir=private)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the children on the way out
     try:
         server.start(timeout_s=3600)
@@ -131,17 +141,18 @@ def serve(argv: list[str] | None = None) -> None:
         probes = f"every model probed every {args.heal_interval:g} s" if args.heal_interval > 0 else "no probes"
         print(f"serving {repository} at {args.address}:{args.http_port}; {probes}", flush=True)
         log = lambda line: print(f"[supervisor] {line}", flush=True)  # noqa: E731
-        Supervisor(server, args.heal_interval, log, guard).run()
+        Supervisor(server, args.heal_interval, log, guard, admin_key, args.probe_timeout).run()
     finally:
         if guard:
             guard.stop()
         server.stop()
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def health(argv: list[str] | None = None) -> None:
     """Probe every model of this project on a running server with a real inference (a liveness check:
     Triton's own ready endpoint stays 200 when a model's stub has died); exit 1 if one fails."""
-    from flux_triton.client.connection import ADMIN_KEY_ENV, admin_headers
+    from flux_triton.contract.protocol import ADMIN_KEY_ENV, admin_headers
     from flux_triton.deploy.health import check
 
     args = health_parser().parse_args(argv)

@@ -2,29 +2,39 @@
 
 Triton's ready endpoints stay 200 when a Python-backend stub has died (killed, out of memory): the model
 then fails every request. A probe is a real inference of the smallest valid request on every model of
-the repository, internal ones included, checked for a finite answer of the right shape. The supervisor
-probes on an interval, reloads each model whose probe failed (through the admin-restricted repository
-API) and restarts a server that exited, logging why.
+the repository, internal ones included, checked for a finite answer of the right shape; each model is probed on
+its own connection with its own timeout, so a hung model fails its own probe only. The supervisor probes on an
+interval, reloads each model whose probe failed (a timed-out model only if it ran nothing meanwhile: a busy model
+is not hung) and restarts a server or guard that exited, logging why.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import tritonclient.http as httpclient
 
-from flux_triton.client.connection import RemoteSettings, admin_headers, signature_from_config, takes_guidance
+from flux_triton.client.connection import RemoteSettings, signature_from_config, takes_guidance
 from flux_triton.client.wire import from_numpy, infer_inputs
 from flux_triton.contract import OUTPUT_NAME, DitSignature, Limits, Step
-from flux_triton.contract.tensors import engine_tensor_name
-from flux_triton.deploy.guard import GuardProcess
+from flux_triton.contract.protocol import admin_headers
+from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, PREPROCESS
-from flux_triton.deploy.server import TritonServer, remove_orphan_regions
+from flux_triton.deploy.server import TritonServer
+from flux_triton.deploy.sockets import http_call
 from flux_triton.pipeline.inputs import text_ids
 from flux_triton.serving.preprocess import preprocess_settings
+
+if TYPE_CHECKING:
+    from flux_triton.deploy.guard.process import GuardProcess
+
+MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE)  # this project's models, probed in this order
+PROBE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -48,65 +58,98 @@ def _step(signature: DitSignature, image_tokens: int, text_tokens: int) -> Step:
     )
 
 
-def _ensemble_settings(client: httpclient.InferenceServerClient) -> tuple[DitSignature, Limits]:
+def _ensemble_settings(client: httpclient.InferenceServerClient, headers: dict | None) -> tuple[DitSignature, Limits]:
     """The engine's signature and profile limits, as generated into dit_preprocess's parameters."""
-    parameters = client.get_model_config(PREPROCESS).get("parameters", {})
+    parameters = client.get_model_config(PREPROCESS, headers=headers).get("parameters", {})
     return preprocess_settings({key: value["string_value"] for key, value in parameters.items()})
 
 
-def probes(client: httpclient.InferenceServerClient, headers: dict[str, str] | None = None) -> list[Probe]:
-    """One probe per model of this project that the server has loaded (``headers``: the admin key, where
-    the repository API is restricted)."""
-    models = {entry["name"] for entry in client.get_model_repository_index(headers=headers)}
-    found = []
-    for model in (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE):
-        if model not in models:
-            continue
-        if model == DIT_TRANSFORMER:
-            config = client.get_model_config(model)
-            guidance = takes_guidance(client, RemoteSettings(model_name=model), config)
-            signature, limits = signature_from_config(config, guidance), Limits()
-        else:
-            signature, limits = _ensemble_settings(client)
-        step = _step(signature, limits.min_image_tokens, limits.min_text_tokens)
-        tensors = step.engine_tensors(signature) if model == ENGINE else step.wire()
-        output = engine_tensor_name("hidden_states") if model == PREPROCESS else OUTPUT_NAME
-        found.append(Probe(model, tensors, output, tuple(step.hidden_states.shape)))
-    return found
+def make_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None = None) -> Probe:
+    """The probe of one of this project's models (``headers``: the admin key, which the internal models need
+    behind the guard)."""
+    if model == DIT_TRANSFORMER:
+        config = client.get_model_config(model, headers=headers)
+        guidance = takes_guidance(client, RemoteSettings(model_name=model), config)
+        signature, limits = signature_from_config(config, guidance), Limits()
+    else:
+        signature, limits = _ensemble_settings(client, headers)
+    step = _step(signature, limits.min_image_tokens, limits.min_text_tokens)
+    tensors = step.engine_tensors(signature) if model == ENGINE else step.wire()
+    output = engine_tensor_name("hidden_states") if model == PREPROCESS else OUTPUT_NAME
+    return Probe(model, tensors, output, tuple(step.hidden_states.shape))
 
 
-def run_probe(client: httpclient.InferenceServerClient, probe: Probe) -> str | None:
+def run_probe(
+    client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None = None
+) -> str | None:
     """``None`` if the model answered the probe with a finite tensor of the right shape, else why not."""
-    try:
-        result = client.infer(
-            probe.model,
-            infer_inputs(probe.tensors),
-            outputs=[httpclient.InferRequestedOutput(probe.output, binary_data=True)],
-        )
-        answer = from_numpy(result.as_numpy(probe.output))
-    except Exception as exc:  # the server's error, or a connection that broke
-        return f"{type(exc).__name__}: {exc}"
+    result = client.infer(
+        probe.model,
+        infer_inputs(probe.tensors),
+        outputs=[httpclient.InferRequestedOutput(probe.output, binary_data=True)],
+        headers=dict(headers or {}),  # a copy: tritonclient adds its own headers to the dict it is given
+    )
+    answer = from_numpy(result.as_numpy(probe.output))
     finite = bool(torch.isfinite(answer.float()).all())
     if tuple(answer.shape) != probe.shape or not finite:
         return f"answered {list(answer.shape)} (finite: {finite})"
     return None
 
 
-def check(url: str, headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> dict[str, str | None]:
+@dataclass(frozen=True)
+class Outcome:
+    """One model's probe: ``None`` or why it failed, and whether it failed by timing out."""
+
+    why: str | None
+    timed_out: bool = False
+
+
+def probe_model(url: str, model: str, headers: dict[str, str] | None, timeout_s: float) -> Outcome:
+    """Probe one model on its own connection, within ``timeout_s``."""
+    try:
+        with httpclient.InferenceServerClient(url, connection_timeout=10, network_timeout=timeout_s) as client:
+            return Outcome(run_probe(client, make_probe(client, model, headers), headers))
+    except Exception as exc:  # the server's error, a broken connection, or no answer in time
+        timed_out = "timed out" in str(exc).lower() or isinstance(exc, TimeoutError)
+        return Outcome(f"{type(exc).__name__}: {exc}", timed_out)
+
+
+def served_models(url: str, headers: dict[str, str] | None = None) -> list[str]:
+    """This project's models that the server at ``url`` has loaded (the index needs the admin key)."""
+    with httpclient.InferenceServerClient(url, connection_timeout=10, network_timeout=30) as client:
+        listed = {entry["name"] for entry in client.get_model_repository_index(headers=headers)}
+    return [model for model in MODELS if model in listed]
+
+
+def check(url: str, headers: dict[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str | None]:
     """``{model: None or why its probe failed}`` for every model of this project on the server at ``url``."""
-    with httpclient.InferenceServerClient(url, connection_timeout=10, network_timeout=timeout_s) as client:
-        return {probe.model: run_probe(client, probe) for probe in probes(client, headers)}
+    return {model: probe_model(url, model, headers, timeout_s).why for model in served_models(url, headers)}
+
+
+def executions(url: str, headers: dict[str, str] | None) -> dict[str, int]:
+    """How many executions each model has run (Triton's statistics; they need the admin key)."""
+    status, body = http_call(url, "GET", "/v2/models/stats", headers=headers or {}, timeout_s=10)
+    if status != 200:
+        return {}
+    return {entry["name"]: int(entry.get("execution_count", 0)) for entry in json.loads(body)["model_stats"]}
 
 
 @dataclass
 class Supervisor:
     """Keeps ``server`` (and the ``guard`` in front of it) serving: probes every model every ``interval_s``
-    (0: no probes, processes checked every second), reloads failed models, restarts an exited process."""
+    (0: no probes, processes checked every second) through the guard if there is one, reloads failed models,
+    restarts an exited process."""
 
     server: TritonServer
     interval_s: float = 10.0
     log: Callable[[str], None] = print
     guard: GuardProcess | None = None
+    admin_key: str | None = None
+    probe_timeout_s: float = PROBE_TIMEOUT_S
+
+    @property
+    def url(self) -> str:
+        return self.guard.url if self.guard is not None else self.server.url
 
     def heal_once(self) -> dict[str, str]:
         """One round: what was wrong (``{model: reason}``), after fixing it."""
@@ -120,13 +163,27 @@ class Supervisor:
             self.log(f"the guard exited (code {code}); restarting it")
             self.guard.start(self.server.endpoints)
             return {"guard": f"exited with code {code}"}
-        if removed := remove_orphan_regions():
+        if removed := self.server.remove_orphan_regions():
             self.log(f"removed {len(removed)} Python-backend regions of dead stubs from /dev/shm")
         if self.interval_s <= 0:
             return {}
-        failed = {
-            model: why for model, why in check(self.server.url, admin_headers(self.server.admin_key)).items() if why
-        }
+        return self._probe_and_reload()
+
+    def _probe_and_reload(self) -> dict[str, str]:
+        headers = admin_headers(self.admin_key)
+        before = executions(self.url, headers)
+        outcomes = {model: probe_model(self.url, model, headers, self.probe_timeout_s)
+                    for model in served_models(self.url, headers)}  # fmt: skip
+        after = executions(self.url, headers) if any(o.timed_out for o in outcomes.values()) else before
+        failed = {}
+        for model, outcome in outcomes.items():
+            if outcome.why is None:
+                continue
+            if outcome.timed_out and after.get(model, 0) > before.get(model, 0):
+                self.log(f"{model} did not answer its probe within {self.probe_timeout_s:g} s but ran other "
+                         f"requests meanwhile: busy, not reloaded")  # fmt: skip
+                continue
+            failed[model] = outcome.why
         # An ensemble fails with its composing models and recovers with them: reload those first.
         for model in [model for model in failed if model != ENSEMBLE] or list(failed):
             started = time.monotonic()

@@ -13,12 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature, TensorSpec
-from flux_triton.contract.tensors import ENGINE_OUTPUTS, engine_inputs, engine_tensor_name
+from flux_triton.contract.protocol import SessionSettings
+from flux_triton.contract.specs import ENGINE_OUTPUTS, engine_inputs, engine_tensor_name
 from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, to_pbtxt
 from flux_triton.engines.kinds import DEFAULT_KIND, KINDS
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations
-from flux_triton.serving.sessions import SessionSettings
 
 PYTHON_MODELS = (PREPROCESS, ENGINE)  # their model.py live in model_repository/<name>/1/
 QUEUE_DELAY_US = 100  # lets simultaneous requests merge; a busy engine batches its queue anyway
@@ -91,6 +91,7 @@ def preprocess_config(sidecar: EngineSidecar) -> dict:
             dtype=signature.dtype,
             **asdict(limits),
             max_sessions=SessionSettings.max_sessions,
+            max_sessions_per_client=SessionSettings.max_per_client,
             session_idle_s=SessionSettings.idle_timeout_s,
         ),
     }
@@ -121,9 +122,7 @@ def ensemble_config(sidecar: EngineSidecar) -> dict:
         "input": _public_inputs(signature),
         "output": [_tensor(spec, signature) for spec in OUTPUTS],
         "ensemble_scheduling": {"step": steps},
-        # for clients: dit_preprocess keeps generation sessions, which end when their id starts again (no END-only
-        # request: the ensemble would run its engine for it)
-        "parameters": _params(max_sessions=SessionSettings.max_sessions, session_end="restart"),
+        "parameters": _params(max_sessions=SessionSettings.max_sessions),  # for clients: dit_preprocess keeps sessions
     }
 
 

@@ -9,24 +9,25 @@ container use its own ``tritonserver`` instead (README).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flux_triton.client.connection import ADMIN_HEADER, admin_headers
+from flux_triton.contract.protocol import ADMIN_KEY_ENV
+from flux_triton.deploy.sockets import http_call
 
 LOOPBACK = "127.0.0.1"
-# The APIs a supervised server restricts to requests carrying the admin key.
-RESTRICTED_APIS = ("model-repository", "shared-memory", "logging")
 TRITON_HOME_ENV = "TRITONSERVER_HOME"
+PR_SET_PDEATHSIG = 1
 
 
 def triton_home() -> Path:
@@ -81,8 +82,14 @@ def library_dirs(home: Path, cache: Path) -> list[str]:
     return dirs
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment for a child, less the admin key: a child that needs it gets it through a pipe."""
+    return {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV}
+
+
 def server_environment(extra: dict[str, str] | None = None, cache: Path = Path(".triton")) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of tritonserver and its stubs (``child_environment``, with the server's libraries)."""
+    env = child_environment()
     libs = library_dirs(triton_home(), cache)
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     env["VIRTUAL_ENV"] = sys.prefix
@@ -91,35 +98,55 @@ def server_environment(extra: dict[str, str] | None = None, cache: Path = Path("
     return env
 
 
+def die_with_parent() -> None:
+    """In a child between fork and exec: SIGTERM when the process that started it ends (Linux), so that a killed
+    ``serve`` leaves no tritonserver or guard behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port(address: str = LOOPBACK) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
 
 
-BACKEND_REGIONS = "triton_python_backend_shm_region_*"  # the Python backend's IPC regions in /dev/shm
+BACKEND_REGIONS = "triton_python_backend_shm_region_"  # the Python backend's IPC regions in /dev/shm
 
 
-def remove_orphan_regions(min_age_s: float = 10.0, shm_dir: Path = Path("/dev/shm")) -> list[str]:
-    """Unlink the Python backend's IPC regions that no stub maps any more: a killed stub leaves its region
-    behind, still mapped by the server until it exits (2.51). Only this user's regions older than
-    ``min_age_s`` (a new instance's region is mapped by its stub a moment after the server creates it)."""
-    in_use = set()
-    for process in Path("/proc").glob("[0-9]*"):
-        try:
-            if not (process / "cmdline").read_bytes().split(b"\0")[0].endswith(b"triton_python_backend_stub"):
-                continue
-            in_use.update(line.rsplit("/", 1)[-1] for line in (process / "maps").read_text().splitlines())
-        except OSError:  # gone, or another user's
-            continue
+def _mapped_regions(pid: int) -> set[str]:
+    """The Python backend's regions a process maps."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:  # gone, or another user's
+        return set()
+    return {line.rsplit("/", 1)[-1] for line in maps if f"/dev/shm/{BACKEND_REGIONS}" in line}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def remove_orphan_regions(server_pid: int, min_age_s: float = 10.0, shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Unlink the Python backend's regions of the server ``server_pid`` that none of its stubs maps any more: a
+    killed stub leaves its region behind, still mapped by the server until it exits (2.51). Only regions older
+    than ``min_age_s`` (a new instance's region is mapped by its stub a moment after the server creates it)."""
+    in_use = set().union(*(_mapped_regions(stub) for stub in _children(server_pid)))
+    return _unlink(_mapped_regions(server_pid) - in_use, min_age_s, shm_dir)
+
+
+def _unlink(names: set[str], min_age_s: float, shm_dir: Path) -> list[str]:
     removed = []
-    for region in shm_dir.glob(BACKEND_REGIONS):
+    for name in sorted(names):
+        region = shm_dir / name
         try:
-            stat = region.stat()
-            if region.name in in_use or stat.st_uid != os.getuid() or time.time() - stat.st_mtime < min_age_s:
+            if time.time() - region.stat().st_mtime < min_age_s:
                 continue
             region.unlink()
-            removed.append(region.name)
+            removed.append(name)
         except OSError:
             continue
     return removed
@@ -131,7 +158,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class TritonServer:
-    """A running ``tritonserver``; bound to loopback unless ``address`` says otherwise."""
+    """A running ``tritonserver``: on loopback ports unless ``address`` says otherwise, or, with ``socket_dir`` (a
+    folder only this user can enter), on Unix sockets in it that no other local user can reach or take over."""
 
     model_repository: Path
     address: str = LOOPBACK
@@ -142,7 +170,8 @@ class TritonServer:
     args: list[str] = field(default_factory=list)
     log_path: Path | None = None  # None: the server's output goes where this process's does
     cache: Path = Path(".triton")
-    admin_key: str | None = None  # set: model control in explicit mode, its API only with this key
+    model_control: bool = False  # explicit model control: every model loaded at start, reloads by its API
+    socket_dir: Path | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -151,63 +180,71 @@ class TritonServer:
 
     @property
     def endpoints(self) -> tuple[str, str, str]:
-        """Where to reach its HTTP, gRPC and metrics ports."""
+        """Where to reach its HTTP, gRPC and metrics endpoints: ``host:port``, or ``unix:PATH`` with ``socket_dir``."""
+        if self.socket_dir is not None:
+            return tuple(f"unix:{path}" for path in self._socket_paths())  # type: ignore[return-value]
         host = LOOPBACK if self.address in ("0.0.0.0", "") else self.address
         return f"{host}:{self.http_port}", f"{host}:{self.grpc_port}", f"{host}:{self.metrics_port}"
 
+    def _socket_paths(self) -> tuple[Path, Path, Path]:
+        # gRPC appends ":<port>" to a Unix address; HTTP and metrics (libevhtp) take the path as it is.
+        return self.socket_dir / "http.sock", self.socket_dir / "grpc.sock:0", self.socket_dir / "metrics.sock"
+
+    def _bind_args(self) -> list[str]:
+        if self.socket_dir is None:
+            ports = {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
+            return [arg for kind, port in ports.items() for arg in (f"--{kind}-address={self.address}",
+                                                                     f"--{kind}-port={port}")]  # fmt: skip
+        http, _, metrics = self._socket_paths()
+        grpc = self.socket_dir / "grpc.sock"
+        return [f"--http-address=unix:{http}", "--http-port=0", f"--grpc-address=unix:{grpc}", "--grpc-port=0",
+                f"--metrics-address=unix:{metrics}", "--metrics-port=0"]  # fmt: skip
+
     def command(self) -> list[str]:
+        control = ["--model-control-mode=explicit", "--load-model=*"] if self.model_control else []
         return [
             str(triton_home() / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_directory(self.cache)}",
-            f"--http-address={self.address}",
-            f"--http-port={self.http_port}",
-            f"--grpc-address={self.address}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.address}",
-            f"--metrics-port={self.metrics_port}",
+            *self._bind_args(),
             "--exit-on-error=false",
-            *self._control_args(),
+            *control,
             *self.args,
         ]
 
-    def _control_args(self) -> list[str]:
-        """With an admin key: every model loaded at start, and the repository (index, load, unload),
-        shared-memory and logging APIs restricted to requests that carry the key, over HTTP and gRPC."""
-        if not self.admin_key:
-            return []
-        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
-        return [
-            "--model-control-mode=explicit",
-            "--load-model=*",
-            f"--http-restricted-api={restricted}",
-            f"--grpc-restricted-protocol={restricted}",
-        ]
-
-    def _repository_request(self, path: str, timeout_s: float):
-        headers = admin_headers(self.admin_key) or {}
-        request = urllib.request.Request(f"http://{self.url}/v2/repository/{path}", b"{}", headers, method="POST")
-        return urllib.request.urlopen(request, timeout=timeout_s)
+    def _repository_request(self, path: str, timeout_s: float) -> bytes:
+        status, body = http_call(self.url, "POST", f"/v2/repository/{path}", b"{}", timeout_s=timeout_s)
+        if status != 200:
+            raise RuntimeError(f"tritonserver: /v2/repository/{path} answered {status}: {body[:300]!r}")
+        return body
 
     def reload(self, model: str, timeout_s: float = 600.0) -> None:
-        """Unload ``model``, then load it again: new instances, new Python-backend stubs (a load alone
-        is a no-op for a model whose files did not change). Needs the admin key."""
+        """Unload ``model``, then load it again: new instances, new Python-backend stubs (a load alone is a no-op
+        for a model whose files did not change). With explicit model control; else the whole server restarts."""
+        if not self.model_control:
+            self.stop()
+            self.start(timeout_s)
+            return
         for action in ("unload", "load"):
-            with self._repository_request(f"models/{model}/{action}", timeout_s):
-                pass
+            self._repository_request(f"models/{model}/{action}", timeout_s)
 
     def start(self, timeout_s: float = 180.0, wait_for: str = "ready") -> TritonServer:
         """Start the server and wait until it is ``ready`` (every model loaded) or only ``live``
         (up and answering, e.g. to ask ``model_states`` why a model did not load)."""
         if wait_for not in ("ready", "live"):
             raise ValueError(f"wait_for: expected 'ready' or 'live', got {wait_for!r}")
-        for name in ("http_port", "grpc_port", "metrics_port"):
-            if not getattr(self, name):
-                setattr(self, name, free_port(LOOPBACK))
+        if self.socket_dir is not None:
+            for path in self._socket_paths():  # a stale socket of an exited server would refuse the bind
+                path.unlink(missing_ok=True)
+        else:
+            for name in ("http_port", "grpc_port", "metrics_port"):
+                if not getattr(self, name):
+                    setattr(self, name, free_port(LOOPBACK))
         log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
         self.process = subprocess.Popen(
-            self.command(), env=server_environment(self.env, self.cache), stdout=log, stderr=log
-        )
+            self.command(), env=server_environment(self.env, self.cache), stdout=log, stderr=log,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
         try:
             self.wait_ready(timeout_s, wait_for)
         except BaseException:
@@ -233,17 +270,15 @@ class TritonServer:
 
     def _health(self, state: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.url}/v2/health/{state}", timeout=2) as response:
-                return response.status == 200
+            return http_call(self.url, "GET", f"/v2/health/{state}", timeout_s=2)[0] == 200
         except OSError:
             return False
 
     def model_states(self) -> dict[str, tuple[str, str]]:
         """Each model of the repository index: ``(state, reason)``, the reason being a load error."""
         try:
-            with self._repository_request("index", 5) as response:
-                index = json.load(response)
-        except OSError:
+            index = json.loads(self._repository_request("index", 5))
+        except (OSError, RuntimeError, ValueError):
             return {}
         return {entry["name"]: (entry.get("state", ""), entry.get("reason", "")) for entry in index}
 
@@ -252,14 +287,23 @@ class TritonServer:
         states = self.model_states().items()
         return "; ".join(f"{name}: {reason}" for name, (state, reason) in states if state == "UNAVAILABLE" and reason)
 
+    def remove_orphan_regions(self, min_age_s: float = 10.0) -> list[str]:
+        """Unlink the Python-backend regions of this server's dead stubs (``remove_orphan_regions``)."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        return remove_orphan_regions(self.process.pid, min_age_s)
+
     def stop(self) -> None:
+        """Stop the server; the regions of stubs that died before it are unlinked too (it leaves them)."""
         if self.process and self.process.poll() is None:
+            regions = _mapped_regions(self.process.pid)
             self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            _unlink(regions, 0.0, Path("/dev/shm"))
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

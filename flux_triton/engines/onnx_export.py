@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from flux_triton.contract import DitSignature, validate
-from flux_triton.contract.tensors import ENGINE_OUTPUTS, dynamic_axes, engine_inputs
+from flux_triton.contract.specs import ENGINE_OUTPUTS, dynamic_axes, engine_inputs
 from flux_triton.engines.profiles import ProfileConfig
 from flux_triton.engines.rope import exportable_rope
 from flux_triton.engines.sidecar import EngineSidecar, artifact

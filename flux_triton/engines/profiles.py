@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from flux_triton.contract import DitSignature
-from flux_triton.contract.tensors import AXIS_NAMES, engine_inputs
+from flux_triton.contract.specs import AXIS_NAMES, engine_inputs
 from flux_triton.pipeline.inputs import image_tokens
 
 Range = tuple[int, int, int]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flux_triton.contract.tensors import engine_inputs
+from flux_triton.contract.specs import engine_inputs
 from flux_triton.pipeline.call import engine_call
 
 

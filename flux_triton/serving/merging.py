@@ -29,6 +29,15 @@ class Merging(Generic[Item]):
 STEP_MERGING: Merging[Step] = Merging(Step.mergeable, Step.concat, lambda step: step.batch_size)
 
 
+def detached(exc: Exception) -> Exception:
+    """``exc`` without its traceback and the exceptions chained to it. An error kept as a request's result would
+    otherwise keep the frames it passed through, and with them the request's tensors (in Triton's shared memory),
+    alive in a reference cycle until a garbage collection: refused requests would hold their memory."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 def _tensors_mergeable(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
     if a.keys() != b.keys():
         return False
@@ -70,7 +79,7 @@ def run_merged(
             noise_pred = forward(merging.merge([items[i] for i in group]))
         except Exception as exc:
             for i in group:
-                results[i] = exc
+                results[i] = detached(exc)
             continue
         sizes = [merging.batch_size(items[i]) for i in group]
         for i, part in zip(group, noise_pred.split(sizes), strict=True):
@@ -95,7 +104,7 @@ def finite_or_error(
     try:
         return check_output(result, tensors, side)
     except OutputError as exc:
-        return exc
+        return detached(exc)
 
 
 def run_engine_requests(
@@ -105,15 +114,20 @@ def run_engine_requests(
     limits: Limits,
 ) -> list[torch.Tensor | Exception]:
     """dit_engine's work: each request checked against the engine side of the contract and the engine's
-    profile (``InputError`` for a bad one), the valid ones run batched, every answer checked finite."""
+    profile (``InputError`` for a bad one), the valid ones run batched, every answer checked finite. A request of
+    zero image tokens (an END-only request that dit_preprocess passes on) is answered empty, without a forward."""
     results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
     valid = []
     for index, tensors in enumerate(requests):
+        latents = tensors.get("hidden_states")
+        if latents is not None and latents.ndim == 3 and latents.shape[1] == 0:
+            results[index] = latents
+            continue
         try:
             check(tensors, signature, limits, ENGINE)
             valid.append(index)
         except InputError as exc:
-            results[index] = exc
+            results[index] = detached(exc)
     for index, result in zip(valid, run_engine_batched(engine, [requests[i] for i in valid]), strict=True):
         results[index] = finite_or_error(result, requests[index], ENGINE)
     return results

@@ -3,8 +3,8 @@ sessions as ``dit_transformer`` keeps them (``serving.sessions``): a sequence's 
 and is held here, so ``flux_dit``'s later steps carry only the latents, the timestep and the image ids.
 
 An ensemble runs every step of it for every request, so a request that only ends a sequence (END with zero image
-tokens) cannot be answered without a forward: ``flux_dit``'s clients do not send one. A sequence ends when its id
-STARTs again (the next generation of the same client reuses it) or once idle (``session_idle_s``)."""
+tokens) frees the sequence here and goes on to the engine as zero-token inputs, which ``dit_engine`` answers empty
+without a forward."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from dataclasses import fields
 
 import torch
 
-from flux_triton.contract import DitSignature, InputError, Limits, validate
-from flux_triton.serving.sessions import Sessions, SessionSettings, closes_only
+from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
+from flux_triton.contract.protocol import STATELESS, SequenceStep, SessionSettings
+from flux_triton.serving.sessions import Sessions, closes_only
 
 
 def preprocess_settings(parameters: Mapping[str, str]) -> tuple[DitSignature, Limits]:
@@ -43,22 +44,22 @@ class Preprocessor:
         defaults = SessionSettings()
         self.sessions = Sessions(SessionSettings(
             int(parameters.get("max_sessions", defaults.max_sessions)),
+            int(parameters.get("max_sessions_per_client", defaults.max_per_client)),
             float(parameters.get("session_idle_s", defaults.idle_timeout_s)),
         ))  # fmt: skip
 
-    def run(self, tensors: Mapping[str, torch.Tensor], sequence_id: int | str = 0, flags: int = 0) -> dict:
-        """One request -> the engine's inputs; a step of a sequence (non-zero ``sequence_id``) gets its held
-        prompt. Bad input raises ``contract.InputError`` (and frees the sequence)."""
-        if not sequence_id:
+    def run(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS) -> dict:
+        """One request -> the engine's inputs; a step of a sequence (non-zero id) gets its held prompt. Bad input
+        raises ``contract.InputError`` (and frees the sequence, if the request is its owner's)."""
+        if not sequence.sequence_id:
             return preprocess(tensors, self.signature, self.limits)
         try:
-            if closes_only(tensors, flags):
-                raise InputError(f"sequence {sequence_id}: flux_dit runs its engine for every request, so it ends "
-                                 f"a sequence with its last step or when the id starts again, not with an empty "
-                                 f"END request")  # fmt: skip
-            engine = preprocess(self.sessions.step_tensors(sequence_id, flags, tensors), self.signature, self.limits)
+            if closes_only(tensors, sequence):
+                self.sessions.close(sequence)
+                return Step.closing(self.signature).engine_tensors(self.signature)
+            engine = preprocess(self.sessions.step_tensors(sequence, tensors), self.signature, self.limits)
         except InputError:
-            self.sessions.finish(sequence_id, flags, failed=True)
+            self.sessions.finish(sequence, failed=True)
             raise
-        self.sessions.finish(sequence_id, flags, failed=False)
+        self.sessions.finish(sequence, failed=False)
         return engine

@@ -16,19 +16,19 @@ from pathlib import Path
 import torch
 
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
+from flux_triton.contract.protocol import STATELESS, SequenceStep, SessionSettings
 from flux_triton.model import store
 from flux_triton.model.parallel import NO_PARALLEL, ParallelSettings
 from flux_triton.model.speedups import Speedups, load_with_speedups
 from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import caching, faults
-from flux_triton.serving.merging import finite_or_error, run_merged
+from flux_triton.serving.merging import detached, finite_or_error, run_merged
 from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
-from flux_triton.serving.sessions import START, Sessions, SessionSettings, closes_only
+from flux_triton.serving.sessions import Sessions, closes_only
 
 MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"
-# tensors, sequence id (0: none), sequence flags, the cache parameter (JSON; "": none)
-Request = tuple[Mapping[str, torch.Tensor], int | str, int, str]
+Request = tuple[Mapping[str, torch.Tensor], SequenceStep]  # a request's tensors and its place in a sequence
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -43,6 +43,7 @@ class ServeSettings:
     max_image_tokens: int = 16384
     max_text_tokens: int = 512
     max_sessions: int = SessionSettings.max_sessions  # live generation sessions (serving.sessions)
+    max_sessions_per_client: int = SessionSettings.max_per_client
     session_idle_s: float = SessionSettings.idle_timeout_s
     cache: str = "none"  # a step cache sessions may choose (pipeline.caching): none, a kind, or its JSON
     parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses, ring or usp
@@ -87,6 +88,10 @@ class ServeSettings:
         return ParallelSettings(self.parallel, self.parallel_degree, self.parallel_timeout_s)
 
     @property
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(self.max_sessions, self.max_sessions_per_client, self.session_idle_s)
+
+    @property
     def limits(self) -> Limits:
         return Limits(self.max_batch, self.max_image_tokens, self.max_text_tokens)
 
@@ -127,7 +132,7 @@ class DitService:
             self.close()
             raise
         on_free = (lambda sequence_id: caching.forget(self.transformer, str(sequence_id))) if self.cache else None
-        self.sessions = Sessions(SessionSettings(settings.max_sessions, settings.session_idle_s), on_free=on_free)
+        self.sessions = Sessions(settings.session_settings, on_free=on_free)
 
     def _bring_up(self) -> None:
         """Start the other context-parallel ranks (if any), build this rank's transformer with its speed-ups,
@@ -176,24 +181,22 @@ class DitService:
             shutil.rmtree(self.ranks.spec.error_dir, ignore_errors=True)
             self.ranks = None
 
-    def prepare(
-        self, tensors: Mapping[str, torch.Tensor], sequence_id: int | str = 0, flags: int = 0, cache: str = ""
-    ) -> Step | None:
-        """Validate one request, moving its tensors to the model's device; a step of a sequence (non-zero
-        ``sequence_id``) gets its held prompt, and at START chooses the step ``cache`` (the request's parameter:
-        the model's cache, or none). ``None``: a request that only ends its sequence."""
+    def prepare(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS) -> Step | None:
+        """Validate one request, moving its tensors to the model's device; a step of a sequence (non-zero id) gets
+        its held prompt, and at START chooses the step cache (the request's ``cache`` parameter: the model's cache,
+        or none). ``None``: a request that only ends its sequence."""
         moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
-        if not sequence_id:
+        if not sequence.sequence_id:
             return validate(moved, self.signature, self.settings.limits)
-        if closes_only(moved, flags):
-            self.sessions.finish(sequence_id, flags, failed=False)
+        if closes_only(moved, sequence):
+            self.sessions.close(sequence)
             return None
         try:
-            cached = bool(flags & START) and self._cache_chosen(cache)
-            tensors = self.sessions.step_tensors(sequence_id, flags, moved, cached)
+            cached = sequence.start and self._cache_chosen(sequence.cache)
+            tensors = self.sessions.step_tensors(sequence, moved, cached)
             return validate(tensors, self.signature, self.settings.limits)
         except InputError:
-            self.sessions.finish(sequence_id, flags, failed=True)
+            self.sessions.finish(sequence, failed=True)
             raise
 
     def _cache_chosen(self, cache: str) -> bool:
@@ -246,7 +249,7 @@ class DitService:
                 try:
                     results[i] = self.forward(steps[i], context)
                 except Exception as exc:
-                    results[i] = exc
+                    results[i] = detached(exc)
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
 
     def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
@@ -255,22 +258,22 @@ class DitService:
         self.sessions.expire()  # also when only stateless requests come
         results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
         steps, contexts, positions = [], [], []
-        for position, (tensors, sequence_id, flags, cache) in enumerate(requests):
+        for position, (tensors, sequence) in enumerate(requests):
             try:
-                step = self.prepare(tensors, sequence_id, flags, cache)
+                step = self.prepare(tensors, sequence)
             except InputError as exc:
-                results[position] = exc
+                results[position] = detached(exc)
                 continue
             if step is None:
                 results[position] = tensors["hidden_states"]
                 continue
-            session = self.sessions.get(sequence_id) if sequence_id else None
+            session = self.sessions.get(sequence.sequence_id) if sequence.sequence_id else None
             steps.append(step)
-            contexts.append(str(sequence_id) if session is not None and session.cached else None)
+            contexts.append(str(sequence.sequence_id) if session is not None and session.cached else None)
             positions.append(position)
         for position, result in zip(positions, self.execute(steps, contexts), strict=True):
             results[position] = result
-            _, sequence_id, flags, _ = requests[position]
-            if sequence_id:
-                self.sessions.finish(sequence_id, flags, failed=isinstance(result, Exception))
+            sequence = requests[position][1]
+            if sequence.sequence_id:
+                self.sessions.finish(sequence, failed=isinstance(result, Exception))
         return results

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 
 from flux_triton.contract import OUTPUT_NAME, InputError, OutputError
+from flux_triton.contract.protocol import CACHE_PARAMETER, SequenceStep
 
 
 def _pb():
@@ -28,20 +29,30 @@ def instance_device(args: dict) -> torch.device:
     return torch.device("cpu")
 
 
+ALIGNMENT = 64  # bytes: torch's CPU allocations; Triton's input buffers may sit at any offset
+
+
 def request_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The request's inputs among ``names`` (optional ones left out when absent)."""
+    """The request's inputs among ``names`` (optional ones left out when absent). A CPU input that Triton's buffer
+    holds at an unaligned address is copied into torch's memory: on CPU a matrix product over misaligned input can
+    round differently, and the answer would then differ from diffusers' by an ulp."""
     tensors = {}
     for name in names:
         tensor = _pb().get_input_tensor_by_name(request, name)
         if tensor is not None:
-            tensors[name] = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+            found = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+            aligned = found.device.type != "cpu" or found.data_ptr() % ALIGNMENT == 0
+            tensors[name] = found if aligned else found.clone()
     return tensors
 
 
-def cache_parameter(request) -> str:
-    """The request's ``cache`` parameter (a step cache chosen at a sequence's START, as JSON), or ``""``."""
-    value = json.loads(request.parameters() or "{}").get("cache", "")
-    return value if isinstance(value, str) else json.dumps(value)
+def sequence_step(request) -> SequenceStep:
+    """The request's place in a generation session: its correlation id, flags, session key and step cache (a
+    JSON object given as such is taken as its text)."""
+    parameters = json.loads(request.parameters() or "{}")
+    if not isinstance(parameters.get(CACHE_PARAMETER, ""), str):
+        parameters[CACHE_PARAMETER] = json.dumps(parameters[CACHE_PARAMETER])
+    return SequenceStep.from_flags(request.correlation_id(), request.flags(), parameters)
 
 
 def output(name: str, tensor: torch.Tensor):

@@ -13,7 +13,7 @@ import json
 import torch
 
 from flux_triton.contract import INPUTS, InputError
-from flux_triton.contract.tensors import engine_tensor_name
+from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.serving import triton
 from flux_triton.serving.preprocess import Preprocessor
 
@@ -31,7 +31,7 @@ class TritonPythonModel:
         for request in requests:
             tensors = triton.request_tensors(request, [spec.name for spec in INPUTS])
             try:
-                outputs = self.preprocessor.run(tensors, request.correlation_id(), request.flags())
+                outputs = self.preprocessor.run(tensors, triton.sequence_step(request))
             except InputError as exc:
                 responses.append(triton.error_response(str(exc), invalid_arg=True))
                 continue

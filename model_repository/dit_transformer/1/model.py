@@ -57,10 +57,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         names = [spec.name for spec in INPUTS]
-        calls = [
-            (triton.request_tensors(r, names), r.correlation_id(), r.flags(), triton.cache_parameter(r))
-            for r in requests
-        ]
+        calls = [(triton.request_tensors(r, names), triton.sequence_step(r)) for r in requests]
         return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
 
     def finalize(self):
