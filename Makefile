@@ -12,7 +12,7 @@ PRECISION ?=
 ENGINE_ARGS ?=
 SELECT = $(if $(ENGINE),--kind $(ENGINE)) $(if $(MODEL),--model $(MODEL)) $(if $(PRECISION),--precision $(PRECISION))
 
-.PHONY: help setup tiny default-engine run serve standalone engine repo test test-gpu load lint format clean
+.PHONY: help setup tiny default-engine run serve standalone engine repo test test-unit test-gpu load lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,9 @@ standalone: tiny  ## one denoising step outside Triton
 
 test: tiny lint  ## lint, then every test (GPU tests skip without CUDA)
 	$(RUN) pytest -q -rs
+
+test-unit: tiny  ## the tests that start no server and compile no engine (under a minute on 2 cores)
+	$(RUN) pytest -q -m "not server and not build and not gpu"
 
 test-gpu: tiny  ## the GPU tests only
 	$(RUN) pytest -q -m gpu

@@ -100,10 +100,12 @@ def latency(url: str, shapes: list[str], warmup: int, iters: int, reference: tor
 def in_process(models: Path, speedups: Speedups, parallel, shapes: list[str], warmup: int, iters: int) -> dict:
     """The same step run by the serving code in this process (``DitService``, its ranks included), CUDA-event
     timed: what the served time adds is the request's way through Triton."""
-    from flux_triton.serving.service import DitService, ServeSettings
+    from flux_triton.serving.service import DitService
+    from flux_triton.serving.settings import TransformerSettings
 
-    settings = ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups, parallel=parallel.kind if parallel else "none",
-                             parallel_degree=parallel.degree if parallel else 1)  # fmt: skip
+    settings = TransformerSettings(model_dir=RANDOM_MODEL, speedups=speedups,
+                                   parallel=parallel.kind if parallel else "none",
+                                   parallel_degree=parallel.degree if parallel else 1)  # fmt: skip
     service = DitService(settings, models, torch.device("cuda", 0))
     rows = {}
     try:

@@ -43,7 +43,8 @@ from flux_triton.model.presets import RANDOM_MODEL, build_random, full_size_step
 from flux_triton.model.speedups import Speedups
 from flux_triton.serving.merging import run_engine_batched
 from flux_triton.serving.preprocess import preprocess
-from flux_triton.serving.service import DitService, ServeSettings
+from flux_triton.serving.service import DitService
+from flux_triton.serving.settings import TransformerSettings
 
 PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -79,8 +80,8 @@ def ensure_scales(models: Path, name: str) -> float | None:
 
 def dit_transformer_step(args, models: Path, wire: dict):
     parallel = ParallelSettings.named(args.parallel)
-    settings = ServeSettings(model_dir=RANDOM_MODEL, speedups=speedups_of(args), parallel=parallel.kind,
-                             parallel_degree=parallel.degree)  # fmt: skip
+    settings = TransformerSettings(model_dir=RANDOM_MODEL, speedups=speedups_of(args), parallel=parallel.kind,
+                                   parallel_degree=parallel.degree)  # fmt: skip
     service = DitService(settings, models, torch.device("cuda"))
     prepared = service.prepare(wire)
     return lambda: service.execute([prepared])[0]

@@ -107,7 +107,7 @@ def measure(urls: dict[str, str], dtype: str, warmup: int, iters: int) -> list[d
                     raise AssertionError(f"{name}: the echo did not come back intact")
         via = next(iter(urls))
         sent = {
-            "http": sum(t.nbytes for t in remotes["http", via].wire_tensors(**fixed, **steps[-1]).values()),
+            "http": sum(t.nbytes for t in remotes["http", via].step(**fixed, **steps[-1]).wire().values()),
             "shm": sum(remotes["shm", via].transport.written[-1].values()),
         }
     finally:

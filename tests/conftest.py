@@ -4,7 +4,10 @@ processes on loopback serving each public model (helpers in ``helpers.py``)."""
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +20,26 @@ from helpers import CHECKOUT, REPOSITORY, Supervised, load_tiny, start_engine_se
 from flux_triton.contract import Step
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
-from flux_triton.locations import Locations
+from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model.presets import TINY_PRESETS, build_random, write_tiny_models
 from flux_triton.pipeline.call import reference_call
-from flux_triton.serving.service import MODEL_DIR_ENV
+from flux_triton.serving.settings import MODEL_DIR_ENV
+
+# Fixtures that start a tritonserver (besides the ``*_server`` ones): a test that uses one is a ``server`` test.
+SERVER_FIXTURES = {"public_dev", "public_schnell", "supervised", "fleet", "pair", "bare", "roomy", "broken"}
+# Fixtures that compile an engine or a model: ``make test-unit`` leaves their tests out with the servers'.
+BUILD_FIXTURES = {"aoti_engines"}
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        names = set(item.fixturenames)
+        if names & SERVER_FIXTURES or any(name.endswith("_server") for name in names):
+            item.add_marker(pytest.mark.server)
+        if names & BUILD_FIXTURES:
+            item.add_marker(pytest.mark.build)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 
@@ -81,30 +92,85 @@ def tiny_schnell(model_root):
     return load_tiny(model_root, "tiny-flux-schnell")
 
 
-@pytest.fixture(scope="module")
-def dev_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
+# Servers are shared by the whole session: a server's start and stop are most of what a test costs. Tests that
+# change a server (special settings, faults, kills) start their own.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_servers() -> Iterator[list]:
+    """The session's shared servers, stopped together at its end (each stop is mostly waiting)."""
+    servers: list = []
+    yield servers
+    for server in servers:
+        server.process.terminate()
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dev_server(tmp_path_factory, model_root, shared_servers) -> TritonServer:
     """dit_transformer serving tiny-flux-dev (guidance embeddings)."""
     server = start_server(tmp_path_factory.mktemp("dev"), model_root, ["dit_transformer"])
-    yield server
-    server.stop()
+    shared_servers.append(server)
+    return server
 
 
-@pytest.fixture(scope="module")
-def schnell_server(tmp_path_factory, model_root) -> Iterator[TritonServer]:
+@pytest.fixture(scope="session")
+def schnell_server(tmp_path_factory, model_root, shared_servers) -> TritonServer:
     """dit_transformer serving tiny-flux-schnell (no guidance)."""
     env = {MODEL_DIR_ENV: "tiny-flux-schnell"}
     server = start_server(tmp_path_factory.mktemp("schnell"), model_root, ["dit_transformer"], env)
-    yield server
-    server.stop()
+    shared_servers.append(server)
+    return server
+
+
+@pytest.fixture(scope="session")
+def onnx_engines(tmp_path_factory, model_root) -> dict[str, Path]:
+    """The default engine (``onnxruntime``, fp32) of each tiny model, exported once per session: {model: sidecar}.
+    Tests read them; a test that damages an engine builds its own."""
+    from flux_triton.engines.build import build_engine
+
+    engines_dir = tmp_path_factory.mktemp("onnx-engines")
+    return {name: build_engine("onnxruntime", name, engines_dir=engines_dir, model_root=model_root, verify=False)
+            for name in TINY_PRESETS}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def dev_engine_server(tmp_path_factory, model_root, onnx_engines, shared_servers) -> TritonServer:
+    """flux_dit over tiny-flux-dev's ONNX Runtime engine."""
+    server = start_engine_server(
+        tmp_path_factory.mktemp("dev-engine"), model_root, sidecar=onnx_engines["tiny-flux-dev"]
+    )
+    shared_servers.append(server)
+    return server
+
+
+@pytest.fixture(scope="session")
+def schnell_engine_server(tmp_path_factory, model_root, onnx_engines, shared_servers) -> TritonServer:
+    """flux_dit over tiny-flux-schnell's ONNX Runtime engine."""
+    folder = tmp_path_factory.mktemp("schnell-engine")
+    server = start_engine_server(folder, model_root, sidecar=onnx_engines["tiny-flux-schnell"])
+    shared_servers.append(server)
+    return server
 
 
 @pytest.fixture(scope="session")
 def aoti_engines(tmp_path_factory, model_root) -> dict[str, Path]:
-    """The ``aoti`` engine (fp32, CPU) of each tiny model, compiled once per session: {model: sidecar}."""
+    """The ``aoti`` engine (fp32, CPU) of each tiny model, compiled once per session: {model: sidecar}. The
+    schnell one by ``make engine``'s command in another process at the same time (each compile is mostly one
+    core's work)."""
     from flux_triton.engines.build import build_engine
+    from flux_triton.engines.kinds import kind_named, sidecar_path
 
     engines_dir = tmp_path_factory.mktemp("aoti-engines")
-    return {name: build_engine("aoti", name, engines_dir=engines_dir, model_root=model_root) for name in TINY_PRESETS}
+    command = [sys.executable, "-m", "flux_triton", "engine", "--kind", "aoti", "--model", "tiny-flux-schnell",
+               "--engines-dir", str(engines_dir), "--no-repo"]  # fmt: skip
+    other = subprocess.Popen(command, cwd=CHECKOUT, env={**os.environ, MODEL_ROOT_ENV: str(model_root)},
+                             stdout=subprocess.DEVNULL)  # fmt: skip
+    built = {"tiny-flux-dev": build_engine("aoti", "tiny-flux-dev", engines_dir=engines_dir, model_root=model_root)}
+    assert other.wait(timeout=600) == 0
+    precision = kind_named("aoti").precision(None).name
+    return {**built, "tiny-flux-schnell": sidecar_path(engines_dir, "tiny-flux-schnell", precision, "aoti")}
 
 
 # The public models: what a client may call. The bad-input and load tests run against each.
@@ -119,39 +185,27 @@ class Served:
     model: str
 
 
-def _serve_public(request, tmp_path_factory, model_root, preset: str) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "flux_dit":
-        server = start_engine_server(folder, model_root, preset)
-    else:
-        server = start_server(folder, model_root, ["dit_transformer"], {MODEL_DIR_ENV: preset})
-    yield Served(server, request.param)
-    server.stop()
-
-
-@pytest.fixture(scope="module", params=list(PUBLIC_MODELS))
-def public_dev(request, tmp_path_factory, model_root) -> Iterator[Served]:
+@pytest.fixture(scope="session", params=list(PUBLIC_MODELS))
+def public_dev(request) -> Served:
     """Each public model serving tiny-flux-dev (guidance embeddings)."""
-    yield from _serve_public(request, tmp_path_factory, model_root, "tiny-flux-dev")
+    server = "dev_engine_server" if request.param == "flux_dit" else "dev_server"
+    return Served(request.getfixturevalue(server), request.param)
 
 
-@pytest.fixture(scope="module", params=list(PUBLIC_MODELS))
-def public_schnell(request, tmp_path_factory, model_root) -> Iterator[Served]:
+@pytest.fixture(scope="session", params=list(PUBLIC_MODELS))
+def public_schnell(request) -> Served:
     """Each public model serving tiny-flux-schnell (no guidance)."""
-    yield from _serve_public(request, tmp_path_factory, model_root, "tiny-flux-schnell")
+    server = "schnell_engine_server" if request.param == "flux_dit" else "schnell_server"
+    return Served(request.getfixturevalue(server), request.param)
 
 
 @pytest.fixture(scope="session")
-def supervised(tmp_path_factory, model_root) -> Iterator[Supervised]:
+def supervised(tmp_path_factory, model_root, onnx_engines) -> Iterator[Supervised]:
     """serve over dit_transformer and flux_dit (tiny-flux-dev), probing every second (10 s each at most), a request
     body that pauses 2 s refused."""
-    from flux_triton.engines.build import build_engine
-
     folder = tmp_path_factory.mktemp("supervised")
-    sidecar = build_engine("onnxruntime", "tiny-flux-dev", engines_dir=folder / "engines", model_root=model_root,
-                           verify=False)  # fmt: skip
     repository = folder / "model_repository"
-    write_repository(sidecar, repository, Locations(CHECKOUT))
+    write_repository(onnx_engines["tiny-flux-dev"], repository, Locations(CHECKOUT))
     shutil.copytree(REPOSITORY / "dit_transformer", repository / "dit_transformer")
     served = Supervised.start(folder, repository, model_root, "--heal-interval", "1", "--probe-timeout", "10",
                               "--body-idle-s", "2")  # fmt: skip

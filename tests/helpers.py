@@ -67,6 +67,19 @@ def start_server(
     return server.start(wait_for=wait_for)
 
 
+def start_variants(folder: Path, model_root: Path, variants: dict[str, dict[str, str]]) -> TritonServer:
+    """One tritonserver serving several copies of dit_transformer, each under its own name with its own config
+    parameters (``{name: parameters}``): one server start for every special setting a module tests."""
+    repository = folder / "model_repository"
+    for name, parameters in variants.items():
+        shutil.copytree(REPOSITORY / "dit_transformer", repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+        config = repository / name / "config.pbtxt"
+        config.write_text(config.read_text().replace('name: "dit_transformer"', f'name: "{name}"', 1))
+        for key, value in parameters.items():
+            set_parameter(config, key, value)
+    return launch(repository, folder, {MODEL_ROOT_ENV: str(model_root)}).start()
+
+
 def launch(repository: Path, folder: Path, env: dict[str, str]) -> TritonServer:
     """A server (not started) over ``repository``, logging into ``folder``."""
     return TritonServer(
@@ -74,15 +87,9 @@ def launch(repository: Path, folder: Path, env: dict[str, str]) -> TritonServer:
     )
 
 
-def start_engine_server(
-    folder: Path, model_root: Path, preset: str, kind: str = "onnxruntime", sidecar: Path | None = None
-) -> TritonServer:
-    """flux_dit over an engine of ``kind`` for ``preset``, built with ``make engine``'s code (or the
-    already built ``sidecar``), in a repository generated and checked like ``make repo``."""
-    from flux_triton.engines.build import build_engine
-
-    if sidecar is None:
-        sidecar = build_engine(kind, preset, engines_dir=folder / "engines", model_root=model_root, verify=False)
+def start_engine_server(folder: Path, model_root: Path, sidecar: Path) -> TritonServer:
+    """flux_dit over the engine of ``sidecar`` (built with ``make engine``'s code), in a repository generated and
+    checked like ``make repo``."""
     repository = folder / "model_repository"
     write_repository(sidecar, repository, Locations(CHECKOUT))
     check_repository(repository)

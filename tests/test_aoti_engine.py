@@ -140,7 +140,7 @@ def test_build_refuses_a_compiler_that_links_libstdcxx_statically(tmp_path, tiny
 @pytest.fixture(scope="module")
 def dev_aoti_server(tmp_path_factory, model_root, aoti_engines):
     folder = tmp_path_factory.mktemp("dev-aoti")
-    server = start_engine_server(folder, model_root, "tiny-flux-dev", "aoti", aoti_engines["tiny-flux-dev"])
+    server = start_engine_server(folder, model_root, aoti_engines["tiny-flux-dev"])
     yield server
     server.stop()
 
@@ -148,7 +148,7 @@ def dev_aoti_server(tmp_path_factory, model_root, aoti_engines):
 @pytest.fixture(scope="module")
 def schnell_aoti_server(tmp_path_factory, model_root, aoti_engines):
     folder = tmp_path_factory.mktemp("schnell-aoti")
-    server = start_engine_server(folder, model_root, "tiny-flux-schnell", "aoti", aoti_engines["tiny-flux-schnell"])
+    server = start_engine_server(folder, model_root, aoti_engines["tiny-flux-schnell"])
     yield server
     server.stop()
 

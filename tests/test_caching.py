@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, DEV, embeds, generate, load_tiny, start_server
+from helpers import CHECKOUT, DEV, embeds, generate, load_tiny, start_variants
 from safetensors.torch import load_file, save_file
 from tritonclient.utils import InferenceServerException
 
@@ -20,11 +20,13 @@ from flux_triton.client.connection import RemoteDitError
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
 from flux_triton.contract.protocol import SequenceStep
-from flux_triton.model.speedups import Speedups, apply_speedups, hooked_forward
+from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import inputs
 from flux_triton.pipeline.caching import build_cache, describe_cache
+from flux_triton.pipeline.internals import hooked_forward
 from flux_triton.serving import caching
-from flux_triton.serving.service import MODEL_DIR_ENV, DitService, ServeSettings
+from flux_triton.serving.service import DitService
+from flux_triton.serving.settings import TransformerSettings
 
 KINDS = {
     "first_block": {"kind": "first_block", "threshold": 0.5},
@@ -33,17 +35,28 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
-def cached_server(request, tmp_path_factory, model_root):
-    spec = KINDS[request.param]
-    parameters = {
-        "dit_transformer": {"cache": request.param if len(spec) == 1 else json.dumps(spec).replace('"', '\\"')}
-    }
-    server = start_server(
-        tmp_path_factory.mktemp(request.param), model_root, ["dit_transformer"], parameters=parameters
-    )
-    yield server, build_cache(spec)
+SCHNELL_KINDS = ("first_block", "taylorseer")  # schnell-like 4 steps: MagCache's FLUX ratios are for 28 dev steps
+
+
+def _setting(spec: dict) -> str:
+    return spec["kind"] if len(spec) == 1 else json.dumps(spec).replace('"', '\\"')
+
+
+@pytest.fixture(scope="module")
+def caching_server(tmp_path_factory, model_root):
+    """One server with a dit_transformer per cache setting: ``cached_<kind>`` (tiny-flux-dev) and
+    ``cached_schnell_<kind>`` (tiny-flux-schnell)."""
+    variants = {f"cached_{kind}": {"cache": _setting(spec)} for kind, spec in KINDS.items()}
+    variants |= {f"cached_schnell_{kind}": {"cache": kind, "model_dir": "tiny-flux-schnell"} for kind in SCHNELL_KINDS}
+    server = start_variants(tmp_path_factory.mktemp("caching"), model_root, variants)
+    yield server
     server.stop()
+
+
+@pytest.fixture(params=list(KINDS))
+def cached_server(request, caching_server):
+    """The server, the name of the dit_transformer that caches with the kind, and that cache's config."""
+    return caching_server, f"cached_{request.param}", build_cache(KINDS[request.param])
 
 
 def _local_loops(model_root, config, seed: int, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +69,10 @@ def _local_loops(model_root, config, seed: int, kwargs: dict) -> tuple[torch.Ten
 
 @pytest.mark.server
 def test_a_cached_served_loop_equals_local_diffusers_with_the_same_cache(cached_server, model_root):
-    server, config = cached_server
+    server, model, config = cached_server
     kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(21))
     uncached, expected = _local_loops(model_root, config, 21, kwargs)
-    with RemoteFluxTransformer(url=server.url) as remote:
+    with RemoteFluxTransformer(url=server.url, model_name=model) as remote:
         remote.enable_cache(config)
         served = generate(remote, "dev", seed=21, **kwargs)
         again = generate(remote, "dev", seed=21, **kwargs)  # a second generation starts from a clean cache
@@ -74,7 +87,7 @@ def test_a_cached_served_loop_equals_local_diffusers_with_the_same_cache(cached_
 
 @pytest.mark.server
 def test_concurrent_true_cfg_generations_keep_their_own_cache(cached_server, model_root):
-    server, config = cached_server
+    server, model, config = cached_server
     negative = embeds(23)
     kwargs = dict(num_inference_steps=8, guidance_scale=3.5, true_cfg_scale=4.0, **embeds(22),
                   negative_prompt_embeds=negative["prompt_embeds"],
@@ -84,7 +97,7 @@ def test_concurrent_true_cfg_generations_keep_their_own_cache(cached_server, mod
     expected = generate(local, "dev", seed=22, **kwargs)
 
     def run(_: int) -> torch.Tensor:
-        with RemoteFluxTransformer(url=server.url) as remote:
+        with RemoteFluxTransformer(url=server.url, model_name=model) as remote:
             remote.enable_cache(config)
             return generate(remote, "dev", seed=22, **kwargs)
 
@@ -97,7 +110,7 @@ def test_concurrent_true_cfg_generations_keep_their_own_cache(cached_server, mod
 
 @pytest.mark.server
 def test_a_sequence_asking_for_another_cache_is_refused(cached_server):
-    server, config = cached_server
+    server, model, config = cached_server
     other = {"kind": "mag", "threshold": 0.3} if describe_cache(config)["kind"] != "mag" else {"kind": "taylorseer"}
     step = inputs.random_step(DEV, height=64, width=64, seed=3)
     with httpclient.InferenceServerClient(server.url) as client:
@@ -109,9 +122,9 @@ def test_a_sequence_asking_for_another_cache_is_refused(cached_server):
         ]:
             with pytest.raises(InferenceServerException, match=message):
                 sequence = SequenceStep(41, start=True, key="k", cache=cache)
-                infer_step(client, "dit_transformer", step.wire(), sequence=sequence)
+                infer_step(client, model, step.wire(), sequence=sequence)
         # The id was freed with the error: it starts again cleanly.
-        infer_step(client, "dit_transformer", step.wire(), sequence=SequenceStep(41, start=True, end=True, key="k"))
+        infer_step(client, model, step.wire(), sequence=SequenceStep(41, start=True, end=True, key="k"))
 
 
 @pytest.mark.server
@@ -124,7 +137,7 @@ def test_a_model_without_a_cache_refuses_enable_cache_per_sequence(dev_server):
 
 def test_cache_state_is_dropped_when_its_sequence_ends_fails_or_expires(model_root):
     """In process: the hooks' state per context, counted, as sequences end, fail and expire."""
-    settings = ServeSettings(model_dir="tiny-flux-dev", cache="mag", session_idle_s=60)
+    settings = TransformerSettings(model_dir="tiny-flux-dev", cache="mag", session_idle_s=60)
     service = DitService(settings, model_root, torch.device("cpu"))
     step = inputs.random_step(service.signature, height=64, width=64, seed=5)
     cache = json.dumps(describe_cache(service.cache))
@@ -153,7 +166,7 @@ def test_cache_state_is_dropped_when_its_sequence_ends_fails_or_expires(model_ro
 
 @pytest.mark.server
 def test_the_cli_runs_a_generation_with_a_cache(cached_server, model_root, tmp_path):
-    server, config = cached_server
+    server, model, config = cached_server
     prompt = embeds(24)
     save_file(prompt, tmp_path / "embeds.safetensors")
     output = tmp_path / "latents.safetensors"
@@ -163,6 +176,8 @@ def test_the_cli_runs_a_generation_with_a_cache(cached_server, model_root, tmp_p
         "flux_triton.client",
         "--url",
         server.url,
+        "--model",
+        model,
         "--embeds",
         str(tmp_path / "embeds.safetensors"),
     ]
@@ -176,25 +191,19 @@ def test_the_cli_runs_a_generation_with_a_cache(cached_server, model_root, tmp_p
     assert torch.equal(load_file(output)["latents"], expected)
 
 
-@pytest.fixture(scope="module", params=["first_block", "taylorseer"])
-def cached_schnell_server(request, tmp_path_factory, model_root):
-    """schnell-like 4 steps: the kinds that apply (MagCache's FLUX ratios are calibrated for 28 dev steps)."""
-    folder = tmp_path_factory.mktemp(f"schnell-{request.param}")
-    parameters = {"dit_transformer": {"cache": request.param}}
-    env = {MODEL_DIR_ENV: "tiny-flux-schnell"}
-    server = start_server(folder, model_root, ["dit_transformer"], env, parameters=parameters)
-    yield server, build_cache({"kind": request.param})
-    server.stop()
+@pytest.fixture(params=list(SCHNELL_KINDS))
+def cached_schnell_server(request, caching_server):
+    return caching_server, f"cached_schnell_{request.param}", build_cache({"kind": request.param})
 
 
 @pytest.mark.server
 def test_a_cached_schnell_loop_equals_local_diffusers(cached_schnell_server, model_root):
-    server, config = cached_schnell_server
+    server, model, config = cached_schnell_server
     kwargs = dict(num_inference_steps=4, **embeds(25))
     local = load_tiny(model_root, "tiny-flux-schnell")
     local.enable_cache(config)
     expected = generate(local, "schnell", seed=25, **kwargs)
-    with RemoteFluxTransformer(url=server.url) as remote:
+    with RemoteFluxTransformer(url=server.url, model_name=model) as remote:
         remote.enable_cache(config)
         assert torch.equal(generate(remote, "schnell", seed=25, **kwargs), expected)
 
@@ -218,5 +227,5 @@ def test_regional_compile_runs_under_the_cache_hooks(kind, model_root):
 
 def test_a_cache_with_a_whole_model_compile_is_refused(model_root):
     with pytest.raises(ValueError, match=r"compile full: .* use compile regional with a cache"):
-        DitService(ServeSettings(model_dir="tiny-flux-dev", cache="mag", speedups=Speedups(compile="full")),
+        DitService(TransformerSettings(model_dir="tiny-flux-dev", cache="mag", speedups=Speedups(compile="full")),
                    model_root, torch.device("cpu"))  # fmt: skip

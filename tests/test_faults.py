@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import DEV, rss_mib, start_engine_server, start_server, stub_pids
+from helpers import DEV, rss_mib, start_server, stub_pids
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.wire import ServerUnavailable, infer_step
@@ -92,22 +92,18 @@ def test_client_gets_a_clear_error_when_the_server_dies_mid_request(tmp_path, mo
     assert "dit_transformer" in message and server.url in message and "connection lost" in message, message
 
 
-def test_the_largest_request_an_engine_allows_gives_its_memory_back(tmp_path, model_root):
+def test_the_largest_request_an_engine_allows_gives_its_memory_back(dev_engine_server):
     """flux_dit on the ONNX Runtime engine: the profile's largest request (B=4, 1344x1344, 512 text
     tokens) must not leave gigabytes pinned in dit_engine (ONNX Runtime's CPU arena would keep them)."""
-    server = start_engine_server(tmp_path, model_root, "tiny-flux-dev")
-    try:
-        (pid,) = stub_pids(tmp_path / "model_repository", "dit_engine")
-        small = inputs.random_step(DEV, height=256, width=256).wire()
-        with httpclient.InferenceServerClient(server.url, network_timeout=300) as client:
+    (pid,) = stub_pids(dev_engine_server.model_repository, "dit_engine")
+    small = inputs.random_step(DEV, height=256, width=256).wire()
+    with httpclient.InferenceServerClient(dev_engine_server.url, network_timeout=300) as client:
+        infer_step(client, "flux_dit", small)
+        before = rss_mib(pid)
+        largest = inputs.random_step(DEV, batch=4, height=1344, width=1344, text_tokens=512).wire()
+        assert infer_step(client, "flux_dit", largest).shape == largest["hidden_states"].shape
+        for _ in range(3):
             infer_step(client, "flux_dit", small)
-            before = rss_mib(pid)
-            largest = inputs.random_step(DEV, batch=4, height=1344, width=1344, text_tokens=512).wire()
-            assert infer_step(client, "flux_dit", largest).shape == largest["hidden_states"].shape
-            for _ in range(3):
-                infer_step(client, "flux_dit", small)
-            after = rss_mib(pid)
-    finally:
-        server.stop()
+        after = rss_mib(pid)
     print(f"dit_engine resident memory: {before:.0f} MiB before the largest request, {after:.0f} MiB after")
     assert after - before < 256, (before, after)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import BUSY_SIZE, DEV, SCHNELL, TEXT_TOKENS, embeds, generate, infer_concurrently, start_engine_server
+from helpers import BUSY_SIZE, DEV, SCHNELL, TEXT_TOKENS, embeds, generate, infer_concurrently
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import RemoteDitError
@@ -29,20 +29,6 @@ pytestmark = pytest.mark.server
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
 SIZE = {"height": 256, "width": 256}  # the profiles' minimum: 256 image tokens
-
-
-@pytest.fixture(scope="module")
-def dev_engine_server(tmp_path_factory, model_root):
-    server = start_engine_server(tmp_path_factory.mktemp("dev-engine"), model_root, "tiny-flux-dev")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def schnell_engine_server(tmp_path_factory, model_root):
-    server = start_engine_server(tmp_path_factory.mktemp("schnell-engine"), model_root, "tiny-flux-schnell")
-    yield server
-    server.stop()
 
 
 def test_single_latent_matches_the_pipeline_call(dev_engine_server, http_client, tiny_dev):

@@ -81,7 +81,7 @@ def test_torch_compile_sees_the_cudnn_call_as_one_op_and_the_cpu_is_refused_when
 
 def test_fp8_cudnn_is_refused_on_the_cpu(model_root):
     transformer = load_tiny(model_root, "tiny-flux-dev")
-    assert Speedups.parse(attention_backend="fp8_cudnn").attention_backend == "fp8_cudnn"
+    assert Speedups(attention_backend="fp8_cudnn").attention_backend == "fp8_cudnn"
     with pytest.raises(ValueError, match=DEVICE_ERROR + r"; got cpu"):
         apply_speedups(transformer, Speedups(attention_backend="fp8_cudnn"))
 

@@ -22,7 +22,8 @@ from flux_triton.model.fp8 import FP8_MAX, Float8Linear, block_linears, quantize
 from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, ScalesError, calibrate, load_scales, save_scales
 from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline import call, inputs
-from flux_triton.serving.service import DitService, ServeSettings
+from flux_triton.serving.service import DitService
+from flux_triton.serving.settings import TransformerSettings
 
 
 def _cpu_row_wise_fp8() -> bool:
@@ -124,7 +125,7 @@ def test_static_scales_quantize_like_the_dynamic_ones_and_a_wrong_scale_shows(mo
 def test_the_service_loads_the_scales_beside_the_model_and_refuses_a_mismatch(model_root, dev_folder, dev_scales):
     dev = load_tiny(model_root, "tiny-flux-dev")
     save_scales(dev_folder / SCALES_FILE, dev_scales, dev.config, SMALL)
-    settings = ServeSettings(model_dir="tiny-flux-dev", speedups=Speedups(fp8=True, fp8_scales=SCALES_FILE))
+    settings = TransformerSettings(model_dir="tiny-flux-dev", speedups=Speedups(fp8=True, fp8_scales=SCALES_FILE))
     service = DitService(settings, dev_folder.parent, torch.device("cpu"))
     quantize_blocks(dev, {name: scale.item() for name, scale in dev_scales.items()})
     step = inputs.random_step(service.signature, batch=1, text_tokens=8, seed=6)
@@ -133,14 +134,14 @@ def test_the_service_loads_the_scales_beside_the_model_and_refuses_a_mismatch(mo
     save_scales(dev_folder / SCALES_FILE, schnell_scales, load_tiny(model_root, "tiny-flux-schnell").config, SMALL)
     with pytest.raises(ScalesError, match="calibrated for another model"):
         DitService(settings, dev_folder.parent, torch.device("cpu"))
-    outside = ServeSettings(model_dir="tiny-flux-dev", speedups=Speedups(fp8=True, fp8_scales="../../scales"))
+    outside = TransformerSettings(model_dir="tiny-flux-dev", speedups=Speedups(fp8=True, fp8_scales="../../scales"))
     with pytest.raises(store.ModelDirError, match="outside the model folder"):
         DitService(outside, dev_folder.parent, torch.device("cpu"))
 
 
 def test_fp8_scales_need_fp8():
     with pytest.raises(ValueError, match=r"fp8_scales 'fp8_scales\.safetensors': static activation scales are for fp8"):
-        ServeSettings.from_model_config({"parameters": {"fp8_scales": {"string_value": SCALES_FILE}}})
+        TransformerSettings.from_config({"parameters": {"fp8_scales": {"string_value": SCALES_FILE}}})
 
 
 def test_the_calibrate_command_writes_the_scales_into_the_model_folder(model_root, dev_folder):

@@ -10,13 +10,14 @@ import torch
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import random_step, rel_l2
-from flux_triton.serving.service import DitService, ServeSettings
+from flux_triton.serving.service import DitService
+from flux_triton.serving.settings import TransformerSettings
 
 pytestmark = pytest.mark.gpu
 
 
 def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
-    service = DitService(ServeSettings(), model_root, torch.device("cuda"))
+    service = DitService(TransformerSettings(), model_root, torch.device("cuda"))
     assert service.signature.dtype == "BF16"
     step = random_step(service.signature, batch=2, seed=4, device="cuda")
     (served,) = service.execute([service.prepare(step.wire())])
@@ -26,8 +27,8 @@ def test_service_in_bf16_on_the_gpu_is_bitwise_the_pipeline_call(model_root):
 def test_cuda_graph_replays_are_bitwise_the_compiled_step_for_each_shape(model_root):
     """Each batch size gets its graph after two ordinary calls; a replay with new inputs equals the ordinary
     call on them (stale static buffers or a graph replayed for the wrong shape would not)."""
-    plain = DitService(ServeSettings(speedups=Speedups(compile="regional")), model_root, torch.device("cuda"))
-    graphed_settings = ServeSettings(speedups=Speedups(compile="regional", cuda_graphs=True))
+    plain = DitService(TransformerSettings(speedups=Speedups(compile="regional")), model_root, torch.device("cuda"))
+    graphed_settings = TransformerSettings(speedups=Speedups(compile="regional", cuda_graphs=True))
     graphed = DitService(graphed_settings, model_root, torch.device("cuda"))
     for batch in (1, 3, 1):
         for seed in range(4):

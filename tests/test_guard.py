@@ -16,8 +16,7 @@ import torch
 from helpers import DEV, answers_correctly, stub_pids
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from flux_triton.client.wire import to_numpy
-from flux_triton.contract import INPUTS, OUTPUT_NAME, TORCH_TO_TRITON, DitSignature
+from flux_triton.contract import INPUTS, OUTPUT_NAME, TORCH_TO_TRITON, DitSignature, to_numpy
 from flux_triton.contract.protocol import ADMIN_HEADER
 from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.deploy.guard import GuardSettings
@@ -25,7 +24,7 @@ from flux_triton.deploy.guard.checks import INFER_HEADER, Refused, check_grpc_in
 from flux_triton.deploy.guard.rules import ModelRules
 from flux_triton.model.presets import FLUX_DEV_CONFIG
 from flux_triton.pipeline import call, inputs
-from flux_triton.serving.service import ServeSettings
+from flux_triton.serving.settings import TransformerSettings
 
 LIMIT = GuardSettings().max_request_bytes
 WRAPPING_TOKENS = 2**60 + 16  # x 4 channels x 4 bytes = 2^64 + 256: wraps to the 256 bytes sent
@@ -131,7 +130,7 @@ def test_grpc_inference_and_streams_pass_the_guard(supervised, tiny_dev):
 def test_the_limit_admits_the_largest_request_the_models_allow():
     """dit_transformer's limits in FP32 (the CPU wire dtype; BF16 halves it): its largest valid request, as the
     guard's rules for it compute it, fits the guard's overall limit."""
-    settings = ServeSettings()
+    settings = TransformerSettings()
     signature = DitSignature.from_config(FLUX_DEV_CONFIG, torch.float32)
     sizes = {**signature.sizes, "N": settings.max_image_tokens, "S": settings.max_text_tokens}
     largest = settings.max_batch * sum(math.prod(spec.resolve(sizes)) * 4 for spec in INPUTS)

@@ -1,7 +1,8 @@
 """The package's layers, checked on every module's imports (``ast``, nothing imported):
 ``contract <- pipeline <- model <- serving / engines <- deploy <- tools``; the client uses only the
-contract and the pipeline (deploy's health probes use the client); the Triton model files only what
-runs inside a model; nothing imports tools, tests or benchmarks."""
+contract and the pipeline, and nothing but tools uses the client (what both ends of the wire share is
+``contract.protocol``); the Triton model files only what runs inside a model; nothing imports tools,
+tests or benchmarks."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ ALLOWED = {
     "model": BASE | {"pipeline"},
     "serving": BASE | {"pipeline", "model"},
     "engines": BASE | {"pipeline", "model"},
-    "deploy": BASE | {"pipeline", "model", "serving", "engines", "client"},  # its health probes are a client
+    "deploy": BASE | {"pipeline", "model", "serving", "engines"},
     "client": {"contract", "pipeline"},
     "tools": BASE | {"pipeline", "model", "serving", "engines", "deploy", "client"},
     "__init__": set(),
@@ -90,6 +91,7 @@ def test_a_wrong_way_import_is_caught(tmp_path):
         "flux_triton/contract/step.py": "from flux_triton.deploy.server import TritonServer",
         "flux_triton/serving/merging.py": "from flux_triton.engines import kinds",
         "flux_triton/client/wire.py": "import flux_triton.model.store",
+        "flux_triton/deploy/health.py": "from flux_triton.client.wire import infer_step",
         "flux_triton/model/store.py": "from flux_triton.tools import demo",
         "model_repository/dit_engine/1/model.py": "from flux_triton.deploy.pbtxt import ENGINE",
         "tests/test_gpu.py": "from test_repository import ort_sidecar",
@@ -102,6 +104,7 @@ def test_a_wrong_way_import_is_caught(tmp_path):
     assert "contract/step.py: contract imports flux_triton.deploy.server" in found
     assert "serving/merging.py: serving imports flux_triton.engines" in found
     assert "client/wire.py: client imports flux_triton.model.store" in found
+    assert "deploy/health.py: deploy imports flux_triton.client.wire" in found
     assert "model/store.py: model imports flux_triton.tools" in found
     assert "model.py: a Triton model file imports flux_triton.deploy.pbtxt" in found
     assert "tests/test_gpu.py: imports test_repository" in found

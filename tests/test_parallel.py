@@ -39,7 +39,7 @@ from flux_triton.model import store
 from flux_triton.model.parallel import ParallelSettings, check_degree
 from flux_triton.pipeline import call, inputs
 from flux_triton.serving import faults
-from flux_triton.serving.service import DitService, ServeSettings
+from flux_triton.serving.settings import TransformerSettings
 
 ULYSSES_2 = ParallelSettings("ulysses", 2)
 SERVED = DEV if not torch.cuda.is_available() else dataclasses.replace(DEV, dtype="BF16")  # the served dtype
@@ -182,6 +182,9 @@ def test_placement_writes_one_instance_per_gpu_or_one_across_gpus(tmp_path):
     groups = parse_pbtxt(config).instance_group
     assert [(g.kind, list(g.gpus), g.count) for g in groups] == [(1, [0], 1), (1, [1], 1)]  # KIND_GPU
     config = repository / DIT_TRANSFORMER / "config.pbtxt"
+    with pytest.raises(ValueError, match=r"parallel ring: ring attention needs .* attention_backend native"):
+        place(config, parallel=ParallelSettings("ring", 2))  # through the settings schema: the combination
+    set_parameter(config, "attention_backend", "_native_cudnn")
     place(config, parallel=ParallelSettings("ring", 2))
     parsed = parse_pbtxt(config)
     assert [(g.kind, g.count) for g in parsed.instance_group] == [(3, 1)]  # KIND_MODEL
@@ -197,7 +200,7 @@ def test_placement_writes_one_instance_per_gpu_or_one_across_gpus(tmp_path):
 
 def test_parallel_settings_refuse_what_cannot_run(model_root):
     with pytest.raises(ValueError, match="parallel: expected none or one of ulysses, ring, usp, got 'tensor'"):
-        ServeSettings.from_model_config({"parameters": {"parallel": {"string_value": "tensor"}}})
+        TransformerSettings.from_config({"parameters": {"parallel": {"string_value": "tensor"}}})
     with pytest.raises(ValueError, match="ulysses needs at least 2 ranks"):
         ParallelSettings("ulysses", 1)
     assert ParallelSettings.named("ring4") == ParallelSettings("ring", 4) and not ParallelSettings.named("none").enabled
@@ -210,10 +213,8 @@ def test_parallel_settings_refuse_what_cannot_run(model_root):
     with pytest.raises(ValueError, match="parallel_degree 4: this host has 2 GPUs visible"):
         check_degree(4, gpus_present=2)
     check_degree(2, gpus_present=2)
-    settings = ServeSettings(model_dir="tiny-flux-dev", cache="mag", parallel="ulysses", parallel_degree=2)
-    with pytest.raises(ValueError, match="step caches are not served across ranks"):
-        DitService(settings, model_root, torch.device("cpu"))
-    ring = ServeSettings(model_dir="tiny-flux-dev", parallel="ring", parallel_degree=2)
+    with pytest.raises(ValueError, match="step caches are not served across ranks"):  # refused by the settings
+        TransformerSettings(model_dir="tiny-flux-dev", cache="mag", parallel="ulysses", parallel_degree=2)
     with pytest.raises(ValueError, match=r"parallel ring: ring attention needs .* attention_backend native does not"):
-        DitService(ring, model_root, torch.device("cpu"))
+        TransformerSettings(model_dir="tiny-flux-dev", parallel="ring", parallel_degree=2)
     assert worker_pids() == []

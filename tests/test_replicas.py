@@ -18,7 +18,7 @@ from flux_triton.client.replicas import Replicas, endpoint, split_endpoint, unre
 from flux_triton.client.wire import ServerUnavailable, sequence_arguments
 from flux_triton.contract.protocol import SEQUENCE_HEADER, SESSION_KEY_PARAMETER, SequenceStep
 from flux_triton.pipeline.caching import build_cache
-from flux_triton.serving.service import MODEL_DIR_ENV
+from flux_triton.serving.settings import MODEL_DIR_ENV
 
 STEPS = 8
 SWITCH_AFTER = 3  # the step index after which the generation's replica goes away

@@ -14,7 +14,6 @@ from flux_triton.contract.specs import engine_inputs
 from flux_triton.deploy.check import RepositoryError, check_repository
 from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, model_config_pb2, parse_pbtxt, to_pbtxt
 from flux_triton.deploy.repository import engine_config, ensemble_config, preprocess_config, write_repository
-from flux_triton.engines.build import build_engine
 from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations
@@ -22,9 +21,8 @@ from flux_triton.model.presets import FLUX_DEV_CONFIG
 
 
 @pytest.fixture(scope="module")
-def ort_sidecar(tmp_path_factory, model_root) -> Path:
-    engines = tmp_path_factory.mktemp("engines")
-    return build_engine("onnxruntime", "tiny-flux-dev", engines_dir=engines, model_root=model_root, verify=False)
+def ort_sidecar(onnx_engines) -> Path:
+    return onnx_engines["tiny-flux-dev"]
 
 
 @pytest.fixture

@@ -180,15 +180,15 @@ def test_the_client_starts_a_sequence_again_when_the_server_lost_it(small_server
     expected = generate(tiny_dev, "dev", seed=12, **kwargs)
     with RemoteFluxTransformer(url=small_server.url) as remote:
         pipe_steps = []
-        original = remote._transport_infer
+        original = remote.router._on
 
-        def slow(slot, tensors, sequence=None):  # the second step comes after the server's idle timeout
+        def slow(endpoint, slot, tensors, sequence=None):  # the second step comes after the server's idle timeout
             pipe_steps.append(sequence)
             if len(pipe_steps) == 2:
                 time.sleep(2.5)
-            return original(slot, tensors, sequence)
+            return original(endpoint, slot, tensors, sequence)
 
-        remote._transport_infer = slow
+        remote.router._on = slow
         with pytest.warns(UserWarning, match="started it again"):
             served = generate(remote, "dev", seed=12, **kwargs)
         assert remote.generations.restarted == 1
@@ -239,3 +239,25 @@ def test_sessions_never_run_out(supervised, model):
         for sequence_id, key in [(2056 + i, "greedy") for i in range(8)] + [(3000, "modest")]:
             infer_step(client, model, later, sequence=_seq(sequence_id, key=key))
             infer_step(client, model, _closing(), sequence=_seq(sequence_id, end=True, key=key))
+
+
+def test_a_prompt_changed_in_place_between_steps_is_sent_again(dev_server, tiny_dev):
+    """A callback that scales ``prompt_embeds`` in place after the first step: the same tensor object with new
+    values goes to the server again, and the served loop equals local diffusers doing the same."""
+
+    def halve_prompt(pipe, index, timestep, tensors):
+        if index == 0:
+            tensors["prompt_embeds"].mul_(0.5)
+        return {}
+
+    def run(transformer) -> torch.Tensor:
+        kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(26))
+        return generate(transformer, "dev", seed=26, callback_on_step_end=halve_prompt,
+                        callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)  # fmt: skip
+
+    expected = run(tiny_dev)
+    with RemoteFluxTransformer(url=dev_server.url) as remote:
+        served = run(remote)
+        prompt_steps = [sent > 1000 for sent in remote.sent_bytes]
+    assert torch.equal(served, expected)
+    assert prompt_steps == [True, True, False, False]  # the first step, and the one after the change

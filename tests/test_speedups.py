@@ -11,7 +11,7 @@ from flux_triton.model.fp8 import Float8Linear
 from flux_triton.model.presets import build_tiny
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import call, inputs
-from flux_triton.serving.service import ServeSettings
+from flux_triton.serving.settings import TransformerSettings
 
 
 def _config(**parameters) -> dict:
@@ -19,17 +19,17 @@ def _config(**parameters) -> dict:
 
 
 def test_settings_read_the_speedups_from_the_config():
-    settings = ServeSettings.from_model_config(
+    settings = TransformerSettings.from_config(
         _config(attention_backend="_native_cudnn", fuse_qkv="true", fp8="false", compile="regional", cuda_graphs="1")
     )
     assert settings.speedups == Speedups("_native_cudnn", True, fp8=False, compile="regional", cuda_graphs=True)
     assert settings.max_batch == 8
-    assert ServeSettings.from_model_config(_config()).speedups == Speedups()
+    assert TransformerSettings.from_config(_config()).speedups == Speedups()
 
 
 def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile: expected none, regional or full"):
-        ServeSettings.from_model_config(_config(compile="everything"))
+        TransformerSettings.from_config(_config(compile="everything"))
 
 
 def test_cuda_graphs_are_refused_on_the_cpu_and_with_a_step_cache():
@@ -53,11 +53,11 @@ def test_fused_qkv_keeps_the_output_and_frees_the_unfused_weights():
 
 
 def test_fp8_fast_accumulation_reaches_every_fp8_linear_and_needs_fp8():
-    settings = ServeSettings.from_model_config(_config(fp8="true", fp8_fast_accum="true"))
+    settings = TransformerSettings.from_config(_config(fp8="true", fp8_fast_accum="true"))
     assert settings.speedups == Speedups(fp8=True, fp8_fast_accum=True)
     transformer = build_tiny("tiny-flux-dev")
     apply_speedups(transformer, settings.speedups)
     linears = [module for module in transformer.modules() if isinstance(module, Float8Linear)]
     assert len(linears) == 17 and all(linear.fast_accum for linear in linears)
     with pytest.raises(ValueError, match="fp8_fast_accum true: fast accumulation is for fp8 true"):
-        ServeSettings.from_model_config(_config(fp8_fast_accum="true"))
+        TransformerSettings.from_config(_config(fp8_fast_accum="true"))

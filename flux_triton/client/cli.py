@@ -19,6 +19,7 @@ from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import CACHE_KINDS, parse_cache_setting
+from flux_triton.pipeline.internals import unpack_latents
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -91,7 +92,7 @@ def build_pipeline(remote: RemoteFluxTransformer, preset: str, vae_dir: Path | N
 def decode_png(pipe, latents: torch.Tensor, height: int, width: int, path: Path) -> None:
     """``FluxPipeline``'s own decode (0.42.1, lines 961-965) of the packed latents."""
     vae = pipe.vae
-    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = unpack_latents(pipe, latents, height, width)
     latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     with torch.no_grad():
         image = vae.decode(latents, return_dict=False)[0]

@@ -7,14 +7,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.client.wire import infer_step
-from flux_triton.contract import INPUT_BY_NAME, OUTPUT_NAME, TRITON_TO_TORCH, DitSignature
-from flux_triton.contract.protocol import ADMIN_KEY_ENV, admin_headers
+from flux_triton.contract import DitSignature, Step
+from flux_triton.contract.protocol import ADMIN_KEY_ENV, GUIDANCE_REQUIRED, admin_headers
+from flux_triton.contract.served import ServedConfigError, signature_from_config
 
 
 class RemoteDitError(RuntimeError):
@@ -90,82 +90,33 @@ def _model_names(client: httpclient.InferenceServerClient) -> list[str]:
         return []
 
 
-def _dims(config: Mapping, name: str) -> list[int]:
-    for entry in config.get("input", []) + config.get("output", []):
-        if entry["name"] == name:
-            return [int(d) for d in entry["dims"]]
-    raise RemoteDitError(f"model '{config.get('name')}' has no tensor '{name}'; is it a FLUX DiT?")
-
-
-def _config_entry(config: Mapping, name: str) -> Mapping | None:
-    return next((entry for entry in config.get("input", []) if entry["name"] == name), None)
-
-
-def _size(config: Mapping, tensor: str, symbol: str) -> int:
-    """The size of ``symbol`` in the served tensor, located through the contract's dims."""
-    position = INPUT_BY_NAME[tensor].dims.index(symbol)
-    size = _dims(config, tensor)[position]
-    if size <= 0:
-        raise RemoteDitError(f"model '{config.get('name')}': {tensor} has a dynamic {symbol}; expected it fixed")
-    return size
-
-
-def signature_from_config(config: Mapping, guidance_embeds: bool) -> DitSignature:
-    """The served model's contract from its Triton config (per-sample dims, as the contract has them)."""
-    datatype = next(e["data_type"] for e in config["input"] if e["name"] == "hidden_states").removeprefix("TYPE_")
-    if datatype not in TRITON_TO_TORCH:
-        raise RemoteDitError(f"model '{config.get('name')}': unsupported hidden_states dtype {datatype}")
-    if not config.get("max_batch_size"):
-        raise RemoteDitError(f"model '{config.get('name')}' has max_batch_size 0; the contract wants a batch dim")
-    _dims(config, OUTPUT_NAME)
-    return DitSignature(
-        in_channels=_size(config, "hidden_states", "C"),
-        pooled_dim=_size(config, "pooled_projections", "P"),
-        text_dim=_size(config, "encoder_hidden_states", "D"),
-        guidance_embeds=guidance_embeds,
-        dtype=datatype,
-    )
-
-
-def _probe_tensors(signature: DitSignature) -> dict[str, torch.Tensor]:
-    """The smallest valid request without guidance: one image token, one text token."""
-    dtype = signature.torch_dtype
-    return {
-        "hidden_states": torch.zeros(1, 1, signature.in_channels, dtype=dtype),
-        "timestep": torch.zeros(1, 1),
-        "pooled_projections": torch.zeros(1, signature.pooled_dim, dtype=dtype),
-        "encoder_hidden_states": torch.zeros(1, 1, signature.text_dim, dtype=dtype),
-        "txt_ids": torch.zeros(1, 1, 3),
-        "img_ids": torch.zeros(1, 1, 3),
-    }
-
-
 def takes_guidance(client: httpclient.InferenceServerClient, settings: RemoteSettings, config: Mapping) -> bool:
     """Whether the served model has guidance embeddings.
 
     A required ``guidance`` input means yes and no ``guidance`` input means no. The contract
     declares it optional for every model (so a wrong request gets a clear error), so then one
     one-token request without guidance asks the model: a guidance model refuses it with
-    "guidance: required". Validation checks guidance before anything else, so any other answer
+    ``GUIDANCE_REQUIRED``. Validation checks guidance before anything else, so any other answer
     (an engine's minimum size, say) means the model has no guidance embeddings."""
-    entry = _config_entry(config, "guidance")
+    entry = next((entry for entry in config.get("input", []) if entry["name"] == "guidance"), None)
     if entry is None:
         return False
     if not entry.get("optional", False):
         return True
-    signature = signature_from_config(config, guidance_embeds=False)
+    probe = Step.probe(served_signature(config, guidance_embeds=False))
     try:
-        infer_step(client, settings.model_name, _probe_tensors(signature), settings.model_version)
+        infer_step(client, settings.model_name, probe.wire(), settings.model_version)
     except InferenceServerException as exc:
-        return "guidance: required" in str(exc.message())
+        return GUIDANCE_REQUIRED in str(exc.message())
     return False
 
 
-def keeps_sessions(config: Mapping) -> bool:
-    """Whether the served model keeps generation sessions: its ``max_sessions`` parameter (``dit_transformer``,
-    ``flux_dit``)."""
-    value = config.get("parameters", {}).get("max_sessions", {}).get("string_value", "0")
-    return value.isdigit() and int(value) > 0
+def served_signature(config: Mapping, guidance_embeds: bool) -> DitSignature:
+    """The served model's signature (``contract.served``), its errors as ``RemoteDitError``."""
+    try:
+        return signature_from_config(config, guidance_embeds)
+    except ServedConfigError as exc:
+        raise RemoteDitError(str(exc)) from None
 
 
 def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings) -> DitSignature:
@@ -174,7 +125,7 @@ def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings)
     guidance = settings.guidance_embeds
     if guidance is None:
         guidance = takes_guidance(client, settings, config)
-    signature = signature_from_config(config, guidance)
+    signature = served_signature(config, guidance)
     if settings.wire_dtype not in ("auto", signature.dtype):
         raise RemoteDitError(
             f"wire_dtype {settings.wire_dtype} does not match model '{settings.model_name}' at {settings.url}, "

@@ -24,7 +24,7 @@ class Generation:
     sequence_id: int
     timestep: float
     latents_shape: tuple[int, ...]
-    sent: dict[str, torch.Tensor]  # the prompt's tensors as last sent
+    sent: dict[str, Sent]  # the prompt's tensors as last sent
     endpoint: str = ""  # the replica that holds the sequence (client.replicas)
 
 
@@ -33,11 +33,26 @@ def _position(tensors: Mapping[str, torch.Tensor]) -> tuple[float, tuple[int, ..
     return float(tensors["timestep"].reshape(-1)[0]), tuple(tensors["hidden_states"].shape)
 
 
-def _same(sent: torch.Tensor | None, tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is what was sent (the same object, or equal bit for bit)."""
-    if sent is None:
-        return False
-    return sent is tensor or (sent.shape == tensor.shape and sent.dtype == tensor.dtype and torch.equal(sent, tensor))
+@dataclass(frozen=True)
+class Sent:
+    """A prompt tensor as it was sent: the tensor, its version counter then, and a copy of what it held (a tensor
+    changed in place between steps, by a callback say, is the same object with new values)."""
+
+    tensor: torch.Tensor
+    version: int
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Sent:
+        return cls(tensor, tensor._version, tensor.detach().clone())
+
+    def same(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` holds what was sent: the same object unchanged since, or equal values bit for bit."""
+        if tensor is self.tensor and tensor._version == self.version:
+            return True
+        return (
+            self.values.shape == tensor.shape and self.values.dtype == tensor.dtype and torch.equal(self.values, tensor)
+        )
 
 
 class Generations:
@@ -60,8 +75,10 @@ class Generations:
         current = self.open.get(context)
         if current is not None and timestep < current.timestep and shape == current.latents_shape:
             prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
-            changed = {name: t for name, t in prompt.items() if not _same(current.sent.get(name), t)}
-            current.sent.update(changed)
+            changed = {
+                name: t for name, t in prompt.items() if name not in current.sent or not current.sent[name].same(t)
+            }
+            current.sent.update({name: Sent.of(t) for name, t in changed.items()})
             current.timestep = timestep
             sent = {name: t for name, t in tensors.items() if name not in PROMPT_INPUTS or name in changed}
             return sent, SequenceStep(current.sequence_id, key=self.key), None
@@ -71,7 +88,7 @@ class Generations:
     def _start(self, context: str, tensors: Mapping[str, torch.Tensor], endpoint: str) -> SequenceStep:
         timestep, shape = _position(tensors)
         sequence_id = secrets.randbits(63) or 1  # 0 means no sequence
-        prompt = {name: tensors[name] for name in PROMPT_INPUTS if name in tensors}
+        prompt = {name: Sent.of(tensors[name]) for name in PROMPT_INPUTS if name in tensors}
         self.open[context] = Generation(sequence_id, timestep, shape, prompt, endpoint)
         self.started += 1
         return SequenceStep(sequence_id, start=True, key=self.key, cache=self.cache)

@@ -24,31 +24,30 @@ def server_scaling(raw: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
     return raw.to(model_dtype) / 1000
 
 
-def _recover_one(target: torch.Tensor, model_dtype: torch.dtype, exact: bool) -> torch.Tensor:
-    """One 0-dim fp32 raw timestep for the 0-dim ``target`` (in ``model_dtype``)."""
+def _recover(targets: torch.Tensor, model_dtype: torch.dtype, exact: bool) -> torch.Tensor:
+    """The fp32 raw timesteps for the 1-D ``targets`` (in ``model_dtype``), all at once: for each, the first of the
+    first guess and its neighbours (one ulp up, one down, two up, ...) whose scaling gives the target back, else the
+    nearest (or ``TimestepError`` when ``exact``)."""
     low, high = TIMESTEP_RANGE
-    guess = (target.double() * 1000).clamp(low, high).to(model_dtype)
-    up, down = torch.tensor(high, dtype=model_dtype), torch.tensor(low, dtype=model_dtype)
-    candidates = [guess]
-    above, below = guess, guess
+    guess = (targets.double() * 1000).clamp(low, high).to(model_dtype)
+    up, down = torch.full_like(guess, high), torch.full_like(guess, low)
+    columns, above, below = [guess], guess, guess
     for _ in range(_MAX_ULPS):
         above, below = torch.nextafter(above, up), torch.nextafter(below, down)
-        candidates += [above, below]
-    best, best_error = None, None
-    for candidate in candidates:
-        raw = candidate.float()
-        scaled = server_scaling(raw, model_dtype)
-        if torch.equal(scaled, target):
-            return raw
-        error = (scaled.double() - target.double()).abs().item()
-        if best_error is None or error < best_error:
-            best, best_error = raw, error
-    if exact:
+        columns += [above, below]
+    raw = torch.stack(columns, dim=1).float()  # [targets, candidates], in the order they are tried
+    scaled = server_scaling(raw, model_dtype)
+    matches = scaled == targets[:, None]
+    found = matches.any(dim=1)
+    if exact and not found.all():
+        missing = targets[~found][0].item()
         raise TimestepError(
-            f"no raw fp32 timestep in [{low:g}, {high:g}] gives the scaled timestep {target.item()!r} "
+            f"no raw fp32 timestep in [{low:g}, {high:g}] gives the scaled timestep {missing!r} "
             f"({model_dtype}) through raw.to({model_dtype}) / 1000; was it made by FluxPipeline (t / 1000)?"
         )
-    return best
+    nearest = (scaled.double() - targets.double()[:, None]).abs().argmin(dim=1)
+    choice = torch.where(found, matches.int().argmax(dim=1), nearest)
+    return raw[torch.arange(len(targets)), choice]
 
 
 def raw_timestep(scaled: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
@@ -63,12 +62,5 @@ def raw_timestep(scaled: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor
     exact = scaled.dtype == model_dtype
     if not torch.isfinite(scaled).all():
         raise TimestepError(f"timestep contains NaN or Inf: {scaled.tolist()}")
-    target = scaled.to(model_dtype)
-    found: dict[float, torch.Tensor] = {}
-    rows = []
-    for value in target:  # usually one distinct value for the whole batch
-        key = value.item()
-        if key not in found:
-            found[key] = _recover_one(value, model_dtype, exact)
-        rows.append(found[key])
-    return torch.stack(rows).reshape(-1, 1)
+    distinct, where = torch.unique(scaled.to(model_dtype), return_inverse=True)  # usually one for the batch
+    return _recover(distinct, model_dtype, exact)[where].reshape(-1, 1)

@@ -5,26 +5,11 @@ from __future__ import annotations
 import http.client
 from collections.abc import Mapping
 
-import ml_dtypes
-import numpy as np
 import torch
 import tritonclient.http as httpclient
 
-from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON
+from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON, from_numpy, to_numpy
 from flux_triton.contract.protocol import CACHE_PARAMETER, SEQUENCE_HEADER, SESSION_KEY_PARAMETER, SequenceStep
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def from_numpy(array: np.ndarray) -> torch.Tensor:
-    if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
 
 
 def infer_inputs(tensors: Mapping[str, torch.Tensor]) -> list[httpclient.InferInput]:

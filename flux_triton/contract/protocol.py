@@ -21,6 +21,10 @@ SEQUENCE_HEADER = "flux-sequence-id"
 SESSION_KEY_PARAMETER = "session_key"
 CACHE_PARAMETER = "cache"
 
+# How a guidance model refuses a request without guidance: a client asks a model whose config declares guidance
+# optional (every model does, so that a wrong request gets the contract's message) with one request without it.
+GUIDANCE_REQUIRED = "guidance: required"
+
 # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END, as the Python backend's request.flags() gives them.
 START, END = 1, 2
 

@@ -28,6 +28,21 @@ class Step:
     img_ids: torch.Tensor  # [N, 3]
 
     @classmethod
+    def probe(cls, signature: DitSignature, image_tokens: int = 1, text_tokens: int = 1) -> Step:
+        """The smallest valid step of a model (zeros; its guidance as ``signature`` says): what a client asks a model
+        to learn about it, and what the supervisor's probes send."""
+        dtype = signature.torch_dtype
+        return cls(
+            hidden_states=torch.zeros(1, image_tokens, signature.in_channels, dtype=dtype),
+            timestep=torch.full([1], 500.0),
+            guidance=torch.full([1], 3.5) if signature.guidance_embeds else None,
+            pooled_projections=torch.zeros(1, signature.pooled_dim, dtype=dtype),
+            encoder_hidden_states=torch.zeros(1, text_tokens, signature.text_dim, dtype=dtype),
+            txt_ids=torch.zeros(text_tokens, 3),
+            img_ids=torch.zeros(image_tokens, 3),
+        )
+
+    @classmethod
     def closing(cls, signature: DitSignature) -> Step:
         """The step of a request that only ends its sequence (END): zero image and text tokens, which the models
         answer without a forward."""

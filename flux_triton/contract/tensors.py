@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import ml_dtypes
+import numpy as np
 import torch
 
 from flux_triton.contract.specs import TensorSpec
@@ -16,6 +18,21 @@ TRITON_TO_TORCH: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 TORCH_TO_TRITON = {dtype: name for name, dtype in TRITON_TO_TORCH.items()}
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as Triton's clients send it: a host array, BF16 through ``ml_dtypes``."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """An answer's array as a tensor of its own memory."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
 
 
 @dataclass(frozen=True)

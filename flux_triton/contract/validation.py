@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flux_triton.contract.protocol import GUIDANCE_REQUIRED
 from flux_triton.contract.specs import (
     ENGINE_INPUTS,
     GUIDANCE_RANGE,
@@ -96,7 +97,7 @@ def check(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: 
     if "guidance" in tensors and not signature.guidance_embeds:
         raise InputError("guidance: this model has no guidance embeddings (schnell-like); do not send guidance")
     if "guidance" not in tensors and signature.guidance_embeds:
-        raise InputError("guidance: required, this model has guidance embeddings (dev-like); send the guidance scale")
+        raise InputError(f"{GUIDANCE_REQUIRED}, this model has guidance embeddings (dev-like); send the guidance scale")
     unknown = sorted(set(tensors) - set(side.specs))
     if unknown:
         raise InputError(f"{unknown[0]}: not an input of this model (inputs: {', '.join(side.specs)})")

@@ -13,22 +13,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
-from flux_triton.client.connection import RemoteSettings, signature_from_config, takes_guidance
-from flux_triton.client.wire import from_numpy, infer_inputs
-from flux_triton.contract import OUTPUT_NAME, DitSignature, Limits, Step
-from flux_triton.contract.protocol import admin_headers
+from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON, DitSignature, Limits, Step, from_numpy, to_numpy
+from flux_triton.contract.protocol import GUIDANCE_REQUIRED, admin_headers
+from flux_triton.contract.served import signature_from_config
 from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, PREPROCESS
 from flux_triton.deploy.server import TritonServer
 from flux_triton.deploy.sockets import http_call
-from flux_triton.pipeline.inputs import text_ids
-from flux_triton.serving.preprocess import preprocess_settings
+from flux_triton.serving.settings import PreprocessSettings
 
 if TYPE_CHECKING:
     from flux_triton.deploy.guard.process import GuardProcess
@@ -44,52 +43,51 @@ class Probe:
     output: str
     shape: tuple[int, ...]
 
-
-def _step(signature: DitSignature, image_tokens: int, text_tokens: int) -> Step:
-    dtype = signature.torch_dtype
-    return Step(
-        hidden_states=torch.zeros(1, image_tokens, signature.in_channels, dtype=dtype),
-        timestep=torch.full([1], 500.0),
-        guidance=torch.full([1], 3.5) if signature.guidance_embeds else None,
-        pooled_projections=torch.zeros(1, signature.pooled_dim, dtype=dtype),
-        encoder_hidden_states=torch.zeros(1, text_tokens, signature.text_dim, dtype=dtype),
-        txt_ids=text_ids(text_tokens),
-        img_ids=torch.zeros(image_tokens, 3),
-    )
+    def with_guidance(self) -> Probe:
+        return replace(self, tensors={**self.tensors, "guidance": torch.full([1, 1], 3.5)})
 
 
 def _ensemble_settings(client: httpclient.InferenceServerClient, headers: dict | None) -> tuple[DitSignature, Limits]:
     """The engine's signature and profile limits, as generated into dit_preprocess's parameters."""
-    parameters = client.get_model_config(PREPROCESS, headers=headers).get("parameters", {})
-    return preprocess_settings({key: value["string_value"] for key, value in parameters.items()})
+    settings = PreprocessSettings.from_config(client.get_model_config(PREPROCESS, headers=headers))
+    return settings.signature, settings.limits
 
 
 def make_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None = None) -> Probe:
     """The probe of one of this project's models (``headers``: the admin key, which the internal models need
-    behind the guard)."""
+    behind the guard); ``dit_transformer``'s without guidance (``run_probe`` adds it if the model asks)."""
     if model == DIT_TRANSFORMER:
         config = client.get_model_config(model, headers=headers)
-        guidance = takes_guidance(client, RemoteSettings(model_name=model), config)
-        signature, limits = signature_from_config(config, guidance), Limits()
+        signature, limits = signature_from_config(config, guidance_embeds=False), Limits()
     else:
         signature, limits = _ensemble_settings(client, headers)
-    step = _step(signature, limits.min_image_tokens, limits.min_text_tokens)
+    step = Step.probe(signature, limits.min_image_tokens, limits.min_text_tokens)
     tensors = step.engine_tensors(signature) if model == ENGINE else step.wire()
     output = engine_tensor_name("hidden_states") if model == PREPROCESS else OUTPUT_NAME
     return Probe(model, tensors, output, tuple(step.hidden_states.shape))
+
+
+def _infer(client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None) -> torch.Tensor:
+    inputs = [httpclient.InferInput(name, list(t.shape), TORCH_TO_TRITON[t.dtype]) for name, t in probe.tensors.items()]
+    for item, tensor in zip(inputs, probe.tensors.values(), strict=True):
+        item.set_data_from_numpy(to_numpy(tensor), binary_data=True)
+    output = httpclient.InferRequestedOutput(probe.output, binary_data=True)
+    # a copy of the headers: tritonclient adds its own to the dict it is given
+    return from_numpy(
+        client.infer(probe.model, inputs, outputs=[output], headers=dict(headers or {})).as_numpy(probe.output)
+    )
 
 
 def run_probe(
     client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None = None
 ) -> str | None:
     """``None`` if the model answered the probe with a finite tensor of the right shape, else why not."""
-    result = client.infer(
-        probe.model,
-        infer_inputs(probe.tensors),
-        outputs=[httpclient.InferRequestedOutput(probe.output, binary_data=True)],
-        headers=dict(headers or {}),  # a copy: tritonclient adds its own headers to the dict it is given
-    )
-    answer = from_numpy(result.as_numpy(probe.output))
+    try:
+        answer = _infer(client, probe, headers)
+    except InferenceServerException as exc:
+        if GUIDANCE_REQUIRED not in str(exc.message()) or "guidance" in probe.tensors:
+            raise
+        answer = _infer(client, probe.with_guidance(), headers)  # a guidance model
     finite = bool(torch.isfinite(answer.float()).all())
     if tuple(answer.shape) != probe.shape or not finite:
         return f"answered {list(answer.shape)} (finite: {finite})"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from google.protobuf import json_format
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, parse_pbtxt, to_pbtxt
 from flux_triton.locations import Locations
 from flux_triton.model.parallel import NO_PARALLEL, PARALLEL_KINDS, ParallelSettings
+from flux_triton.serving.settings import TransformerSettings
 
 
 def instance_groups(gpus: Sequence[int] = (), parallel: ParallelSettings | None = None) -> list[dict]:
@@ -39,10 +41,12 @@ def place(config_path: Path, gpus: Sequence[int] = (), parallel: ParallelSetting
     if parallel is not None and config.get("name") != DIT_TRANSFORMER:
         raise ValueError(f"--parallel: only {DIT_TRANSFORMER} runs a step across GPUs, not {config.get('name')}")
     config["instance_group"] = instance_groups(gpus, parallel)
-    if parallel is not None:
-        parameters = config.setdefault("parameters", {})
-        for key, value in {"parallel": parallel.kind, "parallel_degree": parallel.degree}.items():
-            parameters[key] = {"string_value": str(value)}
+    if parallel is not None:  # through the model's settings schema: the rest of its parameters as they were
+        settings = TransformerSettings.from_config(config, environment=False)
+        placed = dataclasses.replace(settings, parallel=parallel.kind, parallel_degree=parallel.degree)
+        config.setdefault("parameters", {}).update(
+            {key: {"string_value": value} for key, value in placed.parameters().items()}
+        )
     lines = config_path.read_text().splitlines(keepends=True)
     header = "".join(line for line in lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("#")), 0)])
     config_path.write_text(to_pbtxt(config, header))

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 from flux_triton.contract import INPUTS, OUTPUTS, DitSignature, TensorSpec
-from flux_triton.contract.protocol import SessionSettings
 from flux_triton.contract.specs import ENGINE_OUTPUTS, engine_inputs, engine_tensor_name
 from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, to_pbtxt
 from flux_triton.engines.kinds import DEFAULT_KIND, KINDS
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations
+from flux_triton.serving.settings import EngineSettings, EnsembleSettings, PreprocessSettings
 
 PYTHON_MODELS = (PREPROCESS, ENGINE)  # their model.py live in model_repository/<name>/1/
 QUEUE_DELAY_US = 100  # lets simultaneous requests merge; a busy engine batches its queue anyway
@@ -54,7 +53,9 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str) -> dict:
     platform = KINDS[sidecar.kind].platform
     if platform == "python":
         config["backend"] = "python"
-        config["parameters"] = _params(engine=engine_ref, FORCE_CPU_ONLY_INPUT_TENSORS="no")
+        config["parameters"] = _params(
+            **EngineSettings(engine=engine_ref).parameters(), FORCE_CPU_ONLY_INPUT_TENSORS="no"
+        )
     else:
         config["platform"] = platform
         config["default_model_filename"] = sidecar.engine_file
@@ -83,17 +84,7 @@ def preprocess_config(sidecar: EngineSidecar) -> dict:
         "max_batch_size": limits.max_batch,
         "input": _public_inputs(signature),
         "output": [_tensor(s, signature, engine_tensor_name(s.name)) for s in engine_inputs(signature.guidance_embeds)],
-        "parameters": _params(
-            in_channels=signature.in_channels,
-            pooled_dim=signature.pooled_dim,
-            text_dim=signature.text_dim,
-            guidance_embeds=int(signature.guidance_embeds),
-            dtype=signature.dtype,
-            **asdict(limits),
-            max_sessions=SessionSettings.max_sessions,
-            max_sessions_per_client=SessionSettings.max_per_client,
-            session_idle_s=SessionSettings.idle_timeout_s,
-        ),
+        "parameters": _params(**PreprocessSettings.of_engine(signature, limits).parameters()),
     }
 
 
@@ -122,7 +113,7 @@ def ensemble_config(sidecar: EngineSidecar) -> dict:
         "input": _public_inputs(signature),
         "output": [_tensor(spec, signature) for spec in OUTPUTS],
         "ensemble_scheduling": {"step": steps},
-        "parameters": _params(max_sessions=SessionSettings.max_sessions),  # for clients: dit_preprocess keeps sessions
+        "parameters": _params(**EnsembleSettings().parameters()),
     }
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flux_triton.pipeline.internals import cpp_compiler
+
 BLOCK_KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
 
@@ -66,9 +68,7 @@ def links_libstdcxx_dynamically(compiler: str) -> bool:
 def check_compiler_runtime() -> None:
     """Fail before compiling where the packages could not be loaded: a wrapper with its own static copy
     of libstdc++ indexes the process's std::locale facets with its own ids and crashes at load."""
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
-    compiler = get_cpp_compiler()
+    compiler = cpp_compiler()
     if not links_libstdcxx_dynamically(compiler):
         raise RuntimeError(
             f"{compiler} links libstdc++ statically into shared libraries, so the AOTInductor packages it "

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from flux_triton.pipeline.internals import scaled_mm
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
@@ -39,7 +41,7 @@ class Float8Linear(nn.Module):
         else:  # _scaled_mm's row-wise form wants a contiguous [rows, 1] scale
             scale = self.input_scale.expand(flat.shape[0], 1).contiguous()
         quantized = (flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        out = torch._scaled_mm(
+        out = scaled_mm(
             quantized,
             self.weight_fp8.t(),
             scale_a=scale,

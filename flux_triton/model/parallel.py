@@ -6,10 +6,11 @@ One table (``PARALLEL_KINDS``) names the kinds, with the ``ContextParallelConfig
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from flux_triton.pipeline.internals import one_accelerator
 
 NO_PARALLEL = "none"
 PARALLEL_KINDS = {
@@ -82,25 +83,10 @@ def check_degree(degree: int, gpus_present: int | None) -> None:
         )
 
 
-@contextlib.contextmanager
-def _cpu_ranks():
-    """diffusers places rank r on ``r % torch.accelerator.device_count()``, which divides by zero on a host
-    without an accelerator: there, every rank is the CPU."""
-    if torch.accelerator.device_count() > 0:
-        yield
-        return
-    count = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = count
-
-
 def enable_context_parallel(transformer, settings: ParallelSettings) -> None:
     """diffusers' context parallelism on ``transformer`` (``torch.distributed`` is initialized, one process per
     rank, each with the whole model); rank 0 ends with the whole output."""
     from diffusers import ContextParallelConfig
 
-    with _cpu_ranks():
+    with one_accelerator():  # a host without GPUs: every rank on the CPU
         transformer.enable_parallelism(config=ContextParallelConfig(**settings.degrees()))

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from flux_triton.model import store
+from flux_triton.pipeline.internals import hooked_forward, repeated_blocks
 
 
 @dataclass(frozen=True)
@@ -23,25 +24,13 @@ class Speedups:
     compile: str = "none"  # none | regional (each repeated block compiled once) | full
     cuda_graphs: bool = False  # each step shape captured in one CUDA graph and replayed (model.graphs)
 
-    @classmethod
-    def parse(
-        cls,
-        attention_backend="native",
-        fuse_qkv="false",
-        fp8="false",
-        fp8_scales="",
-        fp8_fast_accum="false",
-        compile="none",
-        cuda_graphs="false",
-    ) -> Speedups:
-        if compile not in ("none", "regional", "full"):
-            raise ValueError(f"compile: expected none, regional or full, got {compile!r}")
-        if fp8_scales and not flag(fp8):
-            raise ValueError(f"fp8_scales {fp8_scales!r}: static activation scales are for fp8 true")
-        if flag(fp8_fast_accum) and not flag(fp8):
+    def __post_init__(self):
+        if self.compile not in ("none", "regional", "full"):
+            raise ValueError(f"compile: expected none, regional or full, got {self.compile!r}")
+        if self.fp8_scales and not self.fp8:
+            raise ValueError(f"fp8_scales {self.fp8_scales!r}: static activation scales are for fp8 true")
+        if self.fp8_fast_accum and not self.fp8:
             raise ValueError("fp8_fast_accum true: fast accumulation is for fp8 true")
-        return cls(attention_backend, flag(fuse_qkv), flag(fp8), fp8_scales, flag(fp8_fast_accum), compile,
-                   flag(cuda_graphs))  # fmt: skip
 
     def parameters(self) -> dict[str, str]:
         """The model config parameters that ``parse`` reads back as these speed-ups."""
@@ -64,17 +53,28 @@ def fuse_qkv_projections(transformer) -> None:
     torch.cuda.empty_cache()
 
 
+def check_composition(speedups: Speedups, cached: bool, parallel=None) -> None:
+    """Refuse speed-ups, a step cache (``cached``) and context ``parallel``-ism that cannot run together, naming
+    both settings (the one place these rules live; ``dit_transformer``'s settings check them at load)."""
+    if cached and speedups.compile == "full":
+        raise ValueError("cache and compile full: a whole-model graph cannot hold a step cache's per-step "
+                         "decisions; use compile regional with a cache")  # fmt: skip
+    if cached and speedups.cuda_graphs:
+        raise ValueError("cache and cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
+                         "turn one of them off")  # fmt: skip
+    if parallel is not None and parallel.enabled:
+        if cached:
+            raise ValueError(f"cache and parallel {parallel.kind}: step caches are not served across ranks yet; "
+                             f"use one of them")  # fmt: skip
+        parallel.check_attention(speedups.attention_backend)
+
+
 def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, fp8_scales=None):
     """Apply ``speedups``, diffusers' step ``cache`` (a config, or ``None``) and context ``parallel``-ism (a
     ``model.parallel.ParallelSettings``, its process group joined) in place, FP8 with the static activation scales
     ``fp8_scales`` (``model.fp8_scales.load_scales``) if given (the transformer is already on its
     device); returns the callable to use, which is the transformer itself unless compiled whole or graphed."""
-    if cache is not None and speedups.compile == "full":
-        raise ValueError("compile full: a whole-model graph cannot hold a step cache's per-step decisions; "
-                         "use compile regional with a cache")  # fmt: skip
-    if cache is not None and speedups.cuda_graphs:
-        raise ValueError("cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
-                         "turn one of them off")  # fmt: skip
+    check_composition(speedups, cache is not None, parallel)
     if speedups.attention_backend == "fp8_cudnn":  # not a diffusers backend: our processor around cuDNN's FP8 SDPA
         from flux_triton.model.fp8_attention_processor import use_fp8_attention
 
@@ -120,12 +120,6 @@ def load_with_speedups(
     return apply_speedups(transformer, speedups, cache, parallel, scales)
 
 
-def hooked_forward(module):
-    """The reference through which a diffusers hook with its own ``new_forward`` calls ``module``'s forward."""
-    registry = getattr(module, "_diffusers_hook", None)
-    return next((ref for ref in registry._fn_refs if ref.original_forward is not None), None) if registry else None
-
-
 def compile_regions(transformer) -> None:
     """diffusers' regional compile (each repeated block compiled once, whole), also under step-cache hooks.
 
@@ -141,5 +135,5 @@ def compile_regions(transformer) -> None:
             reference.original_forward = torch.compile(reference.original_forward, **options)
             hooked.add(module)
     for block in transformer.modules():
-        if type(block).__name__ in transformer._repeated_blocks and block not in hooked:
+        if type(block).__name__ in repeated_blocks(transformer) and block not in hooked:
             block.compile(**{**options, "fullgraph": not any(inner in hooked for inner in block.modules())})

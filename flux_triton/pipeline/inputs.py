@@ -8,6 +8,7 @@ import random
 import torch
 
 from flux_triton.contract import DitSignature, Step
+from flux_triton.pipeline.internals import latent_image_ids
 
 VAE_SCALE_FACTOR = 8  # FLUX's VAE; also FluxPipeline's value when it has no VAE
 
@@ -19,11 +20,9 @@ def image_tokens(height: int, width: int) -> int:
 
 def image_ids(height: int, width: int, device="cpu") -> torch.Tensor:
     """``img_ids [N, 3]`` for an image of ``height`` x ``width`` pixels, from FluxPipeline itself."""
-    from diffusers import FluxPipeline
-
     latent_h = 2 * (height // (VAE_SCALE_FACTOR * 2))
     latent_w = 2 * (width // (VAE_SCALE_FACTOR * 2))
-    return FluxPipeline._prepare_latent_image_ids(None, latent_h // 2, latent_w // 2, device, torch.float32)
+    return latent_image_ids(latent_h // 2, latent_w // 2, device, torch.float32)
 
 
 def text_ids(text_tokens: int, device="cpu") -> torch.Tensor:

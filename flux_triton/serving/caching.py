@@ -11,32 +11,21 @@ from collections.abc import Iterator
 
 import torch
 
+from flux_triton.pipeline.internals import context_states, hook_state_managers
+
 _fresh = itertools.count()
-
-
-def state_managers(transformer: torch.nn.Module) -> list:
-    """Every ``StateManager`` of the stateful cache hooks on ``transformer`` (one per hooked block or model)."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.hooks import StateManager
-
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    managers = []
-    for child in (registry, *registry._get_child_registries()):
-        for hook in child.hooks.values():
-            managers += [attr for attr in vars(hook).values() if isinstance(attr, StateManager)]
-    return managers
 
 
 def forget(transformer: torch.nn.Module, context: str) -> None:
     """Drop the cache state of ``context`` (diffusers resets only all contexts at once)."""
-    for manager in state_managers(transformer):
-        state = manager._state_cache.pop(context, None)
+    for manager in hook_state_managers(transformer):
+        state = context_states(manager).pop(context, None)
         if state is not None:
             state.reset()
 
 
 def live_contexts(transformer: torch.nn.Module) -> set[str]:
-    return {name for manager in state_managers(transformer) for name in manager._state_cache}
+    return {name for manager in hook_state_managers(transformer) for name in context_states(manager)}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Fault injection and recovery for out-of-memory errors inside a forward.
 
-``FLUX_DIT_FAULT_FORWARD_BYTES`` (or the ``fault_forward_bytes`` config parameter) is a
-test-only switch: it gives every forward a memory budget, and the first op whose new tensors
+``FLUX_DIT_FAULT_FORWARD_BYTES`` is a test-only switch, read from the environment of the process that runs the
+forward (never a model setting): it gives every forward a memory budget, and the first op whose new tensors
 take the forward's live tensor memory past it raises ``torch.OutOfMemoryError``, as the CUDA
 caching allocator does when its pool runs out. The budget counts real allocations (the storages
 that each aten op creates, freed when their tensors die), so a large batch runs out and a small
@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import weakref
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from flux_triton.pipeline.internals import dispatch_mode_base, flat_tensors, is_view
 
 FAULT_FORWARD_BYTES_ENV = "FLUX_DIT_FAULT_FORWARD_BYTES"
 FAULT_RANK_ENV = "FLUX_DIT_FAULT_RANK"  # with context parallelism: the rank whose forwards get the budget (default 0)
 
 
-class ForwardMemoryBudget(TorchDispatchMode):
+class ForwardMemoryBudget(dispatch_mode_base()):
     """Counts the bytes of live tensors that a forward allocated; raises OOM past ``limit``."""
 
     def __init__(self, limit: int):
@@ -42,9 +43,9 @@ class ForwardMemoryBudget(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if _dense(t)}
-        for tensor in tree_flatten(out)[0]:
-            if _dense(tensor) and not tensor._is_view() and tensor.untyped_storage().data_ptr() not in inputs:
+        inputs = {t.untyped_storage().data_ptr() for t in flat_tensors((args, kwargs)) if _dense(t)}
+        for tensor in flat_tensors(out):
+            if _dense(tensor) and not is_view(tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 key = next(self._keys)
                 self._live[key] = tensor.untyped_storage().nbytes()
                 weakref.finalize(tensor, self._live.pop, key, None)
@@ -67,9 +68,13 @@ def _dense(value) -> bool:
     )
 
 
-def forward_budget(limit: int) -> AbstractContextManager:
-    """The fault-injection context for one forward: a budget, or nothing when ``limit`` is 0."""
-    return ForwardMemoryBudget(limit) if limit > 0 else nullcontext()
+def forward_budget(rank: int = 0) -> AbstractContextManager:
+    """The fault-injection context for one forward on context-parallel ``rank`` (0 without parallelism): the
+    budget of ``FLUX_DIT_FAULT_FORWARD_BYTES`` on the rank ``FLUX_DIT_FAULT_RANK`` names (default 0), else
+    nothing."""
+    limit = int(os.environ.get(FAULT_FORWARD_BYTES_ENV) or 0)
+    chosen = int(os.environ.get(FAULT_RANK_ENV) or 0) == rank
+    return ForwardMemoryBudget(limit) if limit > 0 and chosen else nullcontext()
 
 
 def memory_in_use(device: torch.device, budget: AbstractContextManager | None = None) -> int:

@@ -9,26 +9,13 @@ without a forward."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 
 import torch
 
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
-from flux_triton.contract.protocol import STATELESS, SequenceStep, SessionSettings
+from flux_triton.contract.protocol import STATELESS, SequenceStep
 from flux_triton.serving.sessions import Sessions, closes_only
-
-
-def preprocess_settings(parameters: Mapping[str, str]) -> tuple[DitSignature, Limits]:
-    """``dit_preprocess``'s config parameters (generated from the engine's sidecar)."""
-    signature = DitSignature(
-        in_channels=int(parameters["in_channels"]),
-        pooled_dim=int(parameters["pooled_dim"]),
-        text_dim=int(parameters["text_dim"]),
-        guidance_embeds=bool(int(parameters["guidance_embeds"])),
-        dtype=parameters["dtype"],
-    )
-    limits = Limits(**{f.name: int(parameters[f.name]) for f in fields(Limits)})
-    return signature, limits
+from flux_triton.serving.settings import PreprocessSettings
 
 
 def preprocess(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits) -> dict:
@@ -39,14 +26,9 @@ def preprocess(tensors: Mapping[str, torch.Tensor], signature: DitSignature, lim
 class Preprocessor:
     """``dit_preprocess`` for one model instance: its settings and its live sequences."""
 
-    def __init__(self, parameters: Mapping[str, str]):
-        self.signature, self.limits = preprocess_settings(parameters)
-        defaults = SessionSettings()
-        self.sessions = Sessions(SessionSettings(
-            int(parameters.get("max_sessions", defaults.max_sessions)),
-            int(parameters.get("max_sessions_per_client", defaults.max_per_client)),
-            float(parameters.get("session_idle_s", defaults.idle_timeout_s)),
-        ))  # fmt: skip
+    def __init__(self, settings: PreprocessSettings):
+        self.signature, self.limits = settings.signature, settings.limits
+        self.sessions = Sessions(settings.session_settings)
 
     def run(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS) -> dict:
         """One request -> the engine's inputs; a step of a sequence (non-zero id) gets its held prompt. Bad input

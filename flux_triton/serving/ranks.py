@@ -2,17 +2,20 @@
 
 The instance is rank 0. It starts ranks 1..N-1 as worker processes (``python -m flux_triton.serving.worker``),
 one per GPU, joined with it in one ``torch.distributed`` process group (NCCL between GPUs, gloo on a host without
-them). For each forward rank 0 broadcasts the step's tensors from its device (no host round trip between GPUs),
-every rank runs diffusers' context-parallel forward, and rank 0 answers with the gathered output.
+them), and supervises them as an executor does: each worker's stdin carries a line before each step (its end: rank 0
+is gone), and a status pipe back carries "ready" once its model is built and its error when it fails; that pipe reads
+as closed the moment the worker dies, so rank 0 waits on it (``select``), never on a polled file. For each forward
+rank 0 broadcasts the step's tensors from its device (no host round trip between GPUs), every rank runs diffusers'
+context-parallel forward, and rank 0 answers with the gathered output.
 
-A fault on any rank - a worker that exits (its error, an OOM included, written for rank 0 to report), a step not
+One recovery path: a fault on any rank - a worker that fails (its error, an OOM included) or dies, a step not
 finished within ``timeout_s`` (a rank hangs), an error of rank 0 or of a collective - fails the step in flight with
 its cause; then the process group is aborted (its collectives may never finish), the workers are killed and new ones
 started, and every rank builds its model again (``DitService``), so the model keeps serving. If that fails, every
-later request fails fast with the reason until the model is reloaded (``serve``'s probes do that). Over NCCL, when
-rank 0's own host is blocked inside its forward and cannot look at the other ranks, NCCL's watchdog aborts the group
-after ``2 * timeout_s + 60`` s, and the step fails then. Workers end with the instance, and on their own when its pipe
-to them closes (the instance died).
+later request fails fast with the reason until the model is reloaded (``serve``'s probes do that). Bound: a dead or
+failing worker fails the step at once, a hung one after ``timeout_s``; over NCCL, when rank 0's own host is blocked
+inside its forward and cannot look at the other ranks, NCCL's watchdog aborts the group after ``2 * timeout_s + 60``
+s, and the step fails then. Workers end with the instance, and on their own when its pipe to them closes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -36,6 +40,13 @@ import torch.distributed as dist
 from flux_triton.contract import Step
 from flux_triton.model.parallel import ParallelSettings
 from flux_triton.model.speedups import Speedups
+from flux_triton.pipeline.internals import (
+    abort_process_groups,
+    group_error,
+    process_groups,
+    set_group_timeout,
+    wait_collective,
+)
 
 _POLL_S = 1e-4  # rank 0's wait for its forward: how often it looks at the other ranks meanwhile
 READY_TIMEOUT_S = 1800.0  # how long the workers may take to build their models (weights read, speed-ups applied)
@@ -50,9 +61,6 @@ class RankSpec:
     speedups: Speedups
     parallel: ParallelSettings
     port: int  # rank 0's rendezvous port on loopback
-    error_dir: str  # where a failing worker writes its error for rank 0
-    fault_rank: int = 0  # test-only fault injection (serving.faults): the rank whose forwards get the budget
-    fault_forward_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -88,13 +96,6 @@ class RankSpec:
             timeout=timedelta(seconds=timeout_s),
         )
 
-    def error_file(self, rank: int) -> Path:
-        return Path(self.error_dir) / f"rank-{rank}.error"
-
-    def ready_file(self, rank: int) -> Path:
-        """Written by a worker once its model is built (before that, a collective could time out on it)."""
-        return Path(self.error_dir) / f"rank-{rank}.ready"
-
 
 def watchdog_timeout_s(parallel: ParallelSettings) -> float:
     """After this a collective is NCCL's watchdog's to abort: well after the ranks' own deadline."""
@@ -105,16 +106,16 @@ def watch_collectives(parallel: ParallelSettings) -> None:
     """Give every process group of this rank the watchdog's timeout, once the model is built: diffusers' device
     mesh makes its groups with NCCL's default of 10 minutes."""
     if dist.get_backend() == "nccl":
-        for group in list(dist.distributed_c10d._world.pg_map):
-            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=watchdog_timeout_s(parallel)), group)
+        for group in process_groups():
+            set_group_timeout(group, watchdog_timeout_s(parallel))
 
 
 def _watchdog_aborted() -> str | None:
     """The first NCCL group whose watchdog found a collective failed or timed out (and aborted the group)."""
-    for group in list(dist.distributed_c10d._world.pg_map):
-        error = group._get_backend(torch.device("cuda")).get_error()
-        if error.name != "SUCCESS":
-            return f"a collective of process group {group.group_name!r} failed ({error.name.lower()})"
+    for group in process_groups():
+        error = group_error(group)
+        if error is not None:
+            return f"a collective of process group {group.group_name!r} failed ({error})"
     return None
 
 
@@ -155,11 +156,62 @@ def receive_step(device: torch.device) -> Step | None:
 def settled(output: torch.Tensor) -> torch.Tensor:
     """The forward's output once the collective that gathered it is done: functional collectives return before
     their data has arrived, and a tensor handed on without an op on it (DLPack to Triton) would be read too early."""
-    return torch.ops._c10d_functional.wait_tensor(output)
+    return wait_collective(output)
 
 
 class RanksFailed(RuntimeError):
     """A context-parallel step failed on some rank."""
+
+
+READY = b"ready"  # a worker's status lines: this once its model is built, ``ERROR <text>`` when it fails
+ERROR = b"error "
+
+
+class WorkerStatus:
+    """Rank 0's end of one worker's status pipe. The worker writes a line when its model is built and one when it
+    fails; the pipe reads as closed once the worker is gone, however it ended, so a ``select`` on it wakes on either
+    (no polling)."""
+
+    def __init__(self, rank: int, process: subprocess.Popen, fd: int):
+        self.rank, self.process, self.fd = rank, process, fd
+        os.set_blocking(fd, False)
+        self.ready, self.error, self.closed, self._partial = False, None, False, b""
+
+    def read(self) -> None:
+        """Take what the worker has written since."""
+        while not self.closed:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.closed = True
+                return
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                self.ready |= line == READY
+                if line.startswith(ERROR):
+                    self.error = line.removeprefix(ERROR).decode(errors="replace")
+
+    def failure(self) -> str | None:
+        """Why this worker is no longer a rank: its error, or its exit."""
+        self.read()
+        if self.error is not None:  # it may still be ending (aborting its NCCL communicator takes a while)
+            return f"rank {self.rank} (pid {self.process.pid}) failed: {self.error}"
+        code = self.process.poll()
+        if code is not None or self.closed:
+            return f"rank {self.rank} (pid {self.process.pid}) exited: status {self.process.wait(timeout=5)}"
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def report(fd: int, line: bytes) -> None:
+    """A worker's status line to rank 0 (one ``write``: rank 0 never reads half of it; none if rank 0 is gone)."""
+    with contextlib.suppress(OSError):
+        os.write(fd, line.replace(b"\n", b" ") + b"\n")
 
 
 class Ranks:
@@ -169,6 +221,7 @@ class Ranks:
     def __init__(self, spec: RankSpec):
         self.spec = spec
         self.workers: list[subprocess.Popen] = []
+        self.status: list[WorkerStatus] = []
 
     def start(self) -> None:
         """Start ranks 1..N-1 and join them (each then builds the model, as rank 0 does next)."""
@@ -178,11 +231,14 @@ class Ranks:
             "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
         }
         for rank in range(1, self.spec.parallel.degree):
-            self.spec.error_file(rank).unlink(missing_ok=True)
-            self.spec.ready_file(rank).unlink(missing_ok=True)
-            command = [python_executable(), "-m", "flux_triton.serving.worker", str(rank), self.spec.to_json()]
+            reader, writer = os.pipe()
+            command = [python_executable(), "-m", "flux_triton.serving.worker", str(rank), self.spec.to_json(),
+                       str(writer)]  # fmt: skip
             # stdin: a line before each step, an empty one to stop; its end: rank 0 is gone
-            self.workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, env=env))
+            worker = subprocess.Popen(command, stdin=subprocess.PIPE, env=env, pass_fds=(writer,))
+            os.close(writer)
+            self.workers.append(worker)
+            self.status.append(WorkerStatus(rank, worker, reader))
         try:
             self.spec.join(0)
         except Exception:
@@ -191,15 +247,18 @@ class Ranks:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until every worker has built its model (rank 0 has built its own): the first step's collectives then
-        wait only on the step."""
+        wait only on the step. Wakes when a worker reports or ends."""
         deadline = time.monotonic() + timeout_s
-        waiting = list(range(1, self.spec.parallel.degree))
-        while waiting:
-            self._check_workers()
-            waiting = [rank for rank in waiting if not self.spec.ready_file(rank).is_file()]
-            if waiting and time.monotonic() > deadline:
-                raise RanksFailed(f"ranks {waiting} did not build their models within {timeout_s:g} s")
-            time.sleep(0.05)
+        while True:
+            self._check_workers()  # reads every status pipe
+            waiting = [status for status in self.status if not status.ready]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise RanksFailed(
+                    f"ranks {[s.rank for s in waiting]} did not build their models within {timeout_s:g} s"
+                )
+            select.select([status.fd for status in waiting], [], [], max(0.0, deadline - time.monotonic()))
         watch_collectives(self.spec.parallel)
 
     def abort(self) -> None:
@@ -253,25 +312,18 @@ class Ranks:
             raise RanksFailed(reason)
 
     def _exited(self) -> str | None:
-        """The first worker that failed: it exited, or wrote its error and is still ending (aborting its NCCL
-        communicator can take a while, and the step must not wait for it)."""
-        for rank, worker in enumerate(self.workers, start=1):
-            code, error = worker.poll(), self.spec.error_file(rank)
-            if error.is_file():
-                return f"rank {rank} (pid {worker.pid}) failed: " + error.read_text(encoding="utf-8").strip()
-            if code is not None:
-                return f"rank {rank} (pid {worker.pid}) exited: status {code}"
-        return None
+        """The first worker that failed: it exited, or reported its error and is still ending."""
+        return next((reason for status in self.status if (reason := status.failure())), None)
 
     def _failure(self, own: str) -> str:
-        """The first cause of a failed step: a worker's error when one exited (the collective that failed on
-        rank 0 is its consequence), else rank 0's own."""
+        """The first cause of a failed step: a worker's error when one failed (the collective that failed on
+        rank 0 is its consequence; its report may take a moment), else rank 0's own."""
         deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             reason = self._exited()
             if reason:
                 return reason
-            time.sleep(0.05)
+            select.select([status.fd for status in self.status if not status.closed], [], [], left)
         return own
 
     def _end(self, graceful: bool) -> None:
@@ -298,7 +350,9 @@ class Ranks:
                     sys.stderr.write(f"context-parallel worker {worker.pid} did not end after SIGKILL\n")
             with contextlib.suppress(OSError):
                 worker.stdin.close()
-        self.workers = []
+        for status in self.status:
+            status.close()
+        self.workers, self.status = [], []
         if not (left and leave_process_group(timeout_s)):  # graceful: after the workers have left
             raise RanksFailed(f"aborting the NCCL process group did not end within {timeout_s:g} s")
 
@@ -330,8 +384,8 @@ def _abort_within(timeout_s: float) -> bool:
     """Abort every NCCL communicator of this process; ``False`` if that has not returned within ``timeout_s`` (the
     process's GPU work is then stuck, and only a new process serves again). The aborted groups stay referenced:
     their destructors would wait for watchdog threads that may be stuck with them."""
-    _ABORTED_GROUPS.extend(dist.distributed_c10d._world.pg_map)
-    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True)
+    _ABORTED_GROUPS.extend(process_groups())
+    aborting = threading.Thread(target=abort_process_groups, daemon=True)
     aborting.start()
     aborting.join(timeout_s)
     return not aborting.is_alive()

@@ -6,94 +6,32 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
-from flux_triton.contract.protocol import STATELESS, SequenceStep, SessionSettings
+from flux_triton.contract.protocol import STATELESS, SequenceStep
 from flux_triton.model import store
-from flux_triton.model.parallel import NO_PARALLEL, ParallelSettings
-from flux_triton.model.speedups import Speedups, load_with_speedups
+from flux_triton.model.parallel import ParallelSettings
+from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import detached, finite_or_error, run_merged
 from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
 from flux_triton.serving.sessions import Sessions, closes_only
+from flux_triton.serving.settings import TransformerSettings
 
-MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"
 Request = tuple[Mapping[str, torch.Tensor], SequenceStep]  # a request's tensors and its place in a sequence
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """``dit_transformer``'s settings: Triton config parameters of the same names."""
-
-    model_dir: str = store.DEFAULT_MODEL
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    max_batch: int = 16
-    max_image_tokens: int = 16384
-    max_text_tokens: int = 512
-    max_sessions: int = SessionSettings.max_sessions  # live generation sessions (serving.sessions)
-    max_sessions_per_client: int = SessionSettings.max_per_client
-    session_idle_s: float = SessionSettings.idle_timeout_s
-    cache: str = "none"  # a step cache sessions may choose (pipeline.caching): none, a kind, or its JSON
-    parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses, ring or usp
-    parallel_degree: int = 1  # its ranks, one per GPU (GPUs 0..N-1 of the visible ones)
-    parallel_timeout_s: float = ParallelSettings.timeout_s
-    fault_forward_bytes: int = 0  # test-only fault injection (serving.faults); 0: off
-    fault_rank: int = 0  # ... on this context-parallel rank
-    speedups: Speedups = field(default_factory=Speedups)  # the parameters named as Speedups' fields
-
-    @classmethod
-    def from_model_config(cls, model_config: Mapping) -> ServeSettings:
-        """Settings from a Triton model config: its parameters and ``max_batch_size``;
-        ``FLUX_DIT_MODEL_DIR`` overrides ``model_dir``, ``FLUX_DIT_FAULT_FORWARD_BYTES`` ``fault_forward_bytes``."""
-        parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
-        if model_config.get("max_batch_size"):
-            parameters["max_batch"] = str(model_config["max_batch_size"])
-        values = {}
-        for setting in fields(cls):
-            raw = parameters.get(setting.name)
-            if raw is not None and raw != "" and setting.name != "speedups":
-                values[setting.name] = type(getattr(cls, setting.name))(raw)
-        values["speedups"] = Speedups.parse(
-            **{f.name: parameters[f.name] for f in fields(Speedups) if f.name in parameters}
-        )
-        if os.environ.get(MODEL_DIR_ENV):
-            values["model_dir"] = os.environ[MODEL_DIR_ENV]
-        if os.environ.get(faults.FAULT_FORWARD_BYTES_ENV):
-            values["fault_forward_bytes"] = int(os.environ[faults.FAULT_FORWARD_BYTES_ENV])
-        if os.environ.get(faults.FAULT_RANK_ENV):
-            values["fault_rank"] = int(os.environ[faults.FAULT_RANK_ENV])
-        settings = cls(**values)
-        _ = settings.parallel_settings  # refuses an unknown kind or a bad degree at load
-        if settings.dtype != "auto" and settings.dtype not in _DTYPES:
-            raise ValueError(f"dtype parameter: expected auto or one of {sorted(_DTYPES)}, got {settings.dtype!r}")
-        return settings
-
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        return store.default_dtype(device) if self.dtype == "auto" else _DTYPES[self.dtype]
-
-    @property
-    def parallel_settings(self) -> ParallelSettings:
-        return ParallelSettings(self.parallel, self.parallel_degree, self.parallel_timeout_s)
-
-    @property
-    def session_settings(self) -> SessionSettings:
-        return SessionSettings(self.max_sessions, self.max_sessions_per_client, self.session_idle_s)
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(self.max_batch, self.max_image_tokens, self.max_text_tokens)
+def model_dtype(settings: TransformerSettings, device: torch.device) -> torch.dtype:
+    """The model's dtype: the ``dtype`` setting, or for ``auto`` bfloat16 on GPU and float32 on CPU."""
+    return store.default_dtype(device) if settings.dtype == "auto" else _DTYPES[settings.dtype]
 
 
 def pick_device(device_id: int | None = None) -> torch.device:
@@ -102,11 +40,11 @@ def pick_device(device_id: int | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def signature_for(settings: ServeSettings, model_root: Path, device: torch.device) -> tuple[Path, DitSignature]:
+def signature_for(settings: TransformerSettings, model_root: Path, device: torch.device) -> tuple[Path, DitSignature]:
     """The model folder and its concrete contract, from config.json alone (no weights)."""
     model_dir = store.resolve_model_dir(settings.model_dir, model_root)
     config = store.read_config(model_dir)
-    return model_dir, DitSignature.from_config(config, settings.torch_dtype(device))
+    return model_dir, DitSignature.from_config(config, model_dtype(settings, device))
 
 
 class ForwardOutOfMemory(RuntimeError):
@@ -114,17 +52,14 @@ class ForwardOutOfMemory(RuntimeError):
 
 
 class DitService:
-    def __init__(self, settings: ServeSettings, model_root: Path, device: torch.device):
+    def __init__(self, settings: TransformerSettings, model_root: Path, device: torch.device):
         parallel = settings.parallel_settings
         self.settings, self.ranks, self.ranks_lost = settings, None, None
         self.device = parallel.devices()[0] if parallel.enabled else device  # rank 0's, whatever Triton's kind
         self.model_dir, self.signature = signature_for(settings, model_root, self.device)
         self.cache = parse_cache_setting(settings.cache)
-        if self.cache is not None and parallel.enabled:
-            raise ValueError(f"cache {settings.cache} with parallel {parallel.kind}: step caches are not served "
-                             f"across ranks yet; use one of them")  # fmt: skip
+        self.limits = Limits(settings.max_batch, settings.max_image_tokens, settings.max_text_tokens)
         if parallel.enabled:
-            parallel.check_attention(settings.speedups.attention_backend)
             self.ranks = self._ranks(parallel)
         try:
             self._bring_up()
@@ -149,9 +84,7 @@ class DitService:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # the ranks share the host's cores
         dtype = str(self.signature.torch_dtype).removeprefix("torch.")
-        return Ranks(RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port(),
-                              tempfile.mkdtemp(prefix="flux-ranks-"), self.settings.fault_rank,
-                              self.settings.fault_forward_bytes))  # fmt: skip
+        return Ranks(RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port()))
 
     def _parallel_forward(self, step: Step) -> torch.Tensor:
         """The step on every rank; after a fault on any rank, the ranks start again and build their models anew."""
@@ -178,7 +111,6 @@ class DitService:
         if self.ranks is not None:
             self.transformer = None  # first: its captured CUDA graphs hold the ranks' communicator
             self.ranks.close()
-            shutil.rmtree(self.ranks.spec.error_dir, ignore_errors=True)
             self.ranks = None
 
     def prepare(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS) -> Step | None:
@@ -187,14 +119,14 @@ class DitService:
         or none). ``None``: a request that only ends its sequence."""
         moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
         if not sequence.sequence_id:
-            return validate(moved, self.signature, self.settings.limits)
+            return validate(moved, self.signature, self.limits)
         if closes_only(moved, sequence):
             self.sessions.close(sequence)
             return None
         try:
             cached = sequence.start and self._cache_chosen(sequence.cache)
             tensors = self.sessions.step_tensors(sequence, moved, cached)
-            return validate(tensors, self.signature, self.settings.limits)
+            return validate(tensors, self.signature, self.limits)
         except InputError:
             self.sessions.finish(sequence, failed=True)
             raise
@@ -216,7 +148,7 @@ class DitService:
     @torch.inference_mode()
     def forward(self, step: Step, context: str | None = None) -> torch.Tensor:
         """One forward; with a step cache on the model, in the cache ``context`` (``None``: uncached)."""
-        budget = faults.forward_budget(0 if self.settings.fault_rank else self.settings.fault_forward_bytes)
+        budget = faults.forward_budget()
         before = faults.memory_in_use(self.device, budget)
         in_context = caching.cache_context(self.transformer, context) if self.cache else contextlib.nullcontext()
         try:

@@ -23,7 +23,7 @@ from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
 from flux_triton.pipeline import inputs, loop
-from flux_triton.serving.service import MODEL_DIR_ENV
+from flux_triton.serving.settings import MODEL_DIR_ENV
 
 # An engine is another program than eager diffusers (its kernels, RoPE in float32): the loop's
 # latents agree within this, as the engine parity tests require.

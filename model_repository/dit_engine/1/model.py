@@ -13,9 +13,9 @@ from pathlib import Path
 
 from flux_triton.engines.kinds import load_engine
 from flux_triton.locations import Locations
-from flux_triton.model.speedups import flag
 from flux_triton.serving import triton
 from flux_triton.serving.merging import run_engine_requests
+from flux_triton.serving.settings import EngineSettings
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 
@@ -23,12 +23,12 @@ REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        settings = EngineSettings.from_config(config)
         self.input_names = [entry["name"] for entry in config["input"]]
         locations = Locations.of_repository(REPOSITORY)
-        sidecar_path = locations.engine(config["parameters"]["engine"]["string_value"])
+        sidecar_path = locations.engine(settings.engine)
         device = triton.instance_device(args)
-        graphs = flag(config["parameters"].get("cuda_graphs", {}).get("string_value", "false"))
-        self.sidecar, self.engine = load_engine(sidecar_path, device, locations.model_root, cuda_graphs=graphs)
+        self.sidecar, self.engine = load_engine(sidecar_path, device, locations.model_root, settings.cuda_graphs)
         triton.log_info(f"dit_engine: {self.sidecar.kind} {self.sidecar.precision} {sidecar_path} on {device}")
 
     def execute(self, requests):

@@ -16,13 +16,12 @@ from flux_triton.contract import INPUTS, InputError
 from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.serving import triton
 from flux_triton.serving.preprocess import Preprocessor
+from flux_triton.serving.settings import PreprocessSettings
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        self.preprocessor = Preprocessor(parameters)
+        self.preprocessor = Preprocessor(PreprocessSettings.from_config(json.loads(args["model_config"])))
         torch.set_num_threads(1)  # one request's single-pass checks
 
     def execute(self, requests):

@@ -19,8 +19,9 @@ from flux_triton.locations import Locations
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import triton
-from flux_triton.serving.service import DitService, ServeSettings, pick_device, signature_for
+from flux_triton.serving.service import DitService, pick_device, signature_for
 from flux_triton.serving.sessions import HELD
+from flux_triton.serving.settings import TransformerSettings
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository, also when run as a script
 
@@ -30,7 +31,7 @@ class TritonPythonModel:
     def auto_complete_config(auto_complete_model_config):
         """Inputs and outputs from the IO contract, sized by the model's config.json."""
         config = auto_complete_model_config.as_dict()
-        settings = ServeSettings.from_model_config(config)
+        settings = TransformerSettings.from_config(config)
         _, signature = signature_for(settings, Locations.of_repository(REPOSITORY).model_root, pick_device())
         for spec in INPUTS:  # the prompt's tensors are optional: a sequence sends them once (serving.sessions)
             held = replace(spec, optional=True) if spec.name in HELD else spec
@@ -43,7 +44,7 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
-        settings = ServeSettings.from_model_config(json.loads(args["model_config"]))
+        settings = TransformerSettings.from_config(json.loads(args["model_config"]))
         if settings.parallel_settings.enabled and args["model_instance_kind"] == "GPU":
             raise ValueError(f"parallel {settings.parallel}: one instance drives {settings.parallel_degree} GPUs, "
                              f"so its instance_group must be KIND_MODEL (python -m flux_triton place)")  # fmt: skip
@@ -67,7 +68,7 @@ class TritonPythonModel:
 
 def main() -> None:
     device = pick_device()
-    service = DitService(ServeSettings(), Locations.of_repository(REPOSITORY).model_root, device)
+    service = DitService(TransformerSettings(), Locations.of_repository(REPOSITORY).model_root, device)
     step = random_step(service.signature, batch=1, device=device)
     prepared = service.prepare(step.wire())
     start = time.perf_counter()

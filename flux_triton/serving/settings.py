@@ -1,0 +1,212 @@
+"""One schema per Triton model of this project: its config parameters as a frozen dataclass.
+
+Each schema has one reader (``from_config``: a model config's string parameters, its ``max_batch_size`` and the
+documented environment overrides), one writer (``parameters``: what repository generation and placement write)
+and one ``validate`` that refuses a bad value or a bad combination with a message naming the setting. A field
+whose default is itself a dataclass (``Speedups``) stands for its fields, each a parameter of its own.
+``tests/test_settings.py`` keeps the shipped configs and these schemas equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from flux_triton.contract import DitSignature, Limits
+from flux_triton.contract.protocol import SessionSettings
+from flux_triton.model.parallel import NO_PARALLEL, ParallelSettings
+from flux_triton.model.speedups import Speedups, check_composition, flag
+
+DTYPES = ("auto", "bfloat16", "float32", "float16")
+MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"  # overrides dit_transformer's model_dir (a container's weights)
+# Triton's own parameters of a model's config (the Python backend's), which no schema of ours holds.
+TRITON_PARAMETERS = {"FORCE_CPU_ONLY_INPUT_TENSORS"}
+
+
+def _parse(name: str, raw: str, kind: type):
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{name} parameter: expected true or false, got {raw!r}")
+        return flag(raw)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} parameter: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class ModelSettings:
+    """The reader, writer and checks every schema shares (a mixin of frozen dataclasses)."""
+
+    ENVIRONMENT: ClassVar[Mapping[str, str]] = {}  # field -> the environment variable that overrides it
+    BATCH: ClassVar[str | None] = None  # the field that is the config's max_batch_size, not a parameter
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a bad value or combination, naming the setting (``ValueError``)."""
+
+    @classmethod
+    def from_config(cls, config: Mapping, environment: bool = True):
+        """The settings of a Triton model config (``config.pbtxt`` as JSON, or Triton's served config)."""
+        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        if environment:
+            parameters |= {name: os.environ[variable] for name, variable in cls.ENVIRONMENT.items()
+                           if os.environ.get(variable)}  # fmt: skip
+        if cls.BATCH and config.get("max_batch_size"):
+            parameters[cls.BATCH] = str(config["max_batch_size"])
+        return cls.from_parameters(parameters)
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]):
+        values = {}
+        for setting in fields(cls):
+            default = _default(setting)
+            if dataclasses.is_dataclass(default):
+                group = {f.name: parameters[f.name] for f in fields(default) if parameters.get(f.name, "") != ""}
+                values[setting.name] = type(default)(
+                    **{name: _parse(name, raw, type(getattr(default, name))) for name, raw in group.items()}
+                )
+            elif parameters.get(setting.name, "") != "":
+                values[setting.name] = _parse(setting.name, parameters[setting.name], type(default))
+        return cls(**values)
+
+    def parameters(self) -> dict[str, str]:
+        """The config parameters that ``from_config`` reads back as these settings (the batch size aside)."""
+        found = {}
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if dataclasses.is_dataclass(value):
+                found |= {f.name: _text(getattr(value, f.name)) for f in fields(value)}
+            elif setting.name != self.BATCH:
+                found[setting.name] = _text(value)
+        return found
+
+
+def _default(setting: dataclasses.Field):
+    return setting.default_factory() if setting.default is dataclasses.MISSING else setting.default
+
+
+@dataclass(frozen=True)
+class TransformerSettings(ModelSettings):
+    """``dit_transformer``'s settings (``model_repository/dit_transformer/config.pbtxt`` lists them all)."""
+
+    ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV}
+    BATCH: ClassVar[str | None] = "max_batch"
+
+    model_dir: str = "tiny-flux-dev"
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    max_batch: int = 16
+    max_image_tokens: int = 16384
+    max_text_tokens: int = 512
+    max_sessions: int = SessionSettings.max_sessions  # live generation sessions (serving.sessions)
+    max_sessions_per_client: int = SessionSettings.max_per_client
+    session_idle_s: float = SessionSettings.idle_timeout_s
+    cache: str = "none"  # a step cache sessions may choose (pipeline.caching): none, a kind, or its JSON
+    speedups: Speedups = field(default_factory=Speedups)  # its fields are parameters of their own
+    parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses, ring or usp
+    parallel_degree: int = 1  # its ranks, one per GPU (GPUs 0..N-1 of the visible ones)
+    parallel_timeout_s: float = ParallelSettings.timeout_s
+
+    def validate(self) -> None:
+        from flux_triton.pipeline.caching import parse_cache_setting
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype parameter: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_batch", "max_image_tokens", "max_text_tokens", "max_sessions_per_client"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} parameter: expected 1 or more, got {getattr(self, name)}")
+        try:
+            cache = parse_cache_setting(self.cache)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"cache parameter: {exc}") from None
+        # the parallel settings refuse an unknown kind or a bad degree
+        check_composition(self.speedups, cache is not None, self.parallel_settings)
+
+    @property
+    def parallel_settings(self) -> ParallelSettings:
+        return ParallelSettings(self.parallel, self.parallel_degree, self.parallel_timeout_s)
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(self.max_sessions, self.max_sessions_per_client, self.session_idle_s)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings(ModelSettings):
+    """``dit_preprocess``'s settings: the engine's signature and profile limits (from its sidecar) and the
+    generation sessions it keeps."""
+
+    BATCH: ClassVar[str | None] = "max_batch"
+
+    in_channels: int = 64
+    pooled_dim: int = 768
+    text_dim: int = 4096
+    guidance_embeds: bool = True
+    dtype: str = "BF16"  # the engine's float dtype, as Triton names it
+    max_batch: int = 1
+    max_image_tokens: int = 16384
+    max_text_tokens: int = 512
+    min_image_tokens: int = 1
+    min_text_tokens: int = 1
+    max_sessions: int = SessionSettings.max_sessions
+    max_sessions_per_client: int = SessionSettings.max_per_client
+    session_idle_s: float = SessionSettings.idle_timeout_s
+
+    def validate(self) -> None:
+        if not 1 <= self.min_image_tokens <= self.max_image_tokens:
+            raise ValueError(f"min_image_tokens {self.min_image_tokens} and max_image_tokens "
+                             f"{self.max_image_tokens}: expected 1 <= min <= max")  # fmt: skip
+        if not 1 <= self.min_text_tokens <= self.max_text_tokens:
+            raise ValueError(f"min_text_tokens {self.min_text_tokens} and max_text_tokens "
+                             f"{self.max_text_tokens}: expected 1 <= min <= max")  # fmt: skip
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(self.max_sessions, self.max_sessions_per_client, self.session_idle_s)
+
+    @property
+    def signature(self) -> DitSignature:
+        return DitSignature(self.in_channels, self.pooled_dim, self.text_dim, self.guidance_embeds, self.dtype)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_batch, self.max_image_tokens, self.max_text_tokens, self.min_image_tokens,
+                      self.min_text_tokens)  # fmt: skip
+
+    @classmethod
+    def of_engine(cls, signature: DitSignature, limits: Limits) -> PreprocessSettings:
+        """What ``make repo`` writes for an engine of ``signature`` and profile ``limits`` (default sessions)."""
+        return cls(signature.in_channels, signature.pooled_dim, signature.text_dim, signature.guidance_embeds,
+                   signature.dtype, **dataclasses.asdict(limits))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EngineSettings(ModelSettings):
+    """``dit_engine``'s settings (the Python-backend runner's; a ``tensorrt_plan`` engine has none)."""
+
+    engine: str = ""  # the engine's sidecar, relative to the engines folder
+    cuda_graphs: bool = False  # each step shape captured in one CUDA graph (the AOTI kinds)
+
+    def validate(self) -> None:
+        if not self.engine:
+            raise ValueError("engine parameter: expected the engine's sidecar (make repo writes it)")
+
+
+@dataclass(frozen=True)
+class EnsembleSettings(ModelSettings):
+    """``flux_dit``'s parameters: what a client needs to know of the ensemble (``dit_preprocess`` keeps the
+    sessions; the client reads ``max_sessions`` to use them)."""
+
+    max_sessions: int = SessionSettings.max_sessions
+
+
+SCHEMAS = {"dit_transformer": TransformerSettings, "dit_preprocess": PreprocessSettings,
+           "dit_engine": EngineSettings, "flux_dit": EnsembleSettings}  # fmt: skip
