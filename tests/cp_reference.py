@@ -1,11 +1,14 @@
 """diffusers' own context-parallel forward of a step, the parity reference of the served one (tests/test_parallel.py):
 ``python tests/cp_reference.py RANK WORLD PORT ULYSSES RING BACKEND MODEL_DIR STEP OUT`` in WORLD processes
 (ULYSSES x RING degrees, diffusers attention BACKEND), as the served ranks run: on GPUs 0..WORLD-1 over NCCL in bf16,
-else on the CPU over gloo in fp32 with one thread each; rank 0 writes ``noise_pred`` to OUT. Nothing of
-flux_triton's parallel code is used."""
+else on the CPU over gloo in fp32 with one thread each; rank 0 writes ``noise_pred`` to OUT. With ``CACHE STEPS SEED
+SIZE`` after OUT, STEP holds a prompt's embeddings instead and every rank runs a dev-like ``FluxPipeline`` loop with
+that step cache (diffusers' ``enable_cache``); rank 0 writes the final ``latents``. Nothing of flux_triton's
+parallel code is used."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import timedelta
@@ -13,14 +16,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, FluxTransformer2DModel
+from helpers import generate
 from safetensors.torch import load_file, save_file
 
 from flux_triton.contract import Step
+from flux_triton.pipeline.caching import build_cache
 from flux_triton.pipeline.call import reference_call
 
 
 def main() -> None:
-    rank, world, port, ulysses, ring, backend, model_dir, step_file, out = sys.argv[1:]
+    rank, world, port, ulysses, ring, backend, model_dir, step_file, out, *loop = sys.argv[1:]
     rank, world = int(rank), int(world)
     gpu = torch.cuda.is_available()
     if gpu:  # rank r on GPU r, in bf16, as the served ranks
@@ -38,9 +43,15 @@ def main() -> None:
     # copies: safetensors' tensors sit at any offset of the file's buffer, and on CPU a small matrix product over
     # misaligned input can round differently (the served model gets its inputs in aligned memory)
     tensors = {name: tensor.to(device).clone() for name, tensor in load_file(step_file).items()}
-    noise_pred = reference_call(transformer, Step(**{"guidance": None, **tensors}))
+    if loop:
+        cache, steps, seed, size = json.loads(loop[0]), *map(int, loop[1:])
+        transformer.enable_cache(build_cache(cache))
+        result = {"latents": generate(transformer, "dev", seed, size, num_inference_steps=steps, guidance_scale=3.5,
+                                      **tensors)}  # fmt: skip
+    else:
+        result = {"noise_pred": reference_call(transformer, Step(**{"guidance": None, **tensors}))}
     if rank == 0:
-        save_file({"noise_pred": noise_pred.cpu().contiguous()}, out)
+        save_file({name: tensor.cpu().contiguous() for name, tensor in result.items()}, out)
     dist.barrier()
     os._exit(0)  # gloo's teardown at exit sometimes aborts ("terminate called without an active exception")
 

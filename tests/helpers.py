@@ -4,6 +4,7 @@ over copies of the repository's models, and concurrent requests with the server'
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import signal
@@ -22,9 +23,11 @@ from flux_triton.contract import DitSignature
 from flux_triton.contract.protocol import ADMIN_KEY_ENV
 from flux_triton.deploy.check import check_repository
 from flux_triton.deploy.pbtxt import set_parameter
+from flux_triton.deploy.placement import place
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.model.parallel import ParallelSettings
 from flux_triton.serving.ranks import free_port
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -67,9 +70,12 @@ def start_server(
     return server.start(wait_for=wait_for)
 
 
-def start_variants(folder: Path, model_root: Path, variants: dict[str, dict[str, str]]) -> TritonServer:
+def start_variants(
+    folder: Path, model_root: Path, variants: dict[str, dict[str, str]], parallel: ParallelSettings | None = None
+) -> TritonServer:
     """One tritonserver serving several copies of dit_transformer, each under its own name with its own config
-    parameters (``{name: parameters}``): one server start for every special setting a module tests."""
+    parameters (``{name: parameters}``), each placed across ranks with ``parallel``: one server start for every
+    special setting a module tests."""
     repository = folder / "model_repository"
     for name, parameters in variants.items():
         shutil.copytree(REPOSITORY / "dit_transformer", repository / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -77,6 +83,8 @@ def start_variants(folder: Path, model_root: Path, variants: dict[str, dict[str,
         config.write_text(config.read_text().replace('name: "dit_transformer"', f'name: "{name}"', 1))
         for key, value in parameters.items():
             set_parameter(config, key, value)
+        if parallel is not None:
+            place(config, parallel=parallel)
     return launch(repository, folder, {MODEL_ROOT_ENV: str(model_root)}).start()
 
 
@@ -220,14 +228,26 @@ def worker_pids() -> list[int]:
 def diffusers_context_parallel(model_dir, step, tmp_path, ulysses: int = 2, ring: int = 1, backend: str = "native"):
     """diffusers' own context-parallel forward of ``step`` with these degrees and attention ``backend``, in
     ``ulysses * ring`` processes (tests/cp_reference.py)."""
-    step_file, out = tmp_path / "step.safetensors", tmp_path / "noise_pred.safetensors"
-    save_file({name: t.contiguous() for name, t in step.tensors().items()}, step_file)
-    port, world = str(free_port()), ulysses * ring
+    tensors = {name: t.contiguous() for name, t in step.tensors().items()}
+    return _cp_reference(model_dir, tensors, tmp_path, [str(ulysses), str(ring), backend], [])["noise_pred"]
+
+
+def diffusers_context_parallel_loop(model_dir, prompt: dict, cache: dict, steps: int, seed: int, size: int, tmp_path):
+    """diffusers' own Ulysses-2 context-parallel ``FluxPipeline`` loop (dev-like) with the step ``cache``
+    (``enable_cache``), in 2 processes (tests/cp_reference.py): the final latents."""
+    arguments = [json.dumps(cache), str(steps), str(seed), str(size)]
+    return _cp_reference(model_dir, prompt, tmp_path, ["2", "1", "native"], arguments)["latents"]
+
+
+def _cp_reference(model_dir, tensors: dict, tmp_path, degrees: list[str], loop: list[str]) -> dict:
+    step_file, out = tmp_path / "reference-in.safetensors", tmp_path / "reference-out.safetensors"
+    save_file(tensors, step_file)
+    port, world = str(free_port()), int(degrees[0]) * int(degrees[1])
     script = [sys.executable, str(CHECKOUT / "tests" / "cp_reference.py")]
-    arguments = [str(world), port, str(ulysses), str(ring), backend, str(model_dir), str(step_file), str(out)]
+    arguments = [str(world), port, *degrees, str(model_dir), str(step_file), str(out), *loop]
     ranks = [subprocess.Popen([*script, str(rank), *arguments]) for rank in range(world)]
-    assert [rank.wait(timeout=120) for rank in ranks] == [0] * world
-    return load_file(out)["noise_pred"]
+    assert [rank.wait(timeout=300) for rank in ranks] == [0] * world
+    return load_file(out)
 
 
 def worker_gone(pid: int, timeout_s: float = 30.0) -> bool:

@@ -68,7 +68,6 @@ def test_bad_combinations_are_refused_naming_both_settings():
     for values, message in [
         ({"cache": "mag", "compile": "full"}, "cache and compile full"),
         ({"cache": "mag", "cuda_graphs": "true"}, "cache and cuda_graphs"),
-        ({"cache": "mag", "parallel": "ulysses", "parallel_degree": "2"}, "cache and parallel ulysses"),
         ({"parallel": "ring", "parallel_degree": "2"}, "parallel ring: ring attention needs"),
         ({"fp8_scales": "scales.safetensors"}, "static activation scales are for fp8 true"),
     ]:

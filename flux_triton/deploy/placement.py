@@ -38,7 +38,7 @@ def place(config_path: Path, gpus: Sequence[int] = (), parallel: ParallelSetting
     """Rewrite the model config at ``config_path`` with its placement; returns the config as a dict.
     Its leading comment lines are kept (``config.pbtxt`` has no other place for comments that survive)."""
     config = json_format.MessageToDict(parse_pbtxt(config_path), preserving_proto_field_name=True)
-    if parallel is not None and config.get("name") != DIT_TRANSFORMER:
+    if parallel is not None and "model_dir" not in config.get("parameters", {}):  # not dit_transformer or a copy
         raise ValueError(f"--parallel: only {DIT_TRANSFORMER} runs a step across GPUs, not {config.get('name')}")
     config["instance_group"] = instance_groups(gpus, parallel)
     if parallel is not None:  # through the model's settings schema: the rest of its parameters as they were

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flux_triton.pipeline.internals import one_accelerator
+from flux_triton.pipeline.internals import agree_first_block_decisions, one_accelerator
 
 NO_PARALLEL = "none"
 PARALLEL_KINDS = {
@@ -90,3 +90,12 @@ def enable_context_parallel(transformer, settings: ParallelSettings) -> None:
 
     with one_accelerator():  # a host without GPUs: every rank on the CPU
         transformer.enable_parallelism(config=ContextParallelConfig(**settings.degrees()))
+
+
+def agree_cache_decisions(transformer) -> None:
+    """A step cache whose decision depends on the data (first-block caching: the head block's residual, which each
+    rank holds a shard of) decides on all ranks' data together, so that every rank skips or computes alike; the
+    schedule-based caches (MagCache, TaylorSeer) decide alike on every rank as they are."""
+    import torch.distributed as dist
+
+    agree_first_block_decisions(transformer, lambda sums: dist.all_reduce(sums))

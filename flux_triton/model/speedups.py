@@ -63,9 +63,6 @@ def check_composition(speedups: Speedups, cached: bool, parallel=None) -> None:
         raise ValueError("cache and cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
                          "turn one of them off")  # fmt: skip
     if parallel is not None and parallel.enabled:
-        if cached:
-            raise ValueError(f"cache and parallel {parallel.kind}: step caches are not served across ranks yet; "
-                             f"use one of them")  # fmt: skip
         parallel.check_attention(speedups.attention_backend)
 
 
@@ -93,6 +90,10 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, f
         enable_context_parallel(transformer, parallel)
     if cache is not None:
         transformer.enable_cache(cache)
+        if parallel is not None and parallel.enabled:
+            from flux_triton.model.parallel import agree_cache_decisions
+
+            agree_cache_decisions(transformer)
     call = transformer
     if speedups.compile == "regional":
         compile_regions(transformer)

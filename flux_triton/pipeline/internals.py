@@ -87,20 +87,42 @@ def one_accelerator() -> Iterator[None]:
 # -- diffusers: the hooks (cache hooks' per-context state, the forward a hook wraps), repeated blocks, FluxPipeline
 def hook_state_managers(transformer: torch.nn.Module) -> list:
     """Every ``StateManager`` of the stateful hooks on ``transformer`` (one per hooked block or model)."""
-    from diffusers.hooks import HookRegistry
     from diffusers.hooks.hooks import StateManager
 
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    managers = []
-    for child in (registry, *registry._get_child_registries()):
-        for hook in child.hooks.values():
-            managers += [attr for attr in vars(hook).values() if isinstance(attr, StateManager)]
-    return managers
+    return [attr for hook in _all_hooks(transformer) for attr in vars(hook).values() if isinstance(attr, StateManager)]
 
 
 def context_states(manager) -> dict:
     """A ``StateManager``'s state per cache context, by context name."""
     return manager._state_cache
+
+
+def agree_first_block_decisions(transformer: torch.nn.Module, total) -> int:
+    """Make every first-block cache decision on ``transformer`` global: the relative change of the head block's
+    residual is summed over every rank's shard (``total``: an in-place all-reduce of a 1-D tensor, summing) before it
+    is compared with the threshold, so that all context-parallel ranks skip or compute together. Returns how many
+    hooks it changed."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    def should_compute(hook, residual: torch.Tensor) -> bool:
+        previous = hook.state_manager.get_state().head_block_residual
+        if previous is None:
+            return True
+        sums = torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).double()
+        total(sums)
+        return (sums[0] / sums[1]).item() > hook.threshold
+
+    hooks = [hook for hook in _all_hooks(transformer) if isinstance(hook, FBCHeadBlockHook)]
+    for hook in hooks:
+        hook._should_compute_remaining_blocks = should_compute.__get__(hook)
+    return len(hooks)
+
+
+def _all_hooks(transformer: torch.nn.Module) -> list:
+    from diffusers.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    return [hook for child in (registry, *registry._get_child_registries()) for hook in child.hooks.values()]
 
 
 def hooked_forward(module):

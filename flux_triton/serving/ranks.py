@@ -61,6 +61,7 @@ class RankSpec:
     speedups: Speedups
     parallel: ParallelSettings
     port: int  # rank 0's rendezvous port on loopback
+    cache: str = "none"  # the model's step cache (pipeline.caching), which every rank applies alike
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -125,32 +126,50 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def send_step(step: Step, workers: list[subprocess.Popen]) -> None:
-    """Rank 0: the step's tensors to every rank. Their names, shapes and dtypes go down each worker's pipe (a line
-    of JSON), so that no rank waits on the host for them; the tensors go by broadcast from rank 0's device."""
-    tensors = step.tensors()
-    header = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in tensors.items()}
-    line = json.dumps(header).encode() + b"\n"
+@dataclass(frozen=True)
+class Order:
+    """What rank 0 tells a worker next: a step to run in a cache context (``None``: a fresh one, dropped after), or a
+    cache context to forget (its sequence ended)."""
+
+    step: Step | None = None
+    context: str | None = None
+    forget: str | None = None
+
+
+def _tell(workers: list[subprocess.Popen], order: dict) -> None:
+    line = json.dumps(order).encode() + b"\n"
     for worker in workers:
         worker.stdin.write(line)
         worker.stdin.flush()
+
+
+def send_step(step: Step, workers: list[subprocess.Popen], context: str | None = None) -> None:
+    """Rank 0: the step's tensors to every rank. Their names, shapes and dtypes go down each worker's pipe (a line
+    of JSON, with the step's cache context), so that no rank waits on the host for them; the tensors go by broadcast
+    from rank 0's device."""
+    tensors = step.tensors()
+    header = {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in tensors.items()}
+    _tell(workers, {"tensors": header, "context": context})
     for tensor in tensors.values():
         dist.broadcast(tensor, src=0)
 
 
-def receive_step(device: torch.device) -> Step | None:
-    """Ranks 1..N-1: the next step rank 0 sends; ``None`` at an empty line (stop) or when the pipe closes (rank 0 is
-    gone). Idle ranks wait on the pipe, not inside a collective that would time out."""
+def receive_order(device: torch.device) -> Order | None:
+    """Ranks 1..N-1: rank 0's next order; ``None`` at an empty line (stop) or when the pipe closes (rank 0 is gone).
+    Idle ranks wait on the pipe, not inside a collective that would time out."""
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return None
-    header = json.loads(line)
+    order = json.loads(line)
+    if "forget" in order:
+        return Order(forget=order["forget"])
     tensors = {
-        name: torch.empty(shape, dtype=getattr(torch, dtype), device=device) for name, (shape, dtype) in header.items()
+        name: torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        for name, (shape, dtype) in order["tensors"].items()
     }
     for tensor in tensors.values():
         dist.broadcast(tensor, src=0)
-    return Step(**{"guidance": None, **tensors})
+    return Order(Step(**{"guidance": None, **tensors}), order["context"])
 
 
 def settled(output: torch.Tensor) -> torch.Tensor:
@@ -261,17 +280,23 @@ class Ranks:
             select.select([status.fd for status in waiting], [], [], max(0.0, deadline - time.monotonic()))
         watch_collectives(self.spec.parallel)
 
+    def forget(self, context: str) -> None:
+        """Every worker drops the cache state of ``context`` (a worker that is gone has none)."""
+        with contextlib.suppress(OSError):
+            _tell(self.workers, {"forget": context})
+
     def abort(self) -> None:
         """After a fault: kill the workers and abort the process group (its collectives may never finish); a new
         ``start`` then rendezvouses on a new port."""
         self._end(graceful=False)
         self.spec = dataclasses.replace(self.spec, port=free_port())
 
-    def forward(self, run, step: Step) -> torch.Tensor:
-        """``run()`` (rank 0's part of the forward of ``step``) with every other rank running its part."""
+    def forward(self, run, step: Step, context: str | None = None) -> torch.Tensor:
+        """``run()`` (rank 0's part of the forward of ``step``, in the cache ``context``) with every other rank
+        running its part in the same context."""
         try:
             self._check_workers()
-            send_step(step, self.workers)
+            send_step(step, self.workers, context)
             output = settled(run())
             self._wait(output)
         except RanksFailed:

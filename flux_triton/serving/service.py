@@ -66,8 +66,14 @@ class DitService:
         except BaseException:
             self.close()
             raise
-        on_free = (lambda sequence_id: caching.forget(self.transformer, str(sequence_id))) if self.cache else None
-        self.sessions = Sessions(settings.session_settings, on_free=on_free)
+        self.sessions = Sessions(settings.session_settings, on_free=self._forget if self.cache else None)
+
+    def _forget(self, sequence_id: int | str) -> None:
+        """Drop a freed sequence's cache state, on every rank."""
+        if self.transformer is not None:
+            caching.forget(self.transformer, str(sequence_id))
+        if self.ranks is not None:
+            self.ranks.forget(str(sequence_id))
 
     def _bring_up(self) -> None:
         """Start the other context-parallel ranks (if any), build this rank's transformer with its speed-ups,
@@ -84,14 +90,15 @@ class DitService:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # the ranks share the host's cores
         dtype = str(self.signature.torch_dtype).removeprefix("torch.")
-        return Ranks(RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port()))
+        return Ranks(RankSpec(str(self.model_dir), dtype, self.settings.speedups, parallel, free_port(),
+                              self.settings.cache))  # fmt: skip
 
-    def _parallel_forward(self, step: Step) -> torch.Tensor:
+    def _parallel_forward(self, step: Step, context: str | None) -> torch.Tensor:
         """The step on every rank; after a fault on any rank, the ranks start again and build their models anew."""
         if self.transformer is None:
             raise RanksFailed(f"context-parallel ranks lost ({self.ranks_lost}); reload the model")
         try:
-            return self.ranks.forward(lambda: transformer_call(self.transformer, step), step)
+            return self.ranks.forward(lambda: transformer_call(self.transformer, step), step, context)
         except RanksFailed as exc:
             failure = f"context-parallel step failed: {exc}"
         self.transformer = None  # the failed forward's model and memory go
@@ -100,6 +107,7 @@ class DitService:
             self.ranks.drain(self.device)
             faults.release_after_oom(self.device)
             self._bring_up()
+            self.sessions.drop(lambda session: session.cached)  # their cache state went with the old models
         except Exception as exc:
             self.transformer = None
             self.ranks_lost = f"recovering failed: {type(exc).__name__}: {exc}"
@@ -154,7 +162,7 @@ class DitService:
         try:
             with budget, in_context:
                 if self.ranks is not None:
-                    return self._parallel_forward(step)
+                    return self._parallel_forward(step, context)
                 return transformer_call(self.transformer, step)
         except torch.OutOfMemoryError as exc:
             message = str(exc)

@@ -166,6 +166,11 @@ class Sessions:
         if self._open.pop(sequence_id, None) is not None:
             self._on_free(sequence_id)  # e.g. drop its cache state
 
+    def drop(self, which: Callable[[Session], bool]) -> None:
+        """Free the sequences ``which`` selects (e.g. those whose cache state is gone); their next step is unknown."""
+        for key in [key for key, session in self._open.items() if which(session)]:
+            self._free(key)
+
     def expire(self) -> float:
         """Free the sequences idle past the timeout; returns the time now."""
         now = self._clock()

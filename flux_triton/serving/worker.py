@@ -6,20 +6,22 @@ closes (rank 0 stops it, or is gone); on an error it reports it on the status pi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import torch
 
 from flux_triton.model.speedups import load_with_speedups
+from flux_triton.pipeline.caching import parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
-from flux_triton.serving import faults
+from flux_triton.serving import caching, faults
 from flux_triton.serving.ranks import (
     ERROR,
     READY,
     RankSpec,
     leave_process_group,
-    receive_step,
+    receive_order,
     report,
     settled,
     watch_collectives,
@@ -33,15 +35,20 @@ def serve(rank: int, spec: RankSpec, status: int) -> None:
     else:
         torch.set_num_threads(1)  # CPU ranks share the host with rank 0
     spec.join(rank)
+    cache = parse_cache_setting(spec.cache)
     transformer = load_with_speedups(
-        spec.model_dir, getattr(torch, spec.dtype), device, spec.speedups, parallel=spec.parallel
+        spec.model_dir, getattr(torch, spec.dtype), device, spec.speedups, cache, spec.parallel
     )  # as rank 0 builds its own (DitService)
     watch_collectives(spec.parallel)
     report(status, READY)
     with torch.inference_mode():
-        while (step := receive_step(device)) is not None:
-            with faults.forward_budget(rank):
-                settled(transformer_call(transformer, step))
+        while (order := receive_order(device)) is not None:
+            if order.forget is not None:
+                caching.forget(transformer, order.forget)
+                continue
+            in_context = caching.cache_context(transformer, order.context) if cache else contextlib.nullcontext()
+            with faults.forward_budget(rank), in_context:
+                settled(transformer_call(transformer, order.step))
     leave_process_group(spec.parallel.timeout_s)
 
 
