@@ -166,3 +166,22 @@ def test_engine_files_keep_dotted_model_names(tmp_path):
         job = BuildJob(KINDS[kind], "FLUX.1-dev", PRECISIONS["bf16"], PROFILE_PRESETS["default"], path, tmp_path)
         assert path.name == f"FLUX.1-dev-bf16.{kind}.json"
         assert job.engine_path(suffix) == tmp_path / f"FLUX.1-dev-bf16{suffix}"
+
+
+def test_every_profile_builds_a_fixed_dimension_included(tmp_path, model_root, tiny_dev):
+    """A profile dimension whose minimum is its maximum (``--max-batch 1``, one image size) is a static dimension
+    of the AOTI export (``torch.export.Dim`` refuses an empty range), and the ONNX engine of such a profile is
+    built and verified within it."""
+    from flux_triton.engines.aoti import BLOCK_KINDS, AotiProfile, export_block
+    from flux_triton.engines.build import build_engine
+
+    for profile in (AotiProfile(1, 1, 16, 4096, 8), AotiProfile(2, 2, 256, 256, 8), AotiProfile(1, 1, 256, 256, 8)):
+        for kind in BLOCK_KINDS:
+            exported = export_block(tiny_dev, kind, profile)
+            assert exported.module()  # exported, without "Cannot create Dim with inconsistent min ..."
+    fixed = ProfileConfig(batch=(1, 1, 1), min_size=(256, 256), opt_size=(256, 256), max_size=(256, 256),
+                          text_tokens=(8, 8, 8))  # fmt: skip
+    sidecar = EngineSidecar.read(build_engine("onnxruntime", "tiny-flux-dev", profile=fixed, engines_dir=tmp_path,
+                                              model_root=model_root))  # fmt: skip
+    assert sidecar.limits.max_batch == 1
+    assert [line.split(":")[0] for line in sidecar.build["verification"]] == ["B=1 256x256 S=8"]  # within it

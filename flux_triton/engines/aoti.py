@@ -100,6 +100,9 @@ class FunctionalBlock(nn.Module):
 
 
 def _example(transformer, profile: AotiProfile, batch: int = 2, image_tokens: int = 1024) -> tuple:
+    """Example inputs inside the profile (a dynamic dimension's example above 1: export specializes 0 and 1)."""
+    batch = min(max(batch, profile.min_batch), profile.max_batch)
+    image_tokens = min(max(image_tokens, profile.min_image_tokens), profile.max_image_tokens)
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     head_dim = transformer.config.attention_head_dim
     dtype, device = transformer.dtype, transformer.device
@@ -113,11 +116,30 @@ def _example(transformer, profile: AotiProfile, batch: int = 2, image_tokens: in
     )
 
 
+def _dim(name: str, low: int, high: int):
+    """A dynamic dimension over ``[low, high]``, or ``None`` (static) where the profile fixes it (``Dim`` refuses
+    an empty range)."""
+    return None if low == high else torch.export.Dim(name, min=low, max=high)
+
+
 def _dynamic_shapes(profile: AotiProfile, weight_count: int) -> tuple:
-    batch = torch.export.Dim("batch", min=profile.min_batch, max=profile.max_batch)
-    image = torch.export.Dim("image_tokens", min=profile.min_image_tokens, max=profile.max_image_tokens)
-    rope = {0: image + profile.text_tokens}
+    batch = _dim("batch", profile.min_batch, profile.max_batch)
+    image = _dim("image_tokens", profile.min_image_tokens, profile.max_image_tokens)
+    rope = {0: None if image is None else image + profile.text_tokens}
     return ((None,) * weight_count, {0: batch, 1: image}, {0: batch}, {0: batch}, rope, rope)
+
+
+def export_block(transformer, kind: str, profile: AotiProfile):
+    """The first block of ``kind`` exported over the profile's ranges (what ``build`` compiles)."""
+    block = getattr(transformer, BLOCK_KINDS[kind])[0]
+    weights = tuple(block_weights(block).values())
+    with torch.inference_mode():
+        return torch.export.export(
+            FunctionalBlock(block),
+            (weights, *_example(transformer, profile)),
+            dynamic_shapes=_dynamic_shapes(profile, len(weights)),
+            strict=False,
+        )
 
 
 def build(transformer, engine_dir: Path, profile: AotiProfile | None = None) -> dict:
@@ -128,17 +150,9 @@ def build(transformer, engine_dir: Path, profile: AotiProfile | None = None) -> 
     detach(transformer)  # compile the blocks' own forward, not an attached package
     engine_dir.mkdir(parents=True, exist_ok=True)
     record = {"profile": asdict(profile), "packages": {}, "compile_s": {}}
-    for kind, attribute in BLOCK_KINDS.items():
+    for kind in BLOCK_KINDS:
         started = time.perf_counter()
-        block = getattr(transformer, attribute)[0]
-        weights = tuple(block_weights(block).values())
-        with torch.inference_mode():
-            exported = torch.export.export(
-                FunctionalBlock(block),
-                (weights, *_example(transformer, profile)),
-                dynamic_shapes=_dynamic_shapes(profile, len(weights)),
-                strict=False,
-            )
+        exported = export_block(transformer, kind, profile)
         path = torch._inductor.aoti_compile_and_package(exported, package_path=str(engine_dir / f"{kind}.pt2"))
         record["packages"][kind] = Path(path).name
         record["compile_s"][kind] = time.perf_counter() - started

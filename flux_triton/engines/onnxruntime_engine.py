@@ -25,12 +25,13 @@ def build(job) -> Path:
 
 
 def verify(onnx_path: Path, job) -> list[str]:
-    """ONNX Runtime against diffusers (eager, float64 RoPE) at the default shapes."""
-    from flux_triton.engines.verify import measure
+    """ONNX Runtime against diffusers (eager, float64 RoPE) at the default shapes the profile admits."""
+    from flux_triton.engines.verify import cases_within, measure
 
     _, signature = job.signature()
     transformer = store.load_transformer(job.model_dir(), signature.torch_dtype, "cpu")
-    lines = [str(m) for m in measure(open_session(onnx_path, torch.device("cpu")), transformer, signature)]
+    session = open_session(onnx_path, torch.device("cpu"))
+    lines = [str(m) for m in measure(session, transformer, signature, cases_within(job.profile))]
     for line in lines:
         print(f"onnxruntime vs diffusers: {line}")
     return lines
