@@ -5,12 +5,14 @@ UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --locked --all-extras
 FLUX := $(RUN) python -m flux_triton
 
-# make engine / make repo: which engine (docs/engines.md); empty means the package's default.
+# make engine / make repo: which engine and step cache (docs/engines.md); empty means the package's default.
 ENGINE ?=
 MODEL ?=
 PRECISION ?=
 ENGINE_ARGS ?=
-SELECT = $(if $(ENGINE),--kind $(ENGINE)) $(if $(MODEL),--model $(MODEL)) $(if $(PRECISION),--precision $(PRECISION))
+CACHE ?=
+SELECT = $(if $(ENGINE),--kind $(ENGINE)) $(if $(MODEL),--model $(MODEL)) $(if $(PRECISION),--precision $(PRECISION)) \
+	$(if $(CACHE),--cache $(CACHE))
 
 .PHONY: help setup tiny default-engine run serve standalone engine repo test test-unit test-gpu load lint format clean
 

@@ -95,11 +95,11 @@ def launch(repository: Path, folder: Path, env: dict[str, str]) -> TritonServer:
     )
 
 
-def start_engine_server(folder: Path, model_root: Path, sidecar: Path) -> TritonServer:
-    """flux_dit over the engine of ``sidecar`` (built with ``make engine``'s code), in a repository generated and
-    checked like ``make repo``."""
+def start_engine_server(folder: Path, model_root: Path, sidecar: Path, cache: str = "none") -> TritonServer:
+    """flux_dit over the engine of ``sidecar`` (built with ``make engine``'s code) serving the step ``cache``, in a
+    repository generated and checked like ``make repo``."""
     repository = folder / "model_repository"
-    write_repository(sidecar, repository, Locations(CHECKOUT))
+    write_repository(sidecar, repository, Locations(CHECKOUT), cache)
     check_repository(repository)
     return launch(repository, folder, {MODEL_ROOT_ENV: str(model_root)}).start()
 

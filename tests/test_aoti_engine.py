@@ -17,17 +17,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BUSY_SIZE, CHECKOUT, DEV, SCHNELL, infer_concurrently, start_engine_server
+from helpers import (
+    BUSY_SIZE,
+    CHECKOUT,
+    DEV,
+    SCHNELL,
+    embeds,
+    generate,
+    infer_concurrently,
+    load_tiny,
+    start_engine_server,
+)
+from tritonclient.utils import InferenceServerException
 
+from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
-from flux_triton.contract import validate
-from flux_triton.deploy.repository import engine_config
+from flux_triton.contract import InputError, validate
+from flux_triton.contract.protocol import END, START, SequenceStep
+from flux_triton.deploy.repository import engine_config, write_repository
 from flux_triton.engines import aoti
 from flux_triton.engines.kinds import load_engine
 from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.engines.sidecar import EngineSidecar, sha256_files
 from flux_triton.engines.verify import measure
+from flux_triton.locations import Locations
 from flux_triton.pipeline import call, inputs, loop
+from flux_triton.pipeline.caching import build_cache
+from flux_triton.serving import caching
+from flux_triton.serving.engine_service import EngineService
+from flux_triton.serving.settings import EngineSettings
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 LOOP_TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -139,8 +157,10 @@ def test_build_refuses_a_compiler_that_links_libstdcxx_statically(tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def dev_aoti_server(tmp_path_factory, model_root, aoti_engines):
+    """flux_dit over the dev engine, serving MagCache: a stateless step (and a sequence without the cache) runs
+    every block, as without it."""
     folder = tmp_path_factory.mktemp("dev-aoti")
-    server = start_engine_server(folder, model_root, aoti_engines["tiny-flux-dev"])
+    server = start_engine_server(folder, model_root, aoti_engines["tiny-flux-dev"], cache="mag")
     yield server
     server.stop()
 
@@ -183,3 +203,77 @@ def test_served_schnell_loop_matches_flux_pipeline(schnell_aoti_server, http_cli
     expected = loop.pipeline_latents(tiny_schnell, "schnell", first, 4, height=256, width=320)
     torch.testing.assert_close(served, expected, **LOOP_TOL)
     assert not torch.allclose(served, first.hidden_states, atol=1e-2)
+
+
+@pytest.mark.server
+def test_a_served_cached_loop_matches_local_diffusers_with_the_same_cache(dev_aoti_server, model_root):
+    """diffusers' MagCache around the compiled blocks: its skips follow the schedule, so the served loop takes the
+    same skips as local diffusers and stays within the engine's loop tolerance of it, far from the uncached loop."""
+    config = build_cache({"kind": "mag"})
+    kwargs = dict(num_inference_steps=28, guidance_scale=3.5, size=256, **embeds(31))
+    local = load_tiny(model_root, "tiny-flux-dev")
+    uncached = generate(local, "dev", seed=31, **kwargs)
+    local.enable_cache(config)
+    expected = generate(local, "dev", seed=31, **kwargs)
+    with RemoteFluxTransformer(url=dev_aoti_server.url, model_name="flux_dit") as remote:
+        remote.enable_cache(config)
+        served = generate(remote, "dev", seed=31, **kwargs)
+        again = generate(remote, "dev", seed=31, **kwargs)  # a second generation starts from a clean cache
+        remote.disable_cache()
+        served_uncached = generate(remote, "dev", seed=31, **kwargs)
+    torch.testing.assert_close(served, expected, **LOOP_TOL)
+    torch.testing.assert_close(again, expected, **LOOP_TOL)
+    torch.testing.assert_close(served_uncached, uncached, **LOOP_TOL)
+    assert (expected - uncached).abs().max() > 10 * LOOP_TOL["atol"], "the cache skipped nothing"  # ~6e-3
+
+
+@pytest.mark.server
+def test_a_sequence_asking_for_another_cache_is_refused_by_flux_dit(dev_aoti_server, http_client):
+    step = inputs.random_step(DEV, height=256, width=256, seed=3)
+    client = http_client(dev_aoti_server)
+    other = json.dumps({"kind": "taylorseer"})
+    with pytest.raises(InferenceServerException, match=r'cache: this model caches with \{"kind": "mag"'):
+        infer_step(client, "flux_dit", step.wire(), sequence=SequenceStep(51, start=True, key="k", cache=other))
+    infer_step(client, "flux_dit", step.wire(), sequence=SequenceStep(51, start=True, end=True, key="k"))
+
+
+def test_engine_cache_state_is_dropped_when_its_sequence_ends_fails_or_is_reclaimed(aoti_engines, model_root):
+    """In process: the hooks' state per context as cached sequences end, fail and are reclaimed; a reclaimed
+    sequence's next step is refused, not run uncached."""
+    sidecar, engine = load_engine(aoti_engines["tiny-flux-dev"], torch.device("cpu"), model_root)
+    settings = EngineSettings(engine="unused", cache="mag", max_sessions=2)
+    service = EngineService(settings, sidecar, engine)
+    step = validate(inputs.random_step(DEV, height=256, width=256, seed=5).wire(), DEV).engine_tensors(DEV)
+    cache = json.dumps({"kind": "mag"})
+
+    def run(sequence_id: int, flags: int, tensors=None):
+        parameters = {"session_key": "k", "cache": cache if flags & START else ""}
+        return service.run([(tensors or step, SequenceStep.from_flags(sequence_id, flags, parameters))])[0]
+
+    for sequence_id in (1, 2):
+        assert isinstance(run(sequence_id, START), torch.Tensor)
+    assert caching.live_contexts(engine.transformer) == {"1", "2"}
+    run(1, END)
+    bad = {**step, "timestep": torch.tensor([float("nan")])}
+    assert isinstance(run(2, 0, bad), Exception)  # a failed step
+    assert caching.live_contexts(engine.transformer) == set()
+    for sequence_id in (3, 4, 5):  # past max_sessions: the least recently used is reclaimed
+        run(sequence_id, START)
+    assert caching.live_contexts(engine.transformer) == {"4", "5"}
+    refused = run(3, 0)
+    assert isinstance(refused, InputError) and "sequence 3: its step cache state was reclaimed" in str(refused)
+    assert isinstance(run(3, START), torch.Tensor)  # a START takes it up again
+    uncached = service.run([(step, SequenceStep())])[0]  # a stateless step computes every block, keeps no state
+    assert caching.live_contexts(engine.transformer) == {"3", "5"}
+    with caching.cache_context(engine.transformer, None):
+        assert torch.equal(uncached, engine(step))
+
+
+def test_a_cache_is_refused_for_an_engine_that_is_one_graph(aoti_engines, tmp_path):
+    path = aoti_engines["tiny-flux-dev"]
+    onnx = path.with_name("tiny-flux-dev-fp32.onnxruntime-cached.json")
+    onnx.write_text(json.dumps({**json.loads(path.read_text()), "kind": "onnxruntime"}))
+    with pytest.raises(ValueError, match="the onnxruntime engine is one compiled graph"):
+        write_repository(onnx, tmp_path / "repository", Locations(CHECKOUT), "mag")
+    with pytest.raises(ValueError, match="cache and cuda_graphs"):
+        EngineSettings(engine="e.json", cache="mag", cuda_graphs=True)

@@ -70,8 +70,8 @@ class RemoteFluxTransformer:
         if not self.router.sessions:
             raise RemoteDitError(f"model '{self.settings.model_name}' keeps no generation sessions, so no step cache")
         if not self.router.runs_caches:
-            raise RemoteDitError(f"model '{self.settings.model_name}' runs no step caches (its engine has no "
-                                 f"diffusers hooks); use dit_transformer for them")  # fmt: skip
+            raise RemoteDitError(f"model '{self.settings.model_name}' runs no step caches (its engine serves none: "
+                                 f"make repo --cache with an aoti engine, or dit_transformer)")  # fmt: skip
         self.router.generations.cache = json.dumps(describe_cache(config))
 
     def disable_cache(self) -> None:

@@ -21,7 +21,7 @@ from flux_triton.client.transport import Transport, make_transport
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature, Step
 from flux_triton.contract.protocol import ADMIN_KEY_ENV, SequenceStep
-from flux_triton.contract.served import keeps_sessions
+from flux_triton.contract.served import keeps_sessions, runs_step_caches
 
 
 class StepRouter:
@@ -37,7 +37,7 @@ class StepRouter:
             first = self.replicas.choose()
             config = first.client.get_model_config(settings.model_name, settings.model_version)
             self.sessions = keeps_sessions(config) if settings.sessions is None else settings.sessions
-            self.runs_caches = config.get("platform") != "ensemble"  # flux_dit's engine has no diffusers hooks
+            self.runs_caches = runs_step_caches(config)
         except Exception:
             self.replicas.close()
             raise

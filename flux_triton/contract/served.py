@@ -52,3 +52,11 @@ def keeps_sessions(config: Mapping) -> bool:
     ``flux_dit``)."""
     value = config.get("parameters", {}).get("max_sessions", {}).get("string_value", "0")
     return value.isdigit() and int(value) > 0
+
+
+def runs_step_caches(config: Mapping) -> bool:
+    """Whether the served model can run a step cache: ``dit_transformer`` can (it refuses one other than its
+    ``cache`` setting's), ``flux_dit`` when its engine serves one (its ``cache`` parameter)."""
+    if config.get("platform") != "ensemble":
+        return True
+    return config.get("parameters", {}).get("cache", {}).get("string_value", "none") != "none"

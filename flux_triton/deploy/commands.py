@@ -23,6 +23,8 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None, help="default: the kind's")
     parser.add_argument("--model", default=store.DEFAULT_MODEL, help="model name under the model root")
     parser.add_argument("--engines-dir", type=Path, default=None, help="default: $FLUX_ENGINE_DIR or engines/")
+    parser.add_argument("--cache", default="none", help="the step cache flux_dit serves: none, a preset name or a "
+                        "JSON spec (the aoti kinds)")  # fmt: skip
 
 
 def _sidecar(args: argparse.Namespace) -> tuple[str, Path]:
@@ -55,12 +57,12 @@ def engine(argv: list[str] | None = None) -> None:
             build_engine(
                 args.kind, args.model, precision, _profile(args), path.parent, verify=not args.no_verify, **options
             )
+        if not args.no_repo:
+            from flux_triton.deploy.repository import generate
+
+            generate(path, cache=args.cache)
     except (RuntimeError, ValueError) as exc:  # a missing toolchain or device, bad arguments: say which
         sys.exit(f"make engine: {exc}")
-    if not args.no_repo:
-        from flux_triton.deploy.repository import generate
-
-        generate(path)
 
 
 def _profile(args: argparse.Namespace) -> ProfileConfig:
@@ -85,7 +87,10 @@ def repo(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from flux_triton.deploy.repository import generate
 
-    generate(args.engine or _sidecar(args)[1], args.output)
+    try:
+        generate(args.engine or _sidecar(args)[1], args.output, args.cache)
+    except ValueError as exc:
+        sys.exit(f"make repo: {exc}")
 
 
 def serve_parser() -> argparse.ArgumentParser:

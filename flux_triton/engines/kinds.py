@@ -30,6 +30,7 @@ class EngineKind:
     platform: str  # dit_engine's Triton model: "python" (this package's runner) or "tensorrt_plan"
     summary: str
     cuda_graphs: bool = False  # the runner's step can be captured in a CUDA graph (dit_engine's cuda_graphs)
+    step_caches: bool = False  # the runner is diffusers' model (compiled blocks), which diffusers' cache hooks wrap
 
     def implementation(self) -> ModuleType:
         return importlib.import_module(f"flux_triton.engines.{self.module}")
@@ -59,8 +60,8 @@ KINDS: dict[str, EngineKind] = {
         EngineKind(
             "tensorrt", "tensorrt_engine", ("bf16", "fp16", "fp8", "fp32"), "tensorrt_plan", "a TensorRT plan; NVIDIA GPU"
         ),
-        EngineKind("aoti", "aoti_engine", (DEVICE_DTYPE, "bf16", "fp32"), "python", "AOTInductor block packages for the build device", True),
-        EngineKind("aoti-fp8", "aoti_engine", ("fp8",), "python", "AOTInductor packages with FP8 block linears; Hopper+", True),
+        EngineKind("aoti", "aoti_engine", (DEVICE_DTYPE, "bf16", "fp32"), "python", "AOTInductor block packages for the build device", True, True),
+        EngineKind("aoti-fp8", "aoti_engine", ("fp8",), "python", "AOTInductor packages with FP8 block linears; Hopper+", True, True),
     )
 }
 DEFAULT_KIND = "onnxruntime"
@@ -75,6 +76,16 @@ def kind_named(name: str) -> EngineKind:
 def sidecar_path(engines_dir: Path, model: str, precision: str, kind: str) -> Path:
     """``engines/<model>-<precision>.<kind>.json``; the engine itself is named alike beside it."""
     return Path(engines_dir) / f"{Path(model).name}-{precision}.{kind}.json"
+
+
+def check_step_cache(kind: str, cache: str) -> None:
+    """Refuse the step ``cache`` (a cache setting) for an engine ``kind`` whose runner diffusers' hooks cannot wrap."""
+    from flux_triton.pipeline.caching import parse_cache_setting
+
+    if parse_cache_setting(cache) is not None and not KINDS[kind].step_caches:
+        kinds = ", ".join(name for name, k in KINDS.items() if k.step_caches)
+        raise ValueError(f"cache {cache}: the {kind} engine is one compiled graph, which diffusers' cache hooks "
+                         f"cannot wrap (kinds that serve a step cache: {kinds}; or serve dit_transformer)")  # fmt: skip
 
 
 def load_engine(

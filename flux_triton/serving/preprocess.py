@@ -14,6 +14,8 @@ import torch
 
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
 from flux_triton.contract.protocol import STATELESS, SequenceStep
+from flux_triton.pipeline.caching import parse_cache_setting
+from flux_triton.serving import caching
 from flux_triton.serving.sessions import Sessions, closes_only
 from flux_triton.serving.settings import PreprocessSettings
 
@@ -29,6 +31,7 @@ class Preprocessor:
     def __init__(self, settings: PreprocessSettings):
         self.signature, self.limits = settings.signature, settings.limits
         self.sessions = Sessions(settings.session_settings)
+        self.cache = parse_cache_setting(settings.cache)  # the engine's; a START may choose it
 
     def run(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS) -> dict:
         """One request -> the engine's inputs; a step of a sequence (non-zero id) gets its held prompt. Bad input
@@ -39,7 +42,9 @@ class Preprocessor:
             if closes_only(tensors, sequence):
                 self.sessions.close(sequence)
                 return Step.closing(self.signature).engine_tensors(self.signature)
-            engine = preprocess(self.sessions.step_tensors(sequence, tensors), self.signature, self.limits)
+            cached = sequence.start and caching.chosen(sequence.cache, self.cache)
+            held = self.sessions.step_tensors(sequence, tensors, cached)
+            engine = preprocess(held, self.signature, self.limits)
         except InputError:
             self.sessions.finish(sequence, failed=True)
             raise

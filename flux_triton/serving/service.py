@@ -5,7 +5,6 @@ tensors; the same object runs standalone."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from flux_triton.contract.protocol import STATELESS, SequenceStep
 from flux_triton.model import store
 from flux_triton.model.parallel import ParallelSettings
 from flux_triton.model.speedups import load_with_speedups
-from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
+from flux_triton.pipeline.caching import parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import detached, finite_or_error, run_merged
@@ -132,26 +131,12 @@ class DitService:
             self.sessions.close(sequence)
             return None
         try:
-            cached = sequence.start and self._cache_chosen(sequence.cache)
+            cached = sequence.start and caching.chosen(sequence.cache, self.cache)
             tensors = self.sessions.step_tensors(sequence, moved, cached)
             return validate(tensors, self.signature, self.limits)
         except InputError:
             self.sessions.finish(sequence, failed=True)
             raise
-
-    def _cache_chosen(self, cache: str) -> bool:
-        """Whether a sequence starting with the ``cache`` parameter (a plain spec as JSON; empty: none) caches."""
-        try:
-            wanted = build_cache(json.loads(cache)) if cache else None
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"cache: {exc}") from None
-        if wanted is None:
-            return False
-        if self.cache is None or describe_cache(wanted) != describe_cache(self.cache):
-            served = json.dumps(describe_cache(self.cache)) if self.cache else "none"
-            raise InputError(f"cache: this model caches with {served}; start the sequence with that or without "
-                             f"a cache, got {json.dumps(describe_cache(wanted))}")  # fmt: skip
-        return True
 
     @torch.inference_mode()
     def forward(self, step: Step, context: str | None = None) -> torch.Tensor:

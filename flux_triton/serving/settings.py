@@ -116,19 +116,13 @@ class TransformerSettings(ModelSettings):
     parallel_timeout_s: float = ParallelSettings.timeout_s
 
     def validate(self) -> None:
-        from flux_triton.pipeline.caching import parse_cache_setting
-
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype parameter: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch", "max_image_tokens", "max_text_tokens", "max_sessions_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} parameter: expected 1 or more, got {getattr(self, name)}")
-        try:
-            cache = parse_cache_setting(self.cache)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"cache parameter: {exc}") from None
         # the parallel settings refuse an unknown kind or a bad degree
-        check_composition(self.speedups, cache is not None, self.parallel_settings)
+        check_composition(self.speedups, _check_cache(self.cache) is not None, self.parallel_settings)
 
     @property
     def parallel_settings(self) -> ParallelSettings:
@@ -159,8 +153,10 @@ class PreprocessSettings(ModelSettings):
     max_sessions: int = SessionSettings.max_sessions
     max_sessions_per_client: int = SessionSettings.max_per_client
     session_idle_s: float = SessionSettings.idle_timeout_s
+    cache: str = "none"  # the engine's step cache, which a sequence may choose at its START
 
     def validate(self) -> None:
+        _check_cache(self.cache)
         if not 1 <= self.min_image_tokens <= self.max_image_tokens:
             raise ValueError(f"min_image_tokens {self.min_image_tokens} and max_image_tokens "
                              f"{self.max_image_tokens}: expected 1 <= min <= max")  # fmt: skip
@@ -182,10 +178,11 @@ class PreprocessSettings(ModelSettings):
                       self.min_text_tokens)  # fmt: skip
 
     @classmethod
-    def of_engine(cls, signature: DitSignature, limits: Limits) -> PreprocessSettings:
-        """What ``make repo`` writes for an engine of ``signature`` and profile ``limits`` (default sessions)."""
+    def of_engine(cls, signature: DitSignature, limits: Limits, cache: str = "none") -> PreprocessSettings:
+        """What ``make repo`` writes for an engine of ``signature`` and profile ``limits`` serving ``cache``
+        (default sessions)."""
         return cls(signature.in_channels, signature.pooled_dim, signature.text_dim, signature.guidance_embeds,
-                   signature.dtype, **dataclasses.asdict(limits))  # fmt: skip
+                   signature.dtype, **dataclasses.asdict(limits), cache=cache)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -194,10 +191,21 @@ class EngineSettings(ModelSettings):
 
     engine: str = ""  # the engine's sidecar, relative to the engines folder
     cuda_graphs: bool = False  # each step shape captured in one CUDA graph (the AOTI kinds)
+    cache: str = "none"  # a step cache generations may choose (the AOTI kinds: diffusers' hooks around the engine)
+    # the cached sequences' bounds, dit_preprocess's own: a sequence it keeps keeps its cache state here
+    max_sessions: int = SessionSettings.max_sessions
+    session_idle_s: float = SessionSettings.idle_timeout_s
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(self.max_sessions, idle_timeout_s=self.session_idle_s)
 
     def validate(self) -> None:
         if not self.engine:
             raise ValueError("engine parameter: expected the engine's sidecar (make repo writes it)")
+        if _check_cache(self.cache) and self.cuda_graphs:
+            raise ValueError("cache and cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
+                             "turn one of them off")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,17 @@ class EnsembleSettings(ModelSettings):
     sessions; the client reads ``max_sessions`` to use them)."""
 
     max_sessions: int = SessionSettings.max_sessions
+    cache: str = "none"  # its engine's step cache (none: enable_cache is refused)
+
+
+def _check_cache(setting: str):
+    """The cache a ``cache`` setting names (``None`` for none), or ``ValueError`` naming the setting."""
+    from flux_triton.pipeline.caching import parse_cache_setting
+
+    try:
+        return parse_cache_setting(setting)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"cache parameter: {exc}") from None
 
 
 SCHEMAS = {"dit_transformer": TransformerSettings, "dit_preprocess": PreprocessSettings,

@@ -1,0 +1,122 @@
+"""``dit_engine``'s serving core: each request checked against the engine side of the contract and the engine's
+profile, run batched where shapes and ids agree, every answer checked finite (``merging.run_engine_requests``).
+
+With a step cache (``cache``; an AOTI engine, which is diffusers' model with compiled blocks, so diffusers' hooks
+wrap it): the ensemble hands ``dit_engine`` each request's sequence id, flags and parameters, as it hands them to
+``dit_preprocess``, which keeps the sessions and checks the START's cache choice. A sequence that chose the cache at
+its START runs each step alone in its own cache context (``<sequence id>``); its state is dropped at END, when a step
+fails and once idle. Other steps still merge, each merged forward in a fresh context (it computes every block, as
+without the cache)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flux_triton.contract import InputError
+from flux_triton.contract.protocol import SequenceStep, SessionSettings
+from flux_triton.pipeline.caching import parse_cache_setting
+from flux_triton.serving import caching
+from flux_triton.serving.merging import detached, run_engine_requests
+from flux_triton.serving.sessions import closes_only
+from flux_triton.serving.settings import EngineSettings
+
+Request = tuple[Mapping[str, torch.Tensor], SequenceStep]
+
+
+class CachedSequences:
+    """The sequences that run with the step cache, least recently used first: at most ``max_sessions``, each
+    reclaimed once idle for ``idle_timeout_s`` (``dit_preprocess``'s own bounds; it keeps the sessions). A later
+    step of a reclaimed sequence is refused, not run uncached."""
+
+    def __init__(self, transformer, settings: SessionSettings):
+        self.transformer, self.settings = transformer, settings
+        self._used: OrderedDict[int | str, float] = OrderedDict()
+        self._reclaimed: OrderedDict[int | str, None] = OrderedDict()  # bounded: the ids a refusal names
+
+    def context(self, sequence: SequenceStep, cached: bool) -> str | None:
+        """The cache context of a step of ``sequence`` (``cached``: its START chose the cache); ``None``: none."""
+        sequence_id = sequence.sequence_id
+        if sequence.start:
+            self.drop(sequence_id)  # a START starts clean
+            self._reclaimed.pop(sequence_id, None)
+            if not cached:
+                return None
+        elif sequence_id in self._reclaimed:
+            raise InputError(f"sequence {sequence_id}: its step cache state was reclaimed (idle, or more than "
+                             f"{self.settings.max_sessions} cached sequences); START it again")  # fmt: skip
+        elif sequence_id not in self._used:
+            return None
+        self._used[sequence_id] = time.monotonic()
+        self._used.move_to_end(sequence_id)
+        while len(self._used) > self.settings.max_sessions:
+            self._reclaim(next(iter(self._used)))
+        return str(sequence_id)
+
+    def drop(self, sequence_id: int | str) -> None:
+        """Forget a sequence's cache state (its END, a failed step, a new START)."""
+        if self._used.pop(sequence_id, None) is not None:
+            caching.forget(self.transformer, str(sequence_id))
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for sequence_id in [key for key, used in self._used.items() if now - used > self.settings.idle_timeout_s]:
+            self._reclaim(sequence_id)
+
+    def _reclaim(self, sequence_id: int | str) -> None:
+        self.drop(sequence_id)
+        self._reclaimed[sequence_id] = None
+        while len(self._reclaimed) > 4 * self.settings.max_sessions:
+            self._reclaimed.popitem(last=False)
+
+
+class EngineService:
+    """The engine of one ``dit_engine`` instance, its signature and profile, and its cached sequences (with a
+    ``cache``, ``engine`` is a runner whose ``transformer`` diffusers' hooks wrap: ``kinds.check_step_cache``)."""
+
+    def __init__(self, settings: EngineSettings, sidecar, engine):
+        self.sidecar, self.engine, self.cached = sidecar, engine, None
+        self.cache = parse_cache_setting(settings.cache)
+        if self.cache is not None:
+            engine.transformer.enable_cache(self.cache)
+            self.cached = CachedSequences(engine.transformer, settings.session_settings)
+
+    def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
+        """One result per request, in order: ``noise_pred`` or the error of its request or forward."""
+        signature, limits = self.sidecar.dit_signature, self.sidecar.limits
+        if self.cached is None:
+            return run_engine_requests(self.engine, [tensors for tensors, _ in requests], signature, limits)
+        self.cached.expire()
+        results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
+        merged = []
+        for position, (tensors, sequence) in enumerate(requests):
+            try:
+                context = self._context(tensors, sequence)
+            except InputError as exc:
+                results[position] = detached(exc)
+                continue
+            if context is None:
+                merged.append(position)
+                continue
+            with caching.cache_context(self.engine.transformer, context):  # a cached step runs alone
+                (results[position],) = run_engine_requests(self.engine, [tensors], signature, limits)
+            if sequence.end or isinstance(results[position], Exception):
+                self.cached.drop(sequence.sequence_id)
+        if merged:
+            with caching.cache_context(self.engine.transformer, None):
+                answers = run_engine_requests(self.engine, [requests[i][0] for i in merged], signature, limits)
+            for position, answer in zip(merged, answers, strict=True):
+                results[position] = answer
+        return results
+
+    def _context(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep) -> str | None:
+        """The cache context of a request (``None``: uncached); an END-only request drops its sequence's."""
+        if not sequence.sequence_id:
+            return None
+        if closes_only(tensors, sequence):
+            self.cached.drop(sequence.sequence_id)
+            return None
+        return self.cached.context(sequence, sequence.start and caching.chosen(sequence.cache, self.cache))
