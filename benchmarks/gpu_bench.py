@@ -10,7 +10,8 @@ Paths: ``eager``, ``compile`` (whole model), ``regional`` (dit_transformer's bf1
 compile), ``fp8`` (+ FP8 block linears, per-token activation scales), ``fp8-static`` (static scales calibrated here
 first, ``model.fp8_scales``), ``-fast`` (FP8 GEMMs with fast accumulation), ``fp8-attn`` (``fp8`` + FP8 cuDNN
 attention, ``model.fp8_attention``), ``aoti``/``aoti-fp8`` (engines, each compiled once per run, or
-taken from ``--engines``/``--engine-cache``), ``-graphs`` (+ one CUDA graph per shape).
+taken from ``--engines``/``--engine-cache``; ``aoti-fp8`` with static scales and fast accumulation, as ``make engine``
+builds it), ``-graphs`` (+ one CUDA graph per shape).
 
     python benchmarks/gpu_bench.py --out bench.json                  # every path, AOTI built here
     python benchmarks/gpu_bench.py --engines DIR --out bench.json    # AOTI engines of make engine in DIR
@@ -28,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from flux_triton.engines import aoti
-from flux_triton.engines.aoti_engine import prebuilt_or_build
+from flux_triton.engines import aoti, aoti_engine
 from flux_triton.model import speedups
 from flux_triton.model.fp8 import set_fp8_options
 from flux_triton.model.fp8_attention_processor import use_diffusers_attention
@@ -132,7 +132,8 @@ def main() -> None:
     results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     accuracy_step = step_for("1024x1024-b1")
     refs = fp32_reference(model, accuracy_step, args.loop_steps)
-    if any("-static" in name for name in args.paths.split(",")):  # calibrated on the bf16 model, before FP8 paths
+    # calibrated on the bf16 model, before the FP8 paths (aoti-fp8 is built with static scales, as make engine's)
+    if any("-static" in name or name.startswith("aoti-fp8") for name in args.paths.split(",")):
         started = time.perf_counter()
         results["fp8_scales"] = {name: scale.item() for name, scale in calibrate(model, Calibration()).items()}
         results["calibration_s"] = time.perf_counter() - started
@@ -160,8 +161,9 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return call, started
     if name == "compile":
         return partial(transformer_call, torch.compile(model, fullgraph=True)), started
-    scales = results.get("fp8_scales") if "-static" in name else None
-    fast_accum = "-fast" in name
+    aoti_fp8 = name.startswith("aoti-fp8")  # make engine's recipe: static scales, fast accumulation
+    scales = results.get("fp8_scales") if "-static" in name or aoti_fp8 else None
+    fast_accum = "-fast" in name or aoti_fp8
     set_fp8_options(model, scales, fast_accum)  # FP8 linears converted by an earlier path: this path's options
     if name.startswith(("regional", "fp8")):  # dit_transformer's: regional, fp8[-static][-fast], fp8-attn, ...-graphs
         fp8, attention = name.startswith("fp8"), "fp8_cudnn" if name.startswith("fp8-attn") else cudnn
@@ -170,8 +172,9 @@ def prepare_path(name: str, model, args, results: dict, started: float):
         return partial(transformer_call, speedups.apply_speedups(model, chosen, fp8_scales=scales)), started
     kind = name.removesuffix("-graphs")
     if kind in ("aoti", "aoti-fp8"):
-        speedups.apply_speedups(model, speedups.Speedups(attention_backend=cudnn, fp8=kind == "aoti-fp8"))
-        engine_dir, packages = prebuilt_or_build(kind, model, args.engines, RANDOM_MODEL, args.engine_cache)
+        chosen = aoti_engine.speedups_for(kind, model.device)
+        speedups.apply_speedups(model, chosen, fp8_scales=scales)
+        engine_dir, packages = aoti_engine.prebuilt_or_build(kind, model, args.engines, RANDOM_MODEL, args.engine_cache)
         started = time.perf_counter()  # ready = loading the prebuilt engine onto the loaded model
         aoti.attach(model, engine_dir, packages)
         return (partial(transformer_call, GraphedTransformer(model)) if kind != name else call), started

@@ -28,7 +28,7 @@ from flux_triton.serving.settings import MODEL_DIR_ENV
 # Fixtures that start a tritonserver (besides the ``*_server`` ones): a test that uses one is a ``server`` test.
 SERVER_FIXTURES = {"public_dev", "public_schnell", "supervised", "fleet", "pair", "bare", "roomy", "broken"}
 # Fixtures that compile an engine or a model: ``make test-unit`` leaves their tests out with the servers'.
-BUILD_FIXTURES = {"aoti_engines"}
+BUILD_FIXTURES = {"aoti_engines", "aoti_fp8_engine"}
 
 
 def pytest_collection_modifyitems(config, items):

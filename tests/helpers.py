@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import tritonclient.http as httpclient
 from safetensors.torch import load_file, save_file
@@ -39,6 +40,20 @@ SCHNELL = DitSignature(in_channels=4, pooled_dim=32, text_dim=32, guidance_embed
 # 4096 image tokens: the engine's forward takes several times the preprocessing hop, so concurrent
 # requests queue at the engine as they do behind a GPU step (the batcher waits only 0.1 ms).
 BUSY_SIZE = {"height": 1024, "width": 1024}
+
+
+def cpu_row_wise_fp8() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (the pinned one does; older ones, as on some
+    GPU hosts, take only per-tensor scales there)."""
+    rows = torch.zeros(2, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(rows, rows.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
+fp8_on_cpu = pytest.mark.skipif(not cpu_row_wise_fp8(), reason="this torch's CPU _scaled_mm lacks row-wise scales")
 
 
 def load_tiny(model_root: Path, name: str):

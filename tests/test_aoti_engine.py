@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from helpers import (
     DEV,
     SCHNELL,
     embeds,
+    fp8_on_cpu,
     generate,
     infer_concurrently,
     load_tiny,
@@ -35,12 +37,17 @@ from flux_triton.client.wire import infer_step
 from flux_triton.contract import InputError, validate
 from flux_triton.contract.protocol import END, START, SequenceStep
 from flux_triton.deploy.repository import engine_config, write_repository
-from flux_triton.engines import aoti
-from flux_triton.engines.kinds import load_engine
+from flux_triton.engines import aoti, aoti_engine
+from flux_triton.engines.build import BuildJob
+from flux_triton.engines.kinds import kind_named, load_engine, sidecar_path
 from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.engines.sidecar import EngineSidecar, sha256_files
 from flux_triton.engines.verify import measure
 from flux_triton.locations import Locations
+from flux_triton.model import store
+from flux_triton.model.fp8 import Float8Linear
+from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, ScalesError, calibrate, load_scales, save_scales
+from flux_triton.model.speedups import Speedups, load_with_speedups
 from flux_triton.pipeline import call, inputs, loop
 from flux_triton.pipeline.caching import build_cache
 from flux_triton.serving import caching
@@ -277,3 +284,65 @@ def test_a_cache_is_refused_for_an_engine_that_is_one_graph(aoti_engines, tmp_pa
         write_repository(onnx, tmp_path / "repository", Locations(CHECKOUT), "mag")
     with pytest.raises(ValueError, match="cache and cuda_graphs"):
         EngineSettings(engine="e.json", cache="mag", cuda_graphs=True)
+
+
+@pytest.fixture(scope="module")
+def aoti_fp8_engine(tmp_path_factory, model_root):
+    """An ``aoti-fp8`` engine of tiny-flux-dev compiled on the CPU (``make engine`` builds FP8 kinds only on an FP8
+    GPU; the pinned torch runs FP8 GEMMs on the CPU too), its model folder a copy without a scales file, which the
+    build calibrates: ``(sidecar, model root)``."""
+    root = tmp_path_factory.mktemp("fp8-models")
+    shutil.copytree(store.resolve_model_dir("tiny-flux-dev", model_root), root / "tiny-flux-dev")
+    kind = kind_named("aoti-fp8")
+    precision = kind.precision(None)
+    path = sidecar_path(root / "engines", "tiny-flux-dev", precision.name, kind.name)
+    path.parent.mkdir()
+    job = BuildJob(kind, "tiny-flux-dev", precision, PROFILE_PRESETS["tiny"], path, root)
+    return aoti_engine.build(job, torch.device("cpu")), root
+
+
+@fp8_on_cpu
+def test_the_fp8_engine_runs_static_scales_and_fast_accumulation(aoti_fp8_engine):
+    """The fastest FP8 recipe (``dit_transformer``'s): the scales the build calibrated into the model folder,
+    recorded by sha256, loaded into every FP8 linear, with fast accumulation; the step as the eager recipe's."""
+    path, root = aoti_fp8_engine
+    sidecar = EngineSidecar.read(path)
+    scales_path = root / "tiny-flux-dev" / SCALES_FILE
+    recorded = sidecar.build["fp8_scales"]
+    assert recorded["file"] == SCALES_FILE and recorded["sha256"] == sha256_files(scales_path)
+    assert recorded["calibrated_s"] is not None, "the build did not calibrate the missing file"
+    assert sidecar.build["speedups"] | {"fp8_scales": SCALES_FILE, "fp8_fast_accum": True} == sidecar.build["speedups"]
+    _, run = load_engine(path, torch.device("cpu"), root)
+    scales = load_scales(scales_path, store.load_transformer(root / "tiny-flux-dev", torch.float32, "cpu"))
+    linears = {name: m for name, m in run.transformer.named_modules() if isinstance(m, Float8Linear)}
+    assert linears.keys() == scales.keys()
+    assert all(m.fast_accum and m.input_scale.item() == scales[name] for name, m in linears.items())
+    signature = sidecar.dit_signature
+    step = inputs.random_step(signature, 1, 256, 256, 8, 700.0, seed=3)
+    eager_speedups = Speedups(**sidecar.build["speedups"])
+    eager = load_with_speedups(root / "tiny-flux-dev", signature.torch_dtype, torch.device("cpu"), eager_speedups)
+    served = run(validate(step.wire(), signature).engine_tensors(signature))
+    torch.testing.assert_close(served, call.transformer_call(eager, step), rtol=1e-2, atol=1e-2)  # bf16: ~1 ulp
+
+
+@fp8_on_cpu
+def test_the_fp8_engine_refuses_scales_it_was_not_built_with(aoti_fp8_engine, model_root, tmp_path):
+    path, root = aoti_fp8_engine
+    folder = tmp_path / "tiny-flux-dev"
+    shutil.copytree(root / "tiny-flux-dev", folder)
+    sidecar = tmp_path / "engines" / path.name
+    shutil.copytree(path.parent, sidecar.parent)
+    dev, schnell = load_tiny(model_root, "tiny-flux-dev"), load_tiny(model_root, "tiny-flux-schnell")
+    small = Calibration(shapes=((64, 64, 1),), timesteps=(500.0,), seeds=(0,), text_tokens=8)
+    save_scales(folder / SCALES_FILE, calibrate(dev, small), dev.config, small)  # recalibrated: another file
+    with pytest.raises(ScalesError, match=r"is not the file the engine was built with .* rebuild the engine"):
+        load_engine(sidecar, torch.device("cpu"), tmp_path)
+    save_scales(folder / SCALES_FILE, calibrate(schnell, small), schnell.config, small)  # another model's
+    data = json.loads(sidecar.read_text())
+    data["build"]["fp8_scales"]["sha256"] = sha256_files(folder / SCALES_FILE)
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(ScalesError, match="was calibrated for another model"):
+        load_engine(sidecar, torch.device("cpu"), tmp_path)
+    (folder / SCALES_FILE).unlink()
+    with pytest.raises(ScalesError, match="which the engine was built with, is missing"):
+        load_engine(sidecar, torch.device("cpu"), tmp_path)

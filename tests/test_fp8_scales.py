@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import load_tiny
+from helpers import fp8_on_cpu, load_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -25,19 +25,6 @@ from flux_triton.pipeline import call, inputs
 from flux_triton.serving.service import DitService
 from flux_triton.serving.settings import TransformerSettings
 
-
-def _cpu_row_wise_fp8() -> bool:
-    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (the pinned one does; older ones, as on some
-    GPU hosts, take only per-tensor scales there)."""
-    rows = torch.zeros(2, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(rows, rows.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.float32)
-    except RuntimeError:
-        return False
-    return True
-
-
-fp8_on_cpu = pytest.mark.skipif(not _cpu_row_wise_fp8(), reason="this torch's CPU _scaled_mm lacks row-wise scales")
 SMALL = Calibration(shapes=((64, 64, 1), (128, 64, 2)), timesteps=(1000.0, 300.0), seeds=(0,), text_tokens=8)
 
 

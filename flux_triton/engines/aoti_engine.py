@@ -2,7 +2,9 @@
 build device, into ``engines/<model>-<precision>.<kind>/`` with a JSON sidecar.
 
 - ``aoti``: the model dtype (bf16 on CUDA, fp32 on CPU), attention through cuDNN on CUDA.
-- ``aoti-fp8``: bf16 with FP8 block linears (``model.fp8``); needs an FP8 GPU (8.9+).
+- ``aoti-fp8``: bf16 with FP8 block linears (``model.fp8``) in ``dit_transformer``'s fastest FP8 recipe: static
+  activation scales (``model.fp8_scales``: the model folder's file, calibrated by the build when missing; the
+  sidecar records its sha256) and fast accumulation; needs an FP8 GPU (8.9+).
 
 The packages hold code only. Loading one means loading the source model's safetensors onto the
 runner's device, applying the speed-ups the packages were compiled with, and routing every block's
@@ -24,18 +26,53 @@ from flux_triton.engines import aoti
 from flux_triton.engines.build import default_device
 from flux_triton.engines.kinds import kind_named, sidecar_path
 from flux_triton.engines.profiles import ProfileConfig
-from flux_triton.engines.sidecar import EngineSidecar, artifact, device_record
+from flux_triton.engines.sidecar import EngineSidecar, artifact, device_record, sha256_files
 from flux_triton.model import store
-from flux_triton.model.speedups import Speedups, apply_speedups
+from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, ScalesError, calibrate, load_scales, save_scales
+from flux_triton.model.speedups import Speedups, apply_speedups, load_with_speedups
 from flux_triton.pipeline.call import engine_call
 
 CUDNN_ATTENTION = "_native_cudnn"
 
 
-def speedups_for(kind: str, device: torch.device) -> Speedups:
-    """The speed-ups an AOTI engine of ``kind`` is compiled with and must run with."""
+def speedups_for(kind: str, device: torch.device, fp8_scales: str = SCALES_FILE) -> Speedups:
+    """The speed-ups an AOTI engine of ``kind`` is compiled with (its sidecar records them; a load applies them),
+    FP8 with the static scales of the model folder's file ``fp8_scales`` ("": per-token scales)."""
     attention = CUDNN_ATTENTION if device.type == "cuda" else "native"
-    return Speedups(attention_backend=attention, fp8=kind == "aoti-fp8")
+    fp8 = kind == "aoti-fp8"
+    return Speedups(attention_backend=attention, fp8=fp8, fp8_scales=fp8_scales if fp8 else "", fp8_fast_accum=fp8)
+
+
+def build_scales(job, transformer, text_tokens: int) -> dict | None:
+    """The FP8 engine's static scales (``job.options["fp8_scales"]``, a file in the model folder): read, or
+    calibrated on ``transformer`` (before its FP8 conversion) at the engine's text length and written; ``None``
+    for per-token scales. Returns ``{"file", "sha256", "calibrated_s", "scales"}``."""
+    name = job.options.get("fp8_scales", SCALES_FILE)
+    if job.kind.name != "aoti-fp8" or not name:
+        return None
+    path = store.inside(job.model_dir(), name)
+    calibrated_s = None
+    if not path.is_file():
+        started, calibration = time.perf_counter(), Calibration(text_tokens=text_tokens)
+        print(f"calibrating static FP8 activation scales into {path}")
+        save_scales(path, calibrate(transformer, calibration), transformer.config, calibration)
+        calibrated_s = round(time.perf_counter() - started, 3)
+    scales = load_scales(path, transformer)
+    return {"file": name, "sha256": sha256_files(path), "calibrated_s": calibrated_s, "scales": scales}
+
+
+def check_scales(sidecar: EngineSidecar, model_dir: Path) -> None:
+    """Refuse an FP8 engine whose scales file is not the one it was built with (a recalibration, another file)."""
+    recorded = sidecar.build.get("fp8_scales")
+    if not recorded:
+        return
+    path = store.inside(model_dir, recorded["file"])
+    if not path.is_file():
+        raise ScalesError(f"fp8_scales: {path}, which the engine was built with, is missing; rebuild the engine")
+    found = sha256_files(path)
+    if found != recorded["sha256"]:
+        raise ScalesError(f"fp8_scales: {path} is not the file the engine was built with (sha256 {found}, the "
+                          f"sidecar's {recorded['sha256']}); rebuild the engine or restore the file")  # fmt: skip
 
 
 def fixed_text(profile: ProfileConfig) -> ProfileConfig:
@@ -44,17 +81,19 @@ def fixed_text(profile: ProfileConfig) -> ProfileConfig:
     return replace(profile, text_tokens=(text, text, text))
 
 
-def build(job) -> Path:
-    """Load, speed up, compile and describe one AOTI engine (``engines.build.BuildJob``)."""
-    device = default_device(job.precision)  # before anything is loaded
+def build(job, device: torch.device | None = None) -> Path:
+    """Load, speed up, compile and describe one AOTI engine (``engines.build.BuildJob``) for ``device`` (default:
+    the precision's, ``build.default_device``)."""
+    device = device or default_device(job.precision)  # before anything is loaded
     aoti.check_compiler_runtime()
     profile = fixed_text(job.profile)
     aoti_profile = aoti.AotiProfile.from_profile(profile)
     source_config, signature = job.signature()
     started = time.perf_counter()
     transformer = store.load_transformer(job.model_dir(), job.precision.dtype, device)
-    speedups = speedups_for(job.kind.name, device)
-    apply_speedups(transformer, speedups)
+    scales = build_scales(job, transformer, aoti_profile.text_tokens)
+    speedups = speedups_for(job.kind.name, device, scales["file"] if scales else "")
+    apply_speedups(transformer, speedups, fp8_scales=scales and scales.pop("scales"))
     load_s = time.perf_counter() - started
     engine_dir = job.engine_path(f".{job.kind.name}")
     print(f"compiling {job.model} ({job.precision.name}, {job.kind.name}) for {device} into {engine_dir}")
@@ -74,6 +113,7 @@ def build(job) -> Path:
             "torch_version": torch.__version__,
             "aoti_profile": asdict(aoti_profile),
             "speedups": asdict(speedups),
+            "fp8_scales": scales,
             "load_s": round(load_s, 3),
             "compile_s": {name: round(seconds, 3) for name, seconds in record["compile_s"].items()},
         },
@@ -93,8 +133,9 @@ def load(sidecar: EngineSidecar, sidecar_path: Path, device: torch.device, model
     sidecar.check_device(sidecar_path, device)
     sidecar.check_artifacts(sidecar_path)
     model_dir = store.resolve_model_dir(sidecar.source_model, model_root)
-    transformer = store.load_transformer(model_dir, sidecar.dit_signature.torch_dtype, device)
-    apply_speedups(transformer, speedups_for(sidecar.kind, device))
+    check_scales(sidecar, model_dir)
+    speedups = Speedups(**sidecar.build["speedups"])  # those the packages were compiled with
+    transformer = load_with_speedups(model_dir, sidecar.dit_signature.torch_dtype, device, speedups)
     aoti.attach(transformer, sidecar_path.parent / sidecar.engine_file, packages(sidecar))
     return AotiEngine(sidecar.kind, transformer, device, sidecar.build["aoti_profile"]["text_tokens"])
 
