@@ -42,9 +42,9 @@ def engine(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="max pixels")
     parser.add_argument("--text-tokens", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"))
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset of the ONNX kinds (default 19)")
-    parser.add_argument("--fp8-scales", default=None, help="aoti-fp8: the static activation scales file in the "
-                        "model's folder, calibrated when missing (default fp8_scales.safetensors); per-token: "
-                        "dynamic scales")  # fmt: skip
+    parser.add_argument("--fp8-scales", default=None, help="PRECISION fp8: the static activation scales file in "
+                        "the model's folder, calibrated when missing (default fp8_scales.safetensors); per-token: "
+                        "dynamic scales (aoti-fp8 only)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true", help="skip the engine vs diffusers check")
     parser.add_argument("--if-missing", action="store_true", help="build only if the engine's sidecar is missing")
     parser.add_argument("--no-repo", action="store_true", help="do not generate the flux_dit repository")
@@ -58,8 +58,8 @@ def engine(argv: list[str] | None = None) -> None:
         else:
             options = {"opset": args.opset} if args.opset else {}
             if args.fp8_scales is not None:
-                if args.kind != "aoti-fp8":
-                    raise ValueError(f"--fp8-scales: only the aoti-fp8 kind takes static scales, not {args.kind}")
+                if precision != "fp8":
+                    raise ValueError(f"--fp8-scales: static scales are for PRECISION fp8, not {precision}")
                 options["fp8_scales"] = "" if args.fp8_scales == "per-token" else args.fp8_scales
             build_engine(
                 args.kind, args.model, precision, _profile(args), path.parent, verify=not args.no_verify, **options

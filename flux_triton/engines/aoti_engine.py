@@ -28,7 +28,7 @@ from flux_triton.engines.kinds import kind_named, sidecar_path
 from flux_triton.engines.profiles import ProfileConfig
 from flux_triton.engines.sidecar import EngineSidecar, artifact, device_record, sha256_files
 from flux_triton.model import store
-from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, ScalesError, calibrate, load_scales, save_scales
+from flux_triton.model.fp8_scales import SCALES_FILE, ScalesError
 from flux_triton.model.speedups import Speedups, apply_speedups, load_with_speedups
 from flux_triton.pipeline.call import engine_call
 
@@ -41,24 +41,6 @@ def speedups_for(kind: str, device: torch.device, fp8_scales: str = SCALES_FILE)
     attention = CUDNN_ATTENTION if device.type == "cuda" else "native"
     fp8 = kind == "aoti-fp8"
     return Speedups(attention_backend=attention, fp8=fp8, fp8_scales=fp8_scales if fp8 else "", fp8_fast_accum=fp8)
-
-
-def build_scales(job, transformer, text_tokens: int) -> dict | None:
-    """The FP8 engine's static scales (``job.options["fp8_scales"]``, a file in the model folder): read, or
-    calibrated on ``transformer`` (before its FP8 conversion) at the engine's text length and written; ``None``
-    for per-token scales. Returns ``{"file", "sha256", "calibrated_s", "scales"}``."""
-    name = job.options.get("fp8_scales", SCALES_FILE)
-    if job.kind.name != "aoti-fp8" or not name:
-        return None
-    path = store.inside(job.model_dir(), name)
-    calibrated_s = None
-    if not path.is_file():
-        started, calibration = time.perf_counter(), Calibration(text_tokens=text_tokens)
-        print(f"calibrating static FP8 activation scales into {path}")
-        save_scales(path, calibrate(transformer, calibration), transformer.config, calibration)
-        calibrated_s = round(time.perf_counter() - started, 3)
-    scales = load_scales(path, transformer)
-    return {"file": name, "sha256": sha256_files(path), "calibrated_s": calibrated_s, "scales": scales}
 
 
 def check_scales(sidecar: EngineSidecar, model_dir: Path) -> None:
@@ -91,7 +73,7 @@ def build(job, device: torch.device | None = None) -> Path:
     source_config, signature = job.signature()
     started = time.perf_counter()
     transformer = store.load_transformer(job.model_dir(), job.precision.dtype, device)
-    scales = build_scales(job, transformer, aoti_profile.text_tokens)
+    scales = job.static_scales(transformer, aoti_profile.text_tokens)
     speedups = speedups_for(job.kind.name, device, scales["file"] if scales else "")
     apply_speedups(transformer, speedups, fp8_scales=scales and scales.pop("scales"))
     load_s = time.perf_counter() - started

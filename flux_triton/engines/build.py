@@ -3,6 +3,7 @@ folder (``make engine``)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from flux_triton.contract import DitSignature
 from flux_triton.engines.kinds import EngineKind, kind_named, sidecar_path
 from flux_triton.engines.precision import Precision
 from flux_triton.engines.profiles import PROFILE_PRESETS, ProfileConfig, preset_for
+from flux_triton.engines.sidecar import sha256_files
 from flux_triton.locations import Locations
 from flux_triton.model import store
+from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, calibrate, load_scales, save_scales
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,24 @@ class BuildJob:
 
     def model_dir(self) -> Path:
         return store.resolve_model_dir(self.model, self.model_root)
+
+    def static_scales(self, transformer, text_tokens: int) -> dict | None:
+        """An FP8 engine's static activation scales (``options["fp8_scales"]``, a file in the model folder;
+        default ``fp8_scales.safetensors``): read, or calibrated on ``transformer`` (before its FP8 conversion) at
+        the engine's text length and written there first; ``None`` for another precision or for per-token scales
+        (``""``). Returns what the sidecar records, ``{"file", "sha256", "calibrated_s"}``, with the ``scales``."""
+        name = self.options.get("fp8_scales", SCALES_FILE)
+        if self.precision.quantization != "fp8" or not name:
+            return None
+        path = store.inside(self.model_dir(), name)
+        calibrated_s = None
+        if not path.is_file():
+            started, calibration = time.perf_counter(), Calibration(text_tokens=text_tokens)
+            print(f"calibrating static FP8 activation scales into {path}")
+            save_scales(path, calibrate(transformer, calibration), transformer.config, calibration)
+            calibrated_s = round(time.perf_counter() - started, 3)
+        scales = load_scales(path, transformer)
+        return {"file": name, "sha256": sha256_files(path), "calibrated_s": calibrated_s, "scales": scales}
 
     def signature(self) -> tuple[dict, DitSignature]:
         """The source model's config and its concrete contract at this precision."""

@@ -1,7 +1,8 @@
 """Trace ``FluxTransformer2DModel`` to ONNX with the engine IO of the contract (``engine_inputs``).
 
 Exporter: the TorchScript exporter (``dynamo=False``), as NVIDIA's demo does for BF16/FP8 FLUX and
-ModelOpt does for every FLUX export; the dynamo exporter fails on this model (pytorch#138195).
+ModelOpt does for every FLUX export; the dynamo exporter fails on this model (pytorch#138195). FP8: the block
+linears in ``dit_transformer``'s recipe with the calibrated static scales, as standard Q/DQ (``engines.fp8_qdq``).
 Dynamic axes: batch on every tensor, image tokens ``N`` and text tokens ``S``. Graphs over 2 GB
 are saved with their weights in one external data file beside them (``<name>.onnx.data``).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -18,11 +19,13 @@ import torch
 
 from flux_triton.contract import DitSignature, validate
 from flux_triton.contract.specs import ENGINE_OUTPUTS, dynamic_axes, engine_inputs
+from flux_triton.engines.fp8_qdq import use_qdq
 from flux_triton.engines.profiles import ProfileConfig
 from flux_triton.engines.rope import exportable_rope
 from flux_triton.engines.sidecar import EngineSidecar, artifact
 from flux_triton.engines.wrapper import EngineGraph
 from flux_triton.model import store
+from flux_triton.model.fp8 import quantize_blocks
 from flux_triton.pipeline.inputs import random_step
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -34,7 +37,6 @@ class ExportConfig:
     trace_batch: int = 2  # not 1, so that no batch dim is specialised away
     trace_size: tuple[int, int] = (256, 320)  # non-square, N != S
     external_data: bool | None = None  # None: only when the graph exceeds 2 GB
-    full_check: bool = True  # onnx.checker with shape inference (off for ModelOpt's custom FP8 Q/DQ ops)
 
     def describe(self) -> dict:
         return {"exporter": "torch.onnx.export(dynamo=False)", "opset": self.opset, "rope": "float32"}
@@ -83,7 +85,7 @@ def export_onnx(
         )
         model = onnx.load(str(raw))
         save(model, path, config.external_data)
-    onnx.checker.check_model(str(path), full_check=config.full_check)
+    onnx.checker.check_model(str(path), full_check=True)
     return path
 
 
@@ -107,18 +109,19 @@ def data_path(path: Path) -> Path:
 
 def export_for_engine(job) -> EngineSidecar:
     """The ONNX kinds' first stage (``engines.build.BuildJob``): load the model on the build device,
-    quantize it for FP8, export ``<stem>.onnx``; returns the engine's sidecar, not yet written."""
+    convert it to FP8 Q/DQ with its static scales, export ``<stem>.onnx``; returns the engine's sidecar, not yet
+    written."""
     config = ExportConfig(**{key: value for key, value in job.options.items() if key == "opset"})
-    if job.precision.quantization:
-        config = replace(config, full_check=False)  # ModelOpt's FP8 Q/DQ are custom ops
     model_dir = job.model_dir()
     source_config, signature = job.signature()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformer = store.load_transformer(model_dir, job.precision.dtype, device)
+    scales = job.static_scales(transformer, job.profile.text_tokens[1])
     if job.precision.quantization == "fp8":
-        from flux_triton.engines.quantize_fp8 import quantize_fp8
-
-        quantize_fp8(transformer, signature, job.profile)
+        if scales is None:
+            raise ValueError("--fp8-scales per-token: TensorRT's FP8 Q/DQ need static activation scales")
+        quantize_blocks(transformer, scales.pop("scales"))
+        use_qdq(transformer)
     path = job.engine_path(".onnx")
     print(f"exporting {model_dir} ({job.precision.name}) to {path}")
     export_onnx(transformer, signature, path, config, job.profile)
@@ -134,5 +137,5 @@ def export_for_engine(job) -> EngineSidecar:
         job.profile,
         source_config,
         artifacts=artifacts,
-        build=config.describe(),
+        build={**config.describe(), "fp8_scales": scales},
     )

@@ -2,7 +2,7 @@
 
 TensorRT builds strongly typed networks (the only mode in TensorRT 11; ``BuilderFlag.FP16/BF16/
 FP8`` were removed), so the precision lives in the ONNX graph itself: weights and float IO in
-``dtype``; FP8 as explicit Q/DQ nodes from NVIDIA ModelOpt around a BF16 graph. The AOTI kinds
+``dtype``; FP8 as explicit Q/DQ nodes with the calibrated scales in a BF16 graph (``engines.fp8_qdq``). The AOTI kinds
 compile the loaded model in ``dtype``, FP8 as e4m3 block linears (``model.fp8``).
 """
 

@@ -2,7 +2,7 @@
 and 11.x), served by Triton's own ``tensorrt_plan`` platform.
 
 Strongly typed network (the only mode of TensorRT 11, opt-in on 10.x): the precision comes from
-the graph (FP16/BF16 weights and IO, FP8 Q/DQ from ModelOpt). One optimization profile with
+the graph (FP16/BF16 weights and IO, FP8 Q/DQ with calibrated scales). One optimization profile with
 min/opt/max for batch, image tokens and text tokens, from ``export.profiles``. The ONNX parser
 reads external weight data beside the graph (``parse_from_file``).
 """
