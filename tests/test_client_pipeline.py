@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
+import threading
 import time
 
 import pytest
@@ -184,3 +186,36 @@ def test_a_server_that_never_answers_times_out(tmp_path):
         with pytest.raises(RemoteDitError, match=f"Triton server at {url} is not reachable"):
             RemoteFluxTransformer(url=url, connection_timeout_s=1.0, network_timeout_s=1.0)
         assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("transport", ["http", "shm"])
+def test_one_remote_transformer_serves_pipelines_in_pool_threads(dev_server, tiny_dev, transport):
+    """A web server's pattern: the remote transformer and one pipeline per request made in the main thread, the
+    requests run by pool threads, several at once. Each thread gets its own connection (tritonclient's client
+    serves only the thread that made it) and each generation its own latents (merged forwards on the server:
+    within fp32 rounding of the local run)."""
+    seeds = range(20, 26)
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5)
+    local = loop.flux_pipeline(tiny_dev, "dev")
+    expected = {seed: _run(local, seed, **kwargs, **_embeds(seed)) for seed in seeds}
+    with RemoteFluxTransformer(url=dev_server.url, transport=transport) as remote:
+        pipes = {seed: loop.flux_pipeline(remote, "dev") for seed in seeds}
+
+        def generate(seed: int) -> tuple[torch.Tensor, str]:
+            return _run(pipes[seed], seed, **kwargs, **_embeds(seed)), threading.current_thread().name
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = dict(zip(seeds, pool.map(generate, seeds), strict=True))
+            threads = {name for _, name in results.values()}
+            assert len(remote.routers._routers) == len(threads) + 1  # the main thread's, and one per pool thread
+        assert len(threads) > 1, "the pool ran every generation in one thread"
+        for seed, (served, _) in results.items():
+            torch.testing.assert_close(served, expected[seed], rtol=1e-5, atol=1e-5)
+        assert len(remote.routers._routers) == 1, "a finished thread's router was not freed"
+        served = _run(pipes[seeds[0]], seeds[0], **kwargs, **_embeds(seeds[0]))  # the main thread, after them
+        assert torch.equal(served, expected[seeds[0]])
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        pytest.raises(RemoteDitError, match="the remote transformer is closed"),
+    ):
+        pool.submit(generate, seeds[0]).result()

@@ -3,12 +3,13 @@ on Triton. ``pipe.transformer = RemoteFluxTransformer(RemoteSettings(url=...))``
 denoises on the server, with the latents it would get from the local transformer.
 
 This is the diffusers face only (what the pipeline reads and calls); where each step goes, and how, is
-``client.router.StepRouter``'s."""
+``client.router.StepRouter``'s, one per calling thread (``client.threads``): any thread may call it."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,7 @@ from diffusers.configuration_utils import FrozenDict
 
 from flux_triton.client.connection import RemoteDitError, RemoteSettings
 from flux_triton.client.router import StepRouter
+from flux_triton.client.threads import ThreadRouters
 from flux_triton.client.timestep import raw_timestep
 from flux_triton.contract import Step
 from flux_triton.pipeline.caching import describe_cache
@@ -30,8 +32,8 @@ class RemoteFluxTransformer:
         if settings is not None and overrides:
             raise TypeError("pass either settings or keyword overrides, not both")
         self.settings = settings or RemoteSettings(**overrides)
-        self.router = StepRouter(self.settings)
-        self.signature = self.router.signature
+        self.routers = ThreadRouters(self.settings)
+        self.signature = self.routers.signature
         self.config = FrozenDict(
             in_channels=self.signature.in_channels,
             out_channels=self.signature.in_channels,
@@ -40,7 +42,20 @@ class RemoteFluxTransformer:
             pooled_projection_dim=self.signature.pooled_dim,
             joint_attention_dim=self.signature.text_dim,
         )
-        self.cache_name: str | None = None
+        self._context = threading.local()  # the pipeline's cache context, per calling thread
+
+    @property
+    def router(self) -> StepRouter:
+        """The calling thread's router (``client.threads``)."""
+        return self.routers.get()
+
+    @property
+    def cache_name(self) -> str | None:
+        return getattr(self._context, "name", None)
+
+    @cache_name.setter
+    def cache_name(self, name: str | None) -> None:
+        self._context.name = name
 
     # What the router knows, for callers and tests: sessions, generations, replicas, transport, the calls' record.
     sessions = property(lambda self: self.router.sessions)
@@ -72,21 +87,21 @@ class RemoteFluxTransformer:
         if not self.router.runs_caches:
             raise RemoteDitError(f"model '{self.settings.model_name}' runs no step caches (its engine serves none: "
                                  f"make repo --cache with an aoti engine, or dit_transformer)")  # fmt: skip
-        self.router.generations.cache = json.dumps(describe_cache(config))
+        self.routers.set_cache(json.dumps(describe_cache(config)))
 
     def disable_cache(self) -> None:
-        self.router.generations.cache = ""
+        self.routers.set_cache("")
 
     @property
     def is_cache_enabled(self) -> bool:
-        return bool(self.router.generations.cache)
+        return bool(self.routers.cache)
 
     def _reset_stateful_cache(self, recurse: bool = True) -> None:
         """What ``FluxPipeline`` calls at the end of a generation: its sequences end on the server."""
         self.router.end_generations()
 
     def close(self) -> None:
-        self.router.close()
+        self.routers.close()
 
     def __enter__(self) -> RemoteFluxTransformer:
         return self

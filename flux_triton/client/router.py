@@ -28,9 +28,11 @@ class StepRouter:
     """The steps of one client of one served model: ``send`` a step's request, ``end_generations`` when the
     pipeline's call ends, ``close`` to free the connections and shared-memory regions."""
 
-    def __init__(self, settings: RemoteSettings):
+    def __init__(self, settings: RemoteSettings, signature: DitSignature | None = None):
+        """``signature``: the model's, as another router found it (every replica must serve it); ``None``: the
+        first replica's."""
         self.settings = settings
-        self.signature: DitSignature | None = None
+        self.signature = signature
         opener = weakref.WeakMethod(self._open)  # no cycle: a dropped client frees its regions at once
         self.replicas = Replicas(settings, lambda own: opener()(own))
         try:
@@ -116,8 +118,9 @@ class StepRouter:
             raise RemoteDitError(f"{self._where()} failed ({slot}): {exc.message()}{hint}") from exc
         except SharedMemoryException as exc:
             raise RemoteDitError(f"{self._where()}: shared memory failed ({slot}): {exc} ({exc.__cause__})") from exc
-        except Exception as exc:  # the connection dropped or timed out mid-run
-            raise RemoteDitError(f"{self._where()} is not reachable: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # the connection dropped or timed out mid-run, or the client failed: say which
+            what = "is not reachable" if unreachable(exc) else f"failed ({slot})"
+            raise RemoteDitError(f"{self._where()} {what}: {type(exc).__name__}: {exc}") from exc
         self.latencies_s.append(time.perf_counter() - start)
         return result
 
