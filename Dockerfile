@@ -38,10 +38,11 @@ RUN uv pip install --system --break-system-packages --no-deps . \
 ENV FLUX_TRITON_HOME=/opt/flux-triton \
     FLUX_MODEL_ROOT=/models \
     FLUX_ENGINE_DIR=/engines \
+    FLUX_COMPILE_CACHE_DIR=/compile-cache \
     TRITONSERVER_HOME=/opt/tritonserver \
     HF_HOME=/tmp/huggingface \
     XDG_CACHE_HOME=/tmp/cache
-VOLUME ["/models", "/engines"]
+VOLUME ["/models", "/engines", "/compile-cache"]
 EXPOSE 8000 8001 8002
 
 # Triton's image has this user (uid 1000) for running the server without root.

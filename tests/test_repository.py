@@ -17,6 +17,7 @@ from flux_triton.deploy.repository import engine_config, ensemble_config, prepro
 from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations
+from flux_triton.model.graphs import WARMUP_CALLS
 from flux_triton.model.presets import FLUX_DEV_CONFIG
 
 
@@ -60,6 +61,7 @@ def test_generated_repository_passes_the_static_checks(ort_repository, ort_sidec
     opt = {name: levels["opt"] for name, levels in EngineSidecar.read(ort_sidecar).shapes.items()}
     assert {name: [warmup.batch_size, *sample.dims] for name, sample in warmup.inputs.items()} == opt
     assert all(sample.zero_data for sample in warmup.inputs.values())
+    assert warmup.count == WARMUP_CALLS + 1  # a graphed runner captures the shape before READY
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, to_pbtxt
 from flux_triton.engines.kinds import DEFAULT_KIND, KINDS, check_step_cache
 from flux_triton.engines.sidecar import EngineSidecar
 from flux_triton.locations import Locations
-from flux_triton.serving.settings import EngineSettings, EnsembleSettings, PreprocessSettings
+from flux_triton.model.graphs import WARMUP_CALLS
+from flux_triton.pipeline.inputs import image_tokens
+from flux_triton.serving.settings import DEFAULT_WARMUP, EngineSettings, EnsembleSettings, PreprocessSettings
 
 PYTHON_MODELS = (PREPROCESS, ENGINE)  # their model.py live in model_repository/<name>/1/
 QUEUE_DELAY_US = 100  # lets simultaneous requests merge; a busy engine batches its queue anyway
@@ -48,7 +50,7 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str, cache: str = "none") 
         "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
         "input": [_tensor(spec, signature) for spec in engine_inputs(signature.guidance_embeds)],
         "output": [_tensor(spec, signature) for spec in ENGINE_OUTPUTS],
-        "model_warmup": [_warmup(sidecar)],
+        "model_warmup": _warmups(sidecar),
     }
     platform = KINDS[sidecar.kind].platform
     if platform == "python":
@@ -65,15 +67,29 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str, cache: str = "none") 
     return config
 
 
-def _warmup(sidecar: EngineSidecar) -> dict:
-    """One zero-valued request at the profile's opt shapes, run while the model loads: the first
-    forward's one-time costs (attention plans, kernel loading) are paid before the server reports
-    ready, not by the first client."""
-    signature, inputs = sidecar.dit_signature, {}
-    for spec in engine_inputs(signature.guidance_embeds):
-        batch, *dims = sidecar.shapes[spec.name]["opt"]
-        inputs[spec.name] = {"data_type": _tensor(spec, signature)["data_type"], "dims": dims, "zero_data": True}
-    return {"name": "opt_shape_zeros", "batch_size": batch, "inputs": inputs}
+def _warmups(sidecar: EngineSidecar) -> list[dict]:
+    """Zero-valued requests run while the model loads, before the server reports ready, so that the first forward's
+    one-time costs (attention plans, kernel loading, a CUDA graph's capture) are not the first client's: the
+    profile's opt shape, then each ``DEFAULT_WARMUP`` image the profile admits (at the opt text length). Each runs
+    ``WARMUP_CALLS + 1`` times: a graphed runner captures a shape's step on the call after its ordinary ones."""
+    signature, shapes = sidecar.dit_signature, sidecar.shapes["hidden_states"]
+    (batch, tokens, _), (min_batch, min_tokens, _), (max_batch, max_tokens, _) = (
+        shapes[level] for level in ("opt", "min", "max")
+    )
+    text = sidecar.shapes["encoder_hidden_states"]["opt"][1]
+    cases = [(batch, tokens)]
+    for height, width, images, _ in DEFAULT_WARMUP:
+        case = (images, image_tokens(height, width))
+        if min_batch <= images <= max_batch and min_tokens <= case[1] <= max_tokens and case not in cases:
+            cases.append(case)
+    warmups = []
+    for images, image_count in cases:
+        sizes = {**signature.sizes, "B": images, "N": image_count, "S": text}
+        inputs = {spec.name: {"data_type": _tensor(spec, signature)["data_type"], "dims": list(spec.resolve(sizes)),
+                              "zero_data": True} for spec in engine_inputs(signature.guidance_embeds)}  # fmt: skip
+        name = f"zeros_b{images}_{image_count}_image_tokens"
+        warmups.append({"name": name, "batch_size": images, "inputs": inputs, "count": WARMUP_CALLS + 1})
+    return warmups
 
 
 def preprocess_config(sidecar: EngineSidecar, cache: str = "none") -> dict:

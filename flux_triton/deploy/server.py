@@ -241,10 +241,14 @@ class TritonServer:
                 if not getattr(self, name):
                     setattr(self, name, free_port(LOOPBACK))
         log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
-        self.process = subprocess.Popen(
-            self.command(), env=server_environment(self.env, self.cache), stdout=log, stderr=log,
-            preexec_fn=die_with_parent,
-        )  # fmt: skip
+        try:
+            self.process = subprocess.Popen(
+                self.command(), env=server_environment(self.env, self.cache), stdout=log, stderr=log,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+        finally:
+            if log is not None:
+                log.close()  # the server writes through its own copy
         try:
             self.wait_ready(timeout_s, wait_for)
         except BaseException:

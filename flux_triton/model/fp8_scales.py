@@ -7,7 +7,6 @@ transformer's config, which fixes every linear's name and shape) and one positiv
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from flux_triton.contract import DitSignature
 from flux_triton.model.fp8 import FP8_MAX, block_linears
+from flux_triton.model.store import config_digest
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.pipeline.inputs import random_step
 
@@ -42,12 +42,6 @@ class Calibration:
     seeds: tuple[int, ...] = (0, 1)
     text_tokens: int = 512
     margin: float = 1.0  # headroom over the largest activation seen (values past it saturate at +-448)
-
-
-def config_digest(config: Mapping) -> str:
-    """The sha256 of a transformer's config, without diffusers' bookkeeping keys (``_name_or_path``...)."""
-    architecture = {key: value for key, value in dict(config).items() if not key.startswith("_")}
-    return hashlib.sha256(json.dumps(architecture, sort_keys=True, default=list).encode()).hexdigest()
 
 
 @torch.inference_mode()

@@ -7,7 +7,9 @@ safetensors only, for the tiny models and real FLUX weights alike.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -44,6 +46,12 @@ def inside(folder: Path, name: str) -> Path:
     if not path.is_relative_to(folder.resolve()):
         raise ModelDirError(f"{name!r} resolves to {path}, outside the model folder {folder}")
     return path
+
+
+def config_digest(config: Mapping) -> str:
+    """The sha256 of a transformer's config, without diffusers' bookkeeping keys (``_name_or_path``...)."""
+    architecture = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    return hashlib.sha256(json.dumps(architecture, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def read_config(model_dir: Path) -> dict:

@@ -13,10 +13,13 @@ import torch
 from flux_triton.contract import DitSignature, InputError, Limits, Step, validate
 from flux_triton.contract.protocol import STATELESS, SequenceStep
 from flux_triton.model import store
+from flux_triton.model.compile_cache import compile_key, use_compile_cache
+from flux_triton.model.graphs import WARMUP_CALLS
 from flux_triton.model.parallel import ParallelSettings
 from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.caching import parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
+from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import detached, finite_or_error, run_merged
 from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
@@ -58,6 +61,11 @@ class DitService:
         self.model_dir, self.signature = signature_for(settings, model_root, self.device)
         self.cache = parse_cache_setting(settings.cache)
         self.limits = Limits(settings.max_batch, settings.max_image_tokens, settings.max_text_tokens)
+        self.compile_cache = None
+        if settings.compile_cache_dir and settings.speedups.compile != "none":  # before any rank compiles
+            key = compile_key(store.read_config(self.model_dir), self.signature.torch_dtype, settings.speedups,
+                              self.device) | {"parallel": [parallel.kind, parallel.degree]}  # fmt: skip
+            self.compile_cache = use_compile_cache(settings.compile_cache_dir, key)
         if parallel.enabled:
             self.ranks = self._ranks(parallel)
         try:
@@ -176,6 +184,22 @@ class DitService:
                 except Exception as exc:
                     results[i] = detached(exc)
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
+
+    def warm_up(self, shapes: Sequence[tuple[int, int, int, int]]) -> None:
+        """Run each (height, width, batch, text tokens) shape's step as a request would, before the model reports
+        ready: the compile, the CUDA graph capture (after ``graphs.WARMUP_CALLS`` ordinary steps) and the kernels'
+        one-time costs are paid here, not by the first client. Raises naming the shape and the cause."""
+        calls = WARMUP_CALLS + 1 if self.settings.speedups.cuda_graphs else 1
+        for height, width, batch, text_tokens in shapes:
+            step = random_step(self.signature, batch, height, width, text_tokens, timestep=500.0)
+            try:
+                for _ in range(calls):
+                    (result,) = self.run([(step.wire(), STATELESS)])
+                    if isinstance(result, Exception):
+                        raise result
+            except Exception as exc:
+                raise RuntimeError(f"warm-up at {height}x{width}, batch {batch}, {text_tokens} text tokens failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
 
     def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
         """Triton's batch of requests (``Request``): one result per request, in order

@@ -24,6 +24,25 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")
 MODEL_DIR_ENV = "FLUX_DIT_MODEL_DIR"  # overrides dit_transformer's model_dir (a container's weights)
 # Triton's own parameters of a model's config (the Python backend's), which no schema of ours holds.
 TRITON_PARAMETERS = {"FORCE_CPU_ONLY_INPUT_TENSORS"}
+COMPILE_CACHE_ENV = "FLUX_COMPILE_CACHE_DIR"  # overrides dit_transformer's compile_cache_dir (a persistent volume)
+# What a model warms up before READY when it compiles, captures CUDA graphs or runs on a GPU: (height, width,
+# batch, text tokens), FluxPipeline's default image and prompt length.
+DEFAULT_WARMUP = ((1024, 1024, 1, 512),)
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    """``warmup_shapes``: ``HxWxB[xT],...`` (T: text tokens, default 512), ``auto`` or ``none`` (no shapes)."""
+    if text in ("auto", "none", ""):
+        return ()
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) not in (3, 4) or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise ValueError(f"warmup_shapes parameter: expected HEIGHTxWIDTHxBATCH[xTEXT_TOKENS],... or auto or none, "
+                             f"got {item.strip()!r}")  # fmt: skip
+        height, width, batch, *text_tokens = (int(part) for part in parts)
+        shapes.append((height, width, batch, text_tokens[0] if text_tokens else DEFAULT_WARMUP[0][3]))
+    return tuple(shapes)
 
 
 def _parse(name: str, raw: str, kind: type):
@@ -98,7 +117,7 @@ def _default(setting: dataclasses.Field):
 class TransformerSettings(ModelSettings):
     """``dit_transformer``'s settings (``model_repository/dit_transformer/config.pbtxt`` lists them all)."""
 
-    ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV}
+    ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV, "compile_cache_dir": COMPILE_CACHE_ENV}
     BATCH: ClassVar[str | None] = "max_batch"
 
     model_dir: str = "tiny-flux-dev"
@@ -114,8 +133,13 @@ class TransformerSettings(ModelSettings):
     parallel: str = NO_PARALLEL  # context parallelism across GPUs (model.parallel): none, ulysses, ring or usp
     parallel_degree: int = 1  # its ranks, one per GPU (GPUs 0..N-1 of the visible ones)
     parallel_timeout_s: float = ParallelSettings.timeout_s
+    # steps run before READY (parse_shapes): auto warms DEFAULT_WARMUP where the model compiles, captures CUDA graphs
+    # or runs on a GPU, and nothing on a plain CPU model
+    warmup_shapes: str = "auto"
+    compile_cache_dir: str = ""  # torch.compile's caches, kept across restarts (model.compile_cache); "": torch's
 
     def validate(self) -> None:
+        parse_shapes(self.warmup_shapes)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype parameter: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch", "max_image_tokens", "max_text_tokens", "max_sessions_per_client"):
@@ -127,6 +151,13 @@ class TransformerSettings(ModelSettings):
     @property
     def parallel_settings(self) -> ParallelSettings:
         return ParallelSettings(self.parallel, self.parallel_degree, self.parallel_timeout_s)
+
+    def warmup(self, device_type: str) -> tuple[tuple[int, int, int, int], ...]:
+        """The shapes to warm up before READY on a ``device_type`` ("cuda", "cpu") model."""
+        if self.warmup_shapes != "auto":
+            return parse_shapes(self.warmup_shapes)
+        compiled = self.speedups.compile != "none" or self.speedups.cuda_graphs
+        return DEFAULT_WARMUP if compiled or device_type == "cuda" else ()
 
     @property
     def session_settings(self) -> SessionSettings:

@@ -51,10 +51,19 @@ class TritonPythonModel:
         device = triton.instance_device(args)
         self.service = DitService(settings, Locations.of_repository(REPOSITORY).model_root, device)
         signature = self.service.signature
-        triton.log_info(
-            f"dit_transformer: {self.service.model_dir} on {device} as {signature.dtype}, "
-            f"guidance_embeds={signature.guidance_embeds}"
-        )
+        cache = self.service.compile_cache or "torch's default"
+        triton.log_info(f"dit_transformer: {self.service.model_dir} on {device} as {signature.dtype}, "
+                        f"guidance_embeds={signature.guidance_embeds}, compile caches in {cache}")  # fmt: skip
+        shapes = settings.warmup(self.service.device.type)
+        started = time.perf_counter()
+        try:  # before READY: a failure keeps the model unavailable, naming the shape
+            self.service.warm_up(shapes)
+        except Exception:
+            self.service.close()
+            raise
+        if shapes:
+            warmed = ", ".join(f"{h}x{w} b{b} ({t} text tokens)" for h, w, b, t in shapes)
+            triton.log_info(f"dit_transformer: warmed up {warmed} in {time.perf_counter() - started:.1f} s")
 
     def execute(self, requests):
         names = [spec.name for spec in INPUTS]
