@@ -9,7 +9,7 @@ import importlib
 _HOMES = {
     "specs": ("GUIDANCE_RANGE", "INPUTS", "INPUT_BY_NAME", "OUTPUTS", "OUTPUT_NAME", "PROMPT_INPUTS", "TIMESTEP_RANGE",
               "TensorSpec"),
-    "tensors": ("TORCH_TO_TRITON", "TRITON_TO_TORCH", "DitSignature", "from_numpy", "to_numpy"),
+    "tensors": ("TORCH_TO_TRITON", "TORCH_TO_WIRE", "TRITON_TO_TORCH", "DitSignature", "from_numpy", "to_numpy"),
     "step": ("Step",),
     "validation": ("InputError", "Limits", "OutputError", "check_output", "validate"),
 }  # fmt: skip

@@ -20,19 +20,19 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from flux_triton.contract import OUTPUT_NAME, TORCH_TO_TRITON, DitSignature, Limits, Step, from_numpy, to_numpy
+from flux_triton.contract import OUTPUT_NAME, TORCH_TO_WIRE, DitSignature, Limits, Step, from_numpy, to_numpy
 from flux_triton.contract.protocol import GUIDANCE_REQUIRED, admin_headers
 from flux_triton.contract.served import signature_from_config
 from flux_triton.contract.specs import engine_tensor_name
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, PREPROCESS
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, GENERATE, PREPROCESS
 from flux_triton.deploy.server import TritonServer
 from flux_triton.deploy.sockets import http_call
-from flux_triton.serving.settings import PreprocessSettings
+from flux_triton.serving.settings import GenerateSettings, PreprocessSettings
 
 if TYPE_CHECKING:
     from flux_triton.deploy.guard.process import GuardProcess
 
-MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE)  # this project's models, probed in this order
+MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE, GENERATE)  # this project's models, probed in this order
 PROBE_TIMEOUT_S = 60.0
 
 
@@ -56,6 +56,8 @@ def _ensemble_settings(client: httpclient.InferenceServerClient, headers: dict |
 def make_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None = None) -> Probe:
     """The probe of one of this project's models (``headers``: the admin key, which the internal models need
     behind the guard); ``dit_transformer``'s without guidance (``run_probe`` adds it if the model asks)."""
+    if model == GENERATE:
+        return _generate_probe(client, headers)
     if model == DIT_TRANSFORMER:
         config = client.get_model_config(model, headers=headers)
         signature, limits = signature_from_config(config, guidance_embeds=False), Limits()
@@ -67,8 +69,23 @@ def make_probe(client: httpclient.InferenceServerClient, model: str, headers: di
     return Probe(model, tensors, output, tuple(step.hidden_states.shape))
 
 
+def _generate_probe(client: httpclient.InferenceServerClient, headers: dict[str, str] | None) -> Probe:
+    """One step of a 16x16 generation from a one-token zero prompt, sized by the transformer flux_generate uses."""
+    settings = GenerateSettings.from_config(client.get_model_config(GENERATE, headers=headers), environment=False)
+    target = client.get_model_config(settings.transformer_model, headers=headers)
+    signature = signature_from_config(target, guidance_embeds=False)
+    tensors = {
+        "prompt_embeds": torch.zeros(1, 1, signature.text_dim),
+        "pooled_prompt_embeds": torch.zeros(1, signature.pooled_dim),
+        "height": torch.tensor([16], dtype=torch.int32),
+        "width": torch.tensor([16], dtype=torch.int32),
+        "num_inference_steps": torch.tensor([1], dtype=torch.int32),
+    }
+    return Probe(GENERATE, tensors, "latents", (1, 1, signature.in_channels))
+
+
 def _infer(client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None) -> torch.Tensor:
-    inputs = [httpclient.InferInput(name, list(t.shape), TORCH_TO_TRITON[t.dtype]) for name, t in probe.tensors.items()]
+    inputs = [httpclient.InferInput(name, list(t.shape), TORCH_TO_WIRE[t.dtype]) for name, t in probe.tensors.items()]
     for item, tensor in zip(inputs, probe.tensors.values(), strict=True):
         item.set_data_from_numpy(to_numpy(tensor), binary_data=True)
     output = httpclient.InferRequestedOutput(probe.output, binary_data=True)

@@ -12,6 +12,7 @@ from google.protobuf import json_format, text_format
 
 # The Triton model names of the repository.
 DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE = "dit_transformer", "flux_dit", "dit_preprocess", "dit_engine"
+GENERATE = "flux_generate"
 
 
 def model_config_pb2():

@@ -258,5 +258,32 @@ def _check_cache(setting: str):
         raise ValueError(f"cache parameter: {exc}") from None
 
 
+@dataclass(frozen=True)
+class GenerateSettings(ModelSettings):
+    """``flux_generate``'s settings: the served transformer its steps go to, the model folder whose config and
+    scheduler it reads, and its request limits (``serving.generate``)."""
+
+    ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV}
+
+    model_dir: str = "tiny-flux-dev"  # as dit_transformer's: the signature and the scheduler come from it
+    transformer_model: str = "dit_transformer"  # the served model each step goes to, in process (BLS)
+    scheduler: str = "auto"  # auto: the model folder's scheduler/, else by guidance: dev or schnell
+    dtype: str = "auto"  # the transformer's: auto is bfloat16 where a GPU is visible, float32 otherwise
+    cache: str = "none"  # the transformer's cache setting: the one a generation may choose (checked before it starts)
+    max_steps: int = 100
+    max_image_tokens: int = 16384
+    max_text_tokens: int = 512
+
+    def validate(self) -> None:
+        _check_cache(self.cache)
+        if self.scheduler not in ("auto", "dev", "schnell"):
+            raise ValueError(f"scheduler parameter: expected auto, dev or schnell, got {self.scheduler!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype parameter: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_steps", "max_image_tokens", "max_text_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} parameter: expected 1 or more, got {getattr(self, name)}")
+
+
 SCHEMAS = {"dit_transformer": TransformerSettings, "dit_preprocess": PreprocessSettings,
-           "dit_engine": EngineSettings, "flux_dit": EnsembleSettings}  # fmt: skip
+           "dit_engine": EngineSettings, "flux_dit": EnsembleSettings, "flux_generate": GenerateSettings}  # fmt: skip

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 
 from flux_triton.contract import OUTPUT_NAME, InputError, OutputError
-from flux_triton.contract.protocol import CACHE_PARAMETER, SequenceStep
+from flux_triton.contract.protocol import CACHE_PARAMETER, END, SESSION_KEY_PARAMETER, START, SequenceStep
 
 
 def _pb():
@@ -53,6 +53,30 @@ def sequence_step(request) -> SequenceStep:
     if not isinstance(parameters.get(CACHE_PARAMETER, ""), str):
         parameters[CACHE_PARAMETER] = json.dumps(parameters[CACHE_PARAMETER])
     return SequenceStep.from_flags(request.correlation_id(), request.flags(), parameters)
+
+
+def bls_infer(model_name: str, tensors: dict[str, torch.Tensor], sequence: SequenceStep) -> torch.Tensor:
+    """``noise_pred`` of one step sent to the served ``model_name`` in process (Triton's BLS), as a client's request
+    with its sequence id, flags, session key and cache; its error as ``RuntimeError`` (tritonserver 2.51 hands a
+    BLS caller every error as INTERNAL, so the caller checks what a request could get wrong first), or as
+    ``InputError`` where the code says the request was wrong."""
+    pb = _pb()
+    parameters = {SESSION_KEY_PARAMETER: sequence.key} | ({CACHE_PARAMETER: sequence.cache} if sequence.cache else {})
+    request = pb.InferenceRequest(
+        model_name=model_name,
+        inputs=[output(name, tensor) for name, tensor in tensors.items()],
+        requested_output_names=[OUTPUT_NAME],
+        correlation_id=sequence.sequence_id,
+        flags=(START if sequence.start else 0) | (END if sequence.end else 0),
+        parameters=parameters,
+    )
+    response = request.exec()
+    if response.has_error():
+        error = response.error()
+        message = f"{model_name}: {error.message()}"
+        raise InputError(message) if error.code() == pb.TritonError.INVALID_ARG else RuntimeError(message)
+    found = pb.get_output_tensor_by_name(response, OUTPUT_NAME)
+    return torch.utils.dlpack.from_dlpack(found.to_dlpack()).clone()  # the response's buffer goes with it
 
 
 def output(name: str, tensor: torch.Tensor):

@@ -1,7 +1,8 @@
 """The main job (``make run``): start tritonserver over the model repository and run the same
 denoising loop through each public model, printing per-step latency and the parity against
 diffusers' ``FluxPipeline``: ``dit_transformer`` (diffusers itself) must match bitwise, ``flux_dit``
-(the ensemble around a compiled engine, built first if missing) within ``ENGINE_TOLERANCE``."""
+(the ensemble around a compiled engine, built first if missing) within ``ENGINE_TOLERANCE``; then the same
+generation in one request to ``flux_generate`` (the pipeline on the server), bitwise."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import tritonclient.http as httpclient
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature, Step
 from flux_triton.deploy import health
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, GENERATE
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
@@ -41,6 +42,25 @@ def run_loop(client, model: str, first: Step, preset: str, steps: int) -> tuple[
         return noise_pred
 
     return loop.denoise(served_step, loop.make_scheduler(preset), first, steps), latencies
+
+
+def run_generate(url: str, transformer, first: Step, preset: str, args) -> list[str]:
+    """One request for the whole generation (seeded latents) against the local pipeline: ``[]`` if bitwise."""
+    from flux_triton.client import RemoteSettings, generate
+
+    prompt = {"prompt_embeds": first.encoder_hidden_states, "pooled_prompt_embeds": first.pooled_projections}
+    options = dict(height=args.height, width=args.width, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale)  # fmt: skip
+    pipe = loop.flux_pipeline(transformer, preset)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    expected = pipe(**prompt, **options, generator=generator, output_type="latent").images
+    begin = time.perf_counter()
+    served = generate(**prompt, **options, seed=args.seed, settings=RemoteSettings(url=url))
+    diff = (served - expected).abs().max().item()
+    print(f"{GENERATE}: one request, {args.steps} steps in {(time.perf_counter() - begin) * 1e3:.1f} ms")
+    print(f"  parity  max |served - FluxPipeline(output_type='latent')| = {diff:.3g} (bitwise: {diff == 0})")
+    return [] if diff == 0 else [GENERATE]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  parity  max |served - FluxPipeline(output_type='latent')| = {diff:.3g} ({verdict})")
                 if diff > bound:
                     failed.append(model)
+        if GENERATE in server.model_states():
+            failed += run_generate(server.url, transformer, first, preset, args)
         unhealthy = {model: why for model, why in health.check(server.url).items() if why}
         print(f"health  {unhealthy or 'every model answered its probe'}")
         failed += list(unhealthy)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_triton.client.timestep import TimestepError, raw_timestep, server_scaling
 from flux_triton.pipeline import inputs, loop
+from flux_triton.pipeline.timestep import TimestepError, raw_timestep, server_scaling
 
 # (preset, steps, (height, width)): the timesteps FluxPipeline makes for these runs.
 SCHEDULES = [

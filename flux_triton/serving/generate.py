@@ -1,0 +1,210 @@
+"""``flux_generate``'s core: a whole generation in one request.
+
+diffusers' own ``FluxPipeline`` runs on the server around a stand-in transformer (``pipeline.stand_in``) whose
+steps go to the served transformer model (``dit_transformer``) in process, through Triton's BLS, exactly as a
+client's steps would: so the latents equal a client-driven generation's bit for bit, the served model's speed-ups,
+step caches and sessions apply, and steps of concurrent generations merge in its batcher. Each cache context of
+the generation ("cond", "uncond") is one sequence: its first step carries the prompt (and the chosen step cache),
+later steps only the latents, the timestep and the ids; every sequence ends when the generation does, or fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+
+from flux_triton.contract import PROMPT_INPUTS, DitSignature, InputError, Step
+from flux_triton.contract.protocol import SequenceStep
+from flux_triton.pipeline import loop
+from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
+from flux_triton.pipeline.inputs import image_tokens
+from flux_triton.pipeline.stand_in import StandInTransformer
+from flux_triton.serving import caching
+from flux_triton.serving.settings import GenerateSettings
+
+# The request: (name, Triton dtype, dims, default; None: required). One generation per request, its prompt batch
+# the batch of images.
+GENERATE_INPUTS = (
+    ("prompt_embeds", "FP32", (-1, -1, -1), None),
+    ("pooled_prompt_embeds", "FP32", (-1, -1), None),
+    ("negative_prompt_embeds", "FP32", (-1, -1, -1), ...),  # ...: optional, no default (true CFG only)
+    ("negative_pooled_prompt_embeds", "FP32", (-1, -1), ...),
+    ("height", "INT32", (1,), 1024),
+    ("width", "INT32", (1,), 1024),
+    ("num_inference_steps", "INT32", (1,), 28),
+    ("guidance_scale", "FP32", (1,), 3.5),
+    ("true_cfg_scale", "FP32", (1,), 1.0),
+    ("seed", "INT64", (1,), 0),
+)
+GENERATE_OUTPUT = "latents"  # FP32 [B, N, C]: FluxPipeline(output_type="latent")'s packed latents
+Infer = Callable[[dict[str, torch.Tensor], SequenceStep], torch.Tensor]  # a step's tensors -> noise_pred
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One validated request: what ``FluxPipeline`` is called with."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_prompt_embeds: torch.Tensor | None
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    seed: int
+    cache: str  # the step cache's plain spec as JSON ("": none), as a sequence's START carries it
+
+    @classmethod
+    def parse(
+        cls, tensors: Mapping[str, torch.Tensor], cache: str, signature: DitSignature, settings: GenerateSettings
+    ) -> Generation:
+        """The request's tensors and ``cache`` parameter, checked; ``InputError`` names the field."""
+        values = {}
+        for name, _, dims, default in GENERATE_INPUTS:
+            tensor = tensors.get(name)
+            if tensor is None:
+                if default is None:
+                    raise InputError(f"{name}: missing; a generation needs the prompt's embeddings")
+                values[name] = None if default is ... else default
+            elif dims == (1,):
+                values[name] = _scalar(name, tensor)
+            else:
+                values[name] = _finite(name, tensor)
+        _check_prompt(values, signature, settings)
+        for name in ("height", "width"):
+            if values[name] < 16 or values[name] % 16:
+                raise InputError(f"{name}: expected a positive multiple of 16, got {values[name]}")
+        tokens = image_tokens(values["height"], values["width"])
+        if tokens > settings.max_image_tokens:
+            raise InputError(f"height x width: {values['height']}x{values['width']} is {tokens} image tokens, past "
+                             f"this server's limit of {settings.max_image_tokens}")  # fmt: skip
+        if not 1 <= values["num_inference_steps"] <= settings.max_steps:
+            raise InputError(f"num_inference_steps: expected 1 to {settings.max_steps}, got "
+                             f"{values['num_inference_steps']}")  # fmt: skip
+        for name in ("guidance_scale", "true_cfg_scale"):
+            if not math.isfinite(values[name]) or values[name] < 0:
+                raise InputError(f"{name}: expected a finite value >= 0, got {values[name]}")
+        if values["true_cfg_scale"] > 1 and values["negative_prompt_embeds"] is None:
+            raise InputError("negative_prompt_embeds: true_cfg_scale > 1 needs the negative prompt's embeddings")
+        return cls(**values, cache=_cache(cache, settings))
+
+
+def _scalar(name: str, tensor: torch.Tensor) -> float | int:
+    if tensor.numel() != 1:
+        raise InputError(f"{name}: expected one value, got shape {list(tensor.shape)}")
+    value = tensor.reshape(()).item()
+    return int(value) if not tensor.is_floating_point() else float(value)
+
+
+def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"{name}: contains NaN or Inf")
+    return tensor.clone()  # the request's buffer goes with the request
+
+
+def _check_prompt(values: dict, signature: DitSignature, settings: GenerateSettings) -> None:
+    pairs = [("prompt_embeds", "pooled_prompt_embeds")]
+    if values["negative_prompt_embeds"] is not None or values["negative_pooled_prompt_embeds"] is not None:
+        pairs.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+    batch = values["prompt_embeds"].shape[0]
+    for text_name, pooled_name in pairs:
+        text, pooled = values[text_name], values[pooled_name]
+        if text is None or pooled is None:
+            raise InputError(f"{pooled_name if pooled is None else text_name}: missing; the negative prompt needs "
+                             f"both its embeddings")  # fmt: skip
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != signature.text_dim:
+            raise InputError(f"{text_name}: expected [{batch}, S, {signature.text_dim}], got {list(text.shape)}")
+        if not 1 <= text.shape[1] <= settings.max_text_tokens:
+            raise InputError(f"{text_name}: S={text.shape[1]}, expected 1 to {settings.max_text_tokens} text tokens")
+        if list(pooled.shape) != [batch, signature.pooled_dim]:
+            raise InputError(f"{pooled_name}: expected [{batch}, {signature.pooled_dim}], got {list(pooled.shape)}")
+
+
+def _cache(parameter: str, settings: GenerateSettings) -> str:
+    """The ``cache`` request parameter (a kind, or its JSON; "": none) as a sequence's START carries it, refused
+    unless it is the served transformer's (``settings.cache``)."""
+    if not parameter or parameter == "none":
+        return ""
+    try:
+        config = build_cache(json.loads(parameter) if parameter.lstrip().startswith("{") else {"kind": parameter})
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"cache: {exc}") from None
+    spec = json.dumps(describe_cache(config)) if config is not None else ""
+    return spec if caching.chosen(spec, parse_cache_setting(settings.cache)) else ""
+
+
+class ServedSteps(StandInTransformer):
+    """The stand-in transformer of one generation: each step to ``infer``, each cache context one sequence."""
+
+    def __init__(self, signature: DitSignature, model_name: str, infer: Infer, cache: str):
+        super().__init__(signature, model_name)
+        self.infer, self.cache = infer, cache
+        self.key = secrets.token_urlsafe(16)  # this generation's own session key
+        self.sequences: dict[str, int] = {}
+
+    def send(self, slot: str, step: Step) -> torch.Tensor:
+        wire = step.wire()
+        if slot not in self.sequences:
+            self.sequences[slot] = secrets.randbits(63) or 1
+            sequence = SequenceStep(self.sequences[slot], start=True, key=self.key, cache=self.cache)
+        else:  # the served model holds the prompt since the START
+            sequence = SequenceStep(self.sequences[slot], key=self.key)
+            wire = {name: tensor for name, tensor in wire.items() if name not in PROMPT_INPUTS}
+        return self.infer(wire, sequence)
+
+    def end_generations(self) -> None:
+        """END every sequence with a step of zero image tokens (no forward); a sequence the served model already
+        freed (its step failed) answers the same."""
+        closing = Step.closing(self.signature).wire()
+        closing = {name: closing[name] for name in ("hidden_states", "timestep", "img_ids")}
+        for sequence_id in self.sequences.values():
+            with contextlib.suppress(InputError, RuntimeError):  # freed already, or the model is gone: none held
+                self.infer(closing, SequenceStep(sequence_id, end=True, key=self.key))
+        self.sequences.clear()
+
+
+def scheduler_for(settings: GenerateSettings, model_dir: Path, signature: DitSignature):
+    """A fresh scheduler (one per generation: it counts its steps): the model folder's ``scheduler/`` where it has
+    one and the setting is ``auto``, else FLUX.1-dev's (a model with guidance embeddings) or FLUX.1-schnell's."""
+    config_path = model_dir.parent / "scheduler" / "scheduler_config.json"
+    if settings.scheduler == "auto" and model_dir.name == "transformer" and config_path.is_file():
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(json.loads(config_path.read_text()))
+    preset = settings.scheduler if settings.scheduler != "auto" else "dev" if signature.guidance_embeds else "schnell"
+    return loop.make_scheduler(preset)
+
+
+def generate(generation: Generation, transformer: ServedSteps, scheduler) -> torch.Tensor:
+    """``FluxPipeline(output_type="latent")``'s latents for ``generation``; its sequences end however it ends."""
+    pipe = FluxPipeline(scheduler, None, None, None, None, None, transformer)
+    pipe.set_progress_bar_config(disable=True)
+    negative = {}
+    if generation.negative_prompt_embeds is not None:
+        negative = {"negative_prompt_embeds": generation.negative_prompt_embeds,
+                    "negative_pooled_prompt_embeds": generation.negative_pooled_prompt_embeds}  # fmt: skip
+    try:
+        return pipe(
+            prompt_embeds=generation.prompt_embeds,
+            pooled_prompt_embeds=generation.pooled_prompt_embeds,
+            height=generation.height,
+            width=generation.width,
+            num_inference_steps=generation.num_inference_steps,
+            guidance_scale=generation.guidance_scale,
+            true_cfg_scale=generation.true_cfg_scale,
+            generator=torch.Generator().manual_seed(generation.seed),
+            output_type="latent",
+            **negative,
+        ).images
+    finally:
+        transformer.end_generations()

@@ -1,0 +1,118 @@
+"""``flux_generate``: a whole generation in one request, diffusers' FluxPipeline on the server with every step sent to
+``dit_transformer`` in process; its latents against local diffusers and the client-driven generation, concurrent
+generations, and bad input (CPU, fp32, tiny-flux-dev)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+from helpers import embeds, generate, load_tiny, start_server
+
+from flux_triton.client import RemoteDitError, RemoteFluxTransformer, RemoteSettings
+from flux_triton.client import generate as served_generate
+from flux_triton.deploy import health
+from flux_triton.pipeline.caching import build_cache
+
+pytestmark = pytest.mark.server
+
+SIZE = dict(height=64, width=64)  # the helpers' generate() size
+
+
+@pytest.fixture(scope="module")
+def generate_server(tmp_path_factory, model_root):
+    server = start_server(tmp_path_factory.mktemp("generate"), model_root, ["dit_transformer", "flux_generate"])
+    yield server
+    server.stop()
+
+
+def _served(server, seed: int, **kwargs) -> torch.Tensor:
+    return served_generate(**{**SIZE, **kwargs}, seed=seed, settings=RemoteSettings(url=server.url))
+
+
+def test_a_served_generation_equals_local_diffusers_and_the_client_driven_one(generate_server, tiny_dev):
+    prompt = embeds(31)
+    kwargs = dict(num_inference_steps=8, guidance_scale=3.5)
+    served = _served(generate_server, 31, **kwargs, **prompt)
+    local = generate(tiny_dev, "dev", seed=31, **kwargs, **prompt)
+    with RemoteFluxTransformer(url=generate_server.url) as remote:
+        driven = generate(remote, "dev", seed=31, **kwargs, **prompt)
+    assert served.shape == (1, (64 // 16) * (64 // 16), 4)
+    assert torch.equal(served, local) and torch.equal(served, driven)
+    other_seed = _served(generate_server, 32, **kwargs, **prompt)
+    assert not torch.equal(other_seed, served)
+
+
+def test_true_cfg_and_two_prompts_equal_local_diffusers(generate_server, tiny_dev):
+    negative = embeds(34)
+    prompts = {
+        name: torch.cat([embeds(33)[name], embeds(35)[name]]) for name in ("prompt_embeds", "pooled_prompt_embeds")
+    }
+    kwargs = dict(num_inference_steps=6, guidance_scale=3.5, true_cfg_scale=4.0,
+                  negative_prompt_embeds=torch.cat([negative["prompt_embeds"]] * 2),
+                  negative_pooled_prompt_embeds=torch.cat([negative["pooled_prompt_embeds"]] * 2))  # fmt: skip
+    served = _served(generate_server, 33, **kwargs, **prompts)
+    local = generate(tiny_dev, "dev", seed=33, **kwargs, **prompts)
+    assert served.shape[0] == 2 and torch.equal(served, local)
+
+
+def test_concurrent_generations_each_get_their_own_latents(generate_server, tiny_dev):
+    """Four at once through two instances: their steps meet in dit_transformer's batcher (merged forwards: within
+    fp32 rounding of the local run), each answer its own generation's."""
+    seeds = (40, 41, 42, 43)
+    kwargs = dict(num_inference_steps=6, guidance_scale=3.5)
+    expected = {seed: generate(tiny_dev, "dev", seed=seed, **kwargs, **embeds(seed)) for seed in seeds}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = {seed: pool.submit(_served, generate_server, seed, **kwargs, **embeds(seed)) for seed in seeds}
+    for seed, future in futures.items():
+        torch.testing.assert_close(future.result(), expected[seed], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"height": 50}, "height: expected a positive multiple of 16, got 50"),
+        ({"width": 0}, "width: expected a positive multiple of 16, got 0"),
+        ({"height": 4096, "width": 4096}, "height x width: 4096x4096 is 65536 image tokens, past this server's limit"),
+        ({"num_inference_steps": 0}, "num_inference_steps: expected 1 to 100, got 0"),
+        ({"num_inference_steps": 101}, "num_inference_steps: expected 1 to 100, got 101"),
+        ({"guidance_scale": float("nan")}, "guidance_scale: expected a finite value >= 0, got nan"),
+        ({"prompt_embeds": torch.full((1, 8, 32), float("nan"))}, "prompt_embeds: contains NaN or Inf"),
+        ({"prompt_embeds": torch.zeros(1, 8, 16)}, r"prompt_embeds: expected \[1, S, 32\], got \[1, 8, 16\]"),
+        ({"true_cfg_scale": 4.0}, "negative_prompt_embeds: true_cfg_scale > 1 needs the negative prompt"),
+        ({"cache": '{"kind": "pyramid"}'}, "cache: cache kind 'pyramid' is not served"),
+        ({"cache": build_cache({"kind": "mag"})}, "cache: this model caches with none"),
+    ],
+    ids=["height", "width", "too-large", "no-steps", "too-many-steps", "nan-guidance", "nan-prompt", "prompt-dim",
+         "true-cfg-without-negative", "unknown-cache", "cache-not-served"],
+)  # fmt: skip
+def test_bad_input_gets_a_400_naming_the_field_and_the_server_keeps_serving(generate_server, change, message):
+    request = {**embeds(50), "num_inference_steps": 2, **change}
+    with pytest.raises(RemoteDitError, match=message) as refused:
+        _served(generate_server, 50, **request)
+    assert refused.value.__cause__.status() == "400"
+    assert _served(generate_server, 50, **embeds(50), num_inference_steps=2).shape == (1, 16, 4)
+
+
+def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, model_root, tiny_dev):
+    """flux_generate and dit_transformer both set to MagCache: the generation that chooses it equals local diffusers
+    with the same cache (and differs from the uncached one)."""
+    parameters = {"dit_transformer": {"cache": "mag"}, "flux_generate": {"cache": "mag"}}
+    server = start_server(tmp_path, model_root, ["dit_transformer", "flux_generate"], parameters=parameters)
+    try:
+        kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(36))
+        config = build_cache({"kind": "mag"})
+        uncached = _served(server, 36, **kwargs)
+        served = _served(server, 36, **kwargs, cache=config)
+    finally:
+        server.stop()
+    assert torch.equal(uncached, generate(tiny_dev, "dev", seed=36, **kwargs))
+    local = load_tiny(model_root, "tiny-flux-dev")
+    local.enable_cache(config)
+    assert torch.equal(served, generate(local, "dev", seed=36, **kwargs))
+    assert not torch.equal(served, uncached)
+
+
+def test_the_supervisors_probe_runs_a_one_step_generation(generate_server):
+    assert health.probe_model(generate_server.url, "flux_generate", None, 30.0) == health.Outcome(None)
