@@ -268,7 +268,7 @@ def test_engine_cache_state_is_dropped_when_its_sequence_ends_fails_or_is_reclai
         run(sequence_id, START)
     assert caching.live_contexts(engine.transformer) == {"4", "5"}
     refused = run(3, 0)
-    assert isinstance(refused, InputError) and "sequence 3: its step cache state was reclaimed" in str(refused)
+    assert isinstance(refused, InputError) and "sequence 3: its step cache state is unknown or expired" in str(refused)
     assert isinstance(run(3, START), torch.Tensor)  # a START takes it up again
     uncached = service.run([(step, SequenceStep())])[0]  # a stateless step computes every block, keeps no state
     assert caching.live_contexts(engine.transformer) == {"3", "5"}

@@ -46,8 +46,10 @@ class CachedSequences:
             if not cached:
                 return None
         elif sequence_id in self._reclaimed:
-            raise InputError(f"sequence {sequence_id}: its step cache state was reclaimed (idle, or more than "
-                             f"{self.settings.max_sessions} cached sequences); START it again")  # fmt: skip
+            # "unknown or expired", as a lost session: a client then starts the sequence again from this step
+            limit = self.settings.max_sessions
+            raise InputError(f"sequence {sequence_id}: its step cache state is unknown or expired (reclaimed: "
+                             f"idle, or past {limit} cached sequences); START it again")  # fmt: skip
         elif sequence_id not in self._used:
             return None
         self._used[sequence_id] = time.monotonic()
