@@ -14,6 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from helpers import CHECKOUT, DEV
 
+from flux_triton.client import RemoteSettings, generate
 from flux_triton.client.wire import infer_step
 from flux_triton.contract.protocol import ADMIN_HEADER, ADMIN_KEY_ENV
 from flux_triton.deploy.server import free_port
@@ -21,7 +22,7 @@ from flux_triton.locations import ENGINES_DIR_ENV, MODEL_ROOT_ENV
 from flux_triton.pipeline.inputs import random_step
 
 pytestmark = pytest.mark.server
-MODELS = {"dit_transformer", "flux_dit", "dit_preprocess", "dit_engine"}
+MODELS = {"dit_transformer", "flux_dit", "dit_preprocess", "dit_engine", "flux_generate"}
 
 
 def tracked_repository(target: Path) -> Path:
@@ -64,6 +65,10 @@ def test_every_model_of_a_fresh_clone_is_served(tmp_path, model_root):
             step = random_step(DEV, height=256, width=256)
             for model in ("dit_transformer", "flux_dit"):
                 assert infer_step(client, model, step.wire()).shape == step.hidden_states.shape
+            served = RemoteSettings(url=f"127.0.0.1:{ports[0]}")
+            generated = generate(step.encoder_hidden_states, step.pooled_projections, height=64, width=64,
+                                 num_inference_steps=2, settings=served)  # fmt: skip
+            assert generated.shape == (1, 16, DEV.in_channels)
     finally:
         process.terminate()
         process.wait(timeout=30)
