@@ -1,5 +1,5 @@
-"""A dit_transformer whose model directory is missing, corrupt, unsafe or outside the model root
-does not load, and the server says why (repository index, launcher error); nothing outside the
+"""A dit_transformer whose model directory is missing, corrupt, unsafe or outside the model root, or whose warm-up
+fails, does not load (never READY), and the server says why (repository index, launcher error); nothing outside the
 root is read and no pickle is ever unpickled."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPOSITORY, launch, start_server
 
+from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.server import ModelLoadError
 from flux_triton.locations import MODEL_ROOT_ENV
 
@@ -45,6 +46,7 @@ def broken(tmp_path_factory, model_root) -> dict:
     marker = tmp / "unpickled"
     (root / "pickle-only" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
     (root / "escape-link").symlink_to(outside / "tiny-flux-dev")
+    shutil.copytree(good, root / "tiny-flux-dev")
     cases = {
         "missing": "no-such-model",
         "corrupt_config": "corrupt-config",
@@ -53,7 +55,9 @@ def broken(tmp_path_factory, model_root) -> dict:
         "dotdot": "../outside/tiny-flux-dev",
         "absolute": str(outside / "tiny-flux-dev"),
         "symlink": "escape-link",
+        "warmup": "tiny-flux-dev",  # a good model whose warm-up fails (past max_batch 16)
     }
+    parameters = {"warmup": {"warmup_shapes": "64x48x99x8"}}
     repository = tmp / "model_repository"
     for case, model_dir in cases.items():
         target = repository / f"dit_{case}"
@@ -61,6 +65,8 @@ def broken(tmp_path_factory, model_root) -> dict:
         config = target / "config.pbtxt"
         text = config.read_text().replace('name: "dit_transformer"', f'name: "dit_{case}"')
         config.write_text(text.replace('string_value: "tiny-flux-dev"', f'string_value: "{model_dir}"'))
+        for key, value in parameters.get(case, {}).items():
+            set_parameter(config, key, value)
     server = launch(repository, tmp, {MODEL_ROOT_ENV: str(root)}).start(wait_for="live")
     yield {"server": server, "marker": marker, "outside": outside}
     server.stop()
@@ -84,6 +90,7 @@ def reason(broken, case: str) -> str:
         ("dotdot", "outside the model root"),
         ("absolute", "outside the model root"),
         ("symlink", "outside the model root"),
+        ("warmup", "warm-up at 64x48, batch 99, 8 text tokens failed: InputError: hidden_states: B=99 exceeds"),
     ],
 )
 def test_server_reports_why_a_model_directory_does_not_load(broken, case, expected):

@@ -1,5 +1,5 @@
-"""Ready means warm: the steps a model runs before READY (``warmup_shapes``), a warm-up failure that keeps it
-unavailable, and torch.compile's caches kept across restarts (``compile_cache_dir``)."""
+"""Ready means warm: the steps a model runs before READY (``warmup_shapes``; a failed one keeps the model
+unavailable: ``tests/test_model_dir.py``) and torch.compile's caches kept across restarts (``compile_cache_dir``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import start_server
 
-from flux_triton.deploy.server import ModelLoadError
 from flux_triton.model.compile_cache import INDUCTOR_CACHE_ENV, compile_key, use_compile_cache
 from flux_triton.model.speedups import Speedups
 from flux_triton.serving.settings import DEFAULT_WARMUP, TransformerSettings
@@ -86,11 +84,3 @@ def test_the_cache_key_covers_the_model_settings_and_versions_and_a_bad_folder_i
         assert os.environ[INDUCTOR_CACHE_ENV] == current  # the last good folder (or torch's default) stays
     finally:
         os.environ.pop(INDUCTOR_CACHE_ENV, None) if before is None else os.environ.update({INDUCTOR_CACHE_ENV: before})
-
-
-@pytest.mark.server
-def test_a_failed_warmup_keeps_the_model_unavailable_and_names_the_shape(tmp_path, model_root):
-    parameters = {"dit_transformer": {"warmup_shapes": "64x48x99x8"}}  # past max_batch 16
-    with pytest.raises(ModelLoadError, match=r"dit_transformer: .*warm-up at 64x48, batch 99, 8 text tokens failed: "
-                       r"InputError: hidden_states: B=99 exceeds"):  # fmt: skip
-        start_server(tmp_path, model_root, ["dit_transformer"], parameters=parameters)
