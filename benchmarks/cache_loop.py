@@ -1,18 +1,23 @@
-"""A served 28-step generation with each step cache (diffusers' hooks, per generation session): full-size
-FLUX.1-dev with random bf16 weights, saved and loaded like real ones, 1024x1024, 512 text tokens, driven by
-``FluxPipeline(output_type="latent")`` through ``RemoteFluxTransformer`` against a real tritonserver, one
-server per cache setting (``dit_transformer``: cuDNN attention, regional compile under the cache hooks by
-default, and optionally FP8).
+"""The served image: whole 28-step generations of full-size FLUX.1-dev (random bf16 weights, saved and loaded like
+real ones; 1024x1024, 512 text tokens), driven by ``FluxPipeline(output_type="latent")`` through
+``RemoteFluxTransformer`` against a real tritonserver, per step cache (diffusers' hooks, per generation session) and
+with and without CUDA graphs. One server per graphs setting, holding one ``dit_transformer`` per cache (cuDNN
+attention, regional compile, optionally FP8 with static scales and fast accumulation), each warm before READY.
+Baselines in the same run: diffusers' eager pipeline in process (``--eager``) and the same speed-ups in process
+(``--in-process``).
 
-Per cache: wall time per image (median of the timed generations), the steps that ran a full forward (served
-step latency above half the median uncached step), and the final latents' rel. L2 against no cache.
+Per config: wall time per image (median, min, max of the timed generations), the first generation after READY,
+the steps that ran a full forward (served step latency above half the median uncached step), the final latents'
+rel. L2 against the uncached served run, and whether the graphed run equals the ungraphed one bitwise.
 
-    python3 benchmarks/cache_loop.py [--fp8] [--compile none] --out cache-loop.json
+    python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs off,on \
+        --transport shm --eager --in-process --out served-image.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -23,90 +28,222 @@ from pathlib import Path
 import torch
 
 from flux_triton.client.remote import RemoteFluxTransformer
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, set_parameter
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, set_parameter
+from flux_triton.deploy.repository import write_repository as write_engine_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
-from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, random_model_root
+from flux_triton.model import store
+from flux_triton.model.graphs import GraphedTransformer
+from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random, random_model_root
+from flux_triton.model.speedups import Speedups, load_with_speedups
 from flux_triton.pipeline import loop
-from flux_triton.pipeline.caching import CACHE_KINDS, NO_CACHE, build_cache
-from flux_triton.pipeline.inputs import rel_l2
+from flux_triton.pipeline.caching import NO_CACHE, build_cache
+
+# the caches measured, by label: a kind's defaults, or a tuned MagCache (fewer full forwards, larger error)
+CACHES = {
+    NO_CACHE: {"kind": NO_CACHE},
+    "mag": {"kind": "mag"},
+    "mag-tuned": {"kind": "mag", "threshold": 0.24, "max_skip_steps": 5, "retention_ratio": 0.1},
+    "taylorseer": {"kind": "taylorseer"},
+    "first_block": {"kind": "first_block"},
+}
 
 
-def write_repository(repository: Path, cache: str, fp8: bool, compile: str) -> None:
-    shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
-    config = repository / DIT_TRANSFORMER / "config.pbtxt"
-    for key, value in {"model_dir": RANDOM_MODEL, "attention_backend": "_native_cudnn", "compile": compile,
-                       "fp8": str(fp8).lower(), "cache": cache}.items():  # fmt: skip
-        set_parameter(config, key, value)
+def speedups_of(args, graphs: bool) -> Speedups:
+    return Speedups(args.attention, fp8=args.fp8, fp8_scales=args.fp8_scales, fp8_fast_accum=args.fp8_fast_accum,
+                    compile=args.compile, cuda_graphs=graphs)  # fmt: skip
 
 
-def generation(remote, size: int, steps: int, prompt: dict, seed: int = 0) -> tuple[float, torch.Tensor, list]:
+def write_repository(repository: Path, args, speedups: Speedups, with_engine: bool) -> None:
+    """One dit_transformer per cache label, named ``dit_<label>``; ``with_engine``, flux_dit over ``args.engine``
+    (serving MagCache's defaults; CUDA graphs as ``speedups``)."""
+    for label in args.caches:
+        name = f"dit_{label.replace('-', '_')}"
+        shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / name)
+        config = repository / name / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'name: "{DIT_TRANSFORMER}"', f'name: "{name}"'))
+        setting = json.dumps(CACHES[label]).replace('"', '\\"')  # a pbtxt string
+        for key, value in {"model_dir": args.model, "cache": setting, **speedups.parameters()}.items():
+            set_parameter(config, key, str(value))
+    if args.engine and with_engine:
+        write_engine_repository(args.engine.resolve(), repository, cache="mag")
+        set_parameter(repository / ENGINE / "config.pbtxt", "cuda_graphs", str(speedups.cuda_graphs).lower())
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, torch.Tensor]:
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline(loop.make_scheduler("dev"), None, None, None, None, None, remote)
-    first = len(remote.latencies_s)
+    pipe = FluxPipeline(loop.make_scheduler("dev"), None, None, None, None, None, transformer)
+    synchronize()
     started = time.perf_counter()
-    latents = pipe(height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
-                   generator=torch.Generator().manual_seed(seed), **prompt).images  # fmt: skip
-    return time.perf_counter() - started, latents, remote.latencies_s[first:]
+    latents = pipe(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=3.5,
+                   output_type="latent", generator=torch.Generator().manual_seed(seed), **prompt).images  # fmt: skip
+    synchronize()
+    return time.perf_counter() - started, latents.float().cpu()
+
+
+def timed(transformer, prompt: dict, args, calls=None) -> dict:
+    """One generation (the first: after READY, or after building), then ``args.runs`` timed ones."""
+    first_s, _ = generation(transformer, prompt, args)
+    start = len(calls) if calls is not None else 0
+    runs = [generation(transformer, prompt, args) for _ in range(args.runs)]
+    times = [wall for wall, _ in runs]
+    row = {"first_s": first_s, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+           "latents": runs[-1][1]}  # fmt: skip
+    if calls is not None:
+        row["step_latencies_ms"] = [1e3 * t for t in calls[start:][-args.steps :]]
+    return row
+
+
+def in_process(models: Path, prompt: dict, args, speedups: Speedups | None, label: str) -> dict:
+    """The pipeline with the model in this process: diffusers eager (``speedups`` None) or the served speed-ups."""
+    started = time.perf_counter()
+    if speedups is None:
+        transformer = build_random()
+    else:
+        model_dir = store.resolve_model_dir(args.model, models)
+        transformer = load_with_speedups(model_dir, torch.bfloat16, torch.device("cuda"), speedups,
+                                          build_cache(CACHES[label]))  # fmt: skip
+        if isinstance(transformer, GraphedTransformer):  # the pipeline needs the module (its device, hooks)
+            module = transformer.transformer
+            transformer.transformer, module.forward = module.forward, transformer
+            transformer = module
+    ready_s = time.perf_counter() - started
+    row = {"config": f"in process {'eager' if speedups is None else 'same speed-ups'} {label}", "ready_s": ready_s,
+           **timed(transformer, prompt, args)}  # fmt: skip
+    del transformer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def load_threads() -> int:
+    """Models loaded at once: each holds its bf16 weights (22 GiB) while it quantizes them."""
+    if not torch.cuda.is_available():
+        return 2
+    return 2 if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30 else 1
+
+
+def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engine: bool) -> list[dict]:
+    repository = work / f"repository-graphs-{graphs}"
+    write_repository(repository, args, speedups_of(args, graphs), with_engine)
+    server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}",
+                   "--backend-config=python,shm-default-byte-size=67108864"]  # fmt: skip
+    server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / f"graphs-{graphs}.log",
+                          cache=work / "triton", args=server_args)  # fmt: skip
+    started = time.perf_counter()
+    rows = []
+    with server.start(timeout_s=900):
+        ready_s = time.perf_counter() - started
+        models_served = [(f"dit_{label.replace('-', '_')}", label) for label in args.caches]
+        if args.engine and with_engine:
+            models_served += [(ENSEMBLE, NO_CACHE), (ENSEMBLE, "mag")]
+        for name, label in models_served:
+            with RemoteFluxTransformer(url=server.url, model_name=name, transport=args.transport,
+                                       network_timeout_s=900) as remote:  # fmt: skip
+                if build_cache(CACHES[label]) is not None:
+                    remote.enable_cache(build_cache(CACHES[label]))
+                row = timed(remote, prompt, args, remote.latencies_s)
+            model = "" if name.startswith("dit_") else f"{name} "
+            rows.append({"config": f"served {model}{label}{' graphs' if graphs else ''}", "cache": label,
+                         "model": name, "graphs": graphs, "server_ready_s": ready_s, **row})  # fmt: skip
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caches", default=",".join([NO_CACHE, *CACHE_KINDS]),
-                        help='comma-separated kinds, or a JSON list of kinds and {"kind": ...} objects')  # fmt: skip
+    parser.add_argument("--caches", default="none,mag,mag-tuned,taylorseer", help=f"labels among {', '.join(CACHES)}")
+    parser.add_argument("--graphs", default="off,on", help="off, on, or both")
+    parser.add_argument("--attention", default="_native_cudnn", help="attention backend")
+    parser.add_argument("--compile", default="regional", choices=["none", "regional"])
     parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--compile", choices=["none", "regional"], default="regional")
+    parser.add_argument("--fp8-scales", default="", help="static activation scales beside the model (calibrated here)")
+    parser.add_argument("--fp8-fast-accum", action="store_true")
+    parser.add_argument("--transport", default="shm", choices=["http", "shm"])
+    parser.add_argument("--eager", action="store_true", help="diffusers' eager pipeline in process, uncached")
+    parser.add_argument("--in-process", action="store_true", help="the same speed-ups in process: none and mag")
+    parser.add_argument("--engine", type=Path, help="an AOTI engine's sidecar: flux_dit over it, in the last server")
+    parser.add_argument("--model", default=RANDOM_MODEL, help="a model folder name (the random full-size model)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--runs", type=int, default=2, help="timed generations per cache, after one warm-up")
-    parser.add_argument("--out", type=Path, default=Path("cache-loop.json"))
+    parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
+    parser.add_argument("--runs", type=int, default=2, help="timed generations per config, after the first")
+    parser.add_argument("--out", type=Path, default=Path("served-image.json"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="cache-loop-"))
-    models, _ = random_model_root(work)
-    generator = torch.Generator().manual_seed(1)
-    prompt = {"prompt_embeds": torch.randn(1, FULL_SIZE_TEXT_TOKENS, 4096, generator=generator).bfloat16(),
-              "pooled_prompt_embeds": torch.randn(1, 768, generator=generator).bfloat16()}  # fmt: skip
-    results = {"gpu": torch.cuda.get_device_name(), "size": args.size, "steps": args.steps, "fp8": args.fp8,
-               "compile": args.compile, "rows": []}  # fmt: skip
-    reference, uncached_step = None, None
-    caches = json.loads(args.caches) if args.caches.startswith("[") else args.caches.split(",")
-    for position, cache in enumerate(caches):
-        spec = cache if isinstance(cache, dict) else {"kind": cache}
-        label = cache if isinstance(cache, str) else " ".join(f"{k}={v}" for k, v in spec.items())
-        setting = cache if isinstance(cache, str) else json.dumps(spec).replace('"', '\\"')  # a pbtxt string
-        repository = work / f"repository-{position}"
-        write_repository(repository, setting, args.fp8, args.compile)
-        server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / f"{position}.log",
-                              cache=work / "triton", args=["--exit-timeout-secs=5"])  # fmt: skip
-        started = time.perf_counter()
-        with server.start(timeout_s=900), RemoteFluxTransformer(url=server.url, network_timeout_s=900) as remote:
-            ready_s = time.perf_counter() - started
-            if build_cache(spec) is not None:
-                remote.enable_cache(build_cache(spec))
-            generation(remote, args.size, args.steps, prompt)  # warm-up: cuDNN plans, kernels
-            runs = [generation(remote, args.size, args.steps, prompt) for _ in range(args.runs)]
-        times = [wall for wall, _, _ in runs]
-        latents, latencies = runs[-1][1], runs[-1][2]
-        if spec["kind"] == NO_CACHE:
-            reference, uncached_step = latents, statistics.median(latencies)
-        full = sum(latency > 0.5 * uncached_step for latency in latencies) if uncached_step else None
-        results["rows"].append({
-            "cache": label, "ready_s": ready_s, "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "full_forwards": full, "step_latencies_ms": [1e3 * t for t in latencies],
-            "rel_l2_vs_none": rel_l2(latents, reference) if reference is not None else None,
-        })  # fmt: skip
-        args.out.write_text(json.dumps(results, indent=2))
-    base = results["rows"][0]["median_s"]
-    print(
-        f"\n{results['gpu']}, {args.size}² b1, {args.steps} steps, fp8={args.fp8}, "
-        f"compile={args.compile}, served over HTTP"
-    )
-    print(f"{'cache':<12} {'s/image':>8} {'min':>6} {'max':>6} {'speed-up':>8} {'full fwd':>8} {'rel L2':>9}")
-    for row in results["rows"]:
-        l2 = "" if row["rel_l2_vs_none"] is None else f"{row['rel_l2_vs_none']:.2e}"
-        print(f"{row['cache']:<12.40} {row['median_s']:8.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
-              f"{base / row['median_s']:7.2f}x {row['full_forwards'] or '':>8} {l2:>9}")  # fmt: skip
+    args.caches = args.caches.split(",")
+    work = Path(tempfile.mkdtemp(prefix="served-image-"))
+    models = random_model_root(work)[0] if args.model == RANDOM_MODEL else Locations.here().model_root
+    if args.fp8_scales:
+        from served_step import ensure_scales
+
+        ensure_scales(models, args.fp8_scales)
+    config, generator = store.read_config(store.resolve_model_dir(args.model, models)), torch.Generator().manual_seed(1)
+    prompt = {"prompt_embeds": torch.randn(1, args.text_tokens, config["joint_attention_dim"], generator=generator),
+              "pooled_prompt_embeds": torch.randn(1, config["pooled_projection_dim"], generator=generator)}  # fmt: skip
+    rows = []
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"gpu": gpu, "torch": torch.__version__, "size": args.size,
+               "steps": args.steps, "fp8": args.fp8, "fp8_scales": args.fp8_scales,
+               "fp8_fast_accum": args.fp8_fast_accum, "transport": args.transport, "rows": rows}  # fmt: skip
+
+    def save():
+        compare(rows)
+        plain = [{k: v for k, v in row.items() if k != "latents"} for row in rows]
+        args.out.write_text(json.dumps({**results, "rows": plain}, indent=2))
+        print_row(rows[-1])
+
+    print(f"{gpu}, {args.size}² b1, {args.steps} steps, fp8={args.fp8} scales={args.fp8_scales or '-'} "
+          f"fast={args.fp8_fast_accum}, served over {args.transport}")  # fmt: skip
+    if args.eager:
+        rows.append(in_process(models, prompt, args, None, NO_CACHE))
+        save()
+    if args.in_process:
+        for label in (NO_CACHE, "mag"):
+            rows.append(in_process(models, prompt, args, speedups_of(args, True), label))
+            save()
+    settings = [setting == "on" for setting in args.graphs.split(",")]
+    for position, graphs in enumerate(settings):
+        for row in served(work, models, prompt, args, graphs, with_engine=position == len(settings) - 1):
+            rows.append(row)
+            save()
+    print(HEADER)
+    for row in rows:
+        print_row(row)
+
+
+HEADER = (f"{'config':<34} {'s/image':>7} {'min':>6} {'max':>6} {'first':>6} {'fulls':>5} {'full ms':>7} "
+          f"{'rel L2':>8} {'=nograph':>8}")  # fmt: skip
+
+
+def compare(rows: list[dict]) -> None:
+    """Against the first served uncached run: each row's rel. L2 and, served, its full forwards (steps slower than
+    half the uncached step) and their median; a row with graphs, whether it equals its twin without bitwise."""
+    reference = next((row for row in rows if row.get("model") == "dit_none"), None)
+    if reference is None:
+        return
+    uncached_step = statistics.median(reference["step_latencies_ms"])
+    for row in rows:
+        row["rel_l2_vs_none"] = float((row["latents"] - reference["latents"]).norm() / reference["latents"].norm())
+        if "step_latencies_ms" in row:
+            full = [t for t in row["step_latencies_ms"] if t > 0.5 * uncached_step]
+            row["full_forwards"], row["full_step_ms"] = len(full), statistics.median(full) if full else None
+        twin = next((r for r in rows if r.get("model") == row.get("model") and r.get("cache") == row.get("cache")
+                     and r.get("graphs") is False), None)  # fmt: skip
+        if row.get("graphs") and twin is not None:
+            row["bitwise_vs_no_graphs"] = bool(torch.equal(row["latents"], twin["latents"]))
+
+
+def print_row(row: dict) -> None:
+    full_ms = f"{row['full_step_ms']:.1f}" if row.get("full_step_ms") else ""
+    l2 = f"{row['rel_l2_vs_none']:8.2e}" if "rel_l2_vs_none" in row else ""
+    print(f"{row['config']:<34.34} {row['median_s']:7.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
+          f"{row['first_s']:6.2f} {row.get('full_forwards', ''):>5} {full_ms:>7} {l2:>8} "
+          f"{row.get('bitwise_vs_no_graphs', '')!s:>8}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ COMMANDS = {
     "repo": ("flux_triton.deploy.commands:repo", "generate and check the flux_dit repository of an engine"),
     "place": ("flux_triton.deploy.placement:main", "place a model's instances: one per GPU, or one across GPUs"),
     "load": ("flux_triton.tools.loadtest:main", "bounded load test with cross-talk checks"),
-    "tiny": ("flux_triton.tools.tiny:main", "write the embedded tiny FLUX transformers"),
+    "tiny": ("flux_triton.tools.tiny:main", "write the embedded tiny FLUX transformers, text encoders and VAE"),
     "calibrate": ("flux_triton.tools.calibrate:main", "static FP8 activation scales for a model, beside its weights"),
 }
 

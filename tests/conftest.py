@@ -21,6 +21,7 @@ from flux_triton.contract import Step
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.model.components import write_tiny_components
 from flux_triton.model.presets import TINY_PRESETS, build_random, write_tiny_models
 from flux_triton.pipeline.call import reference_call
 from flux_triton.serving.settings import MODEL_DIR_ENV
@@ -45,9 +46,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
-    """The tiny models, written once per session through save_pretrained."""
+    """The tiny models and their text encoders and VAE, written once per session through save_pretrained."""
     root = tmp_path_factory.mktemp("models")
     write_tiny_models(root)
+    write_tiny_components(root)
     return root
 
 

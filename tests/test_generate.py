@@ -1,17 +1,20 @@
 """``flux_generate``: a whole generation in one request, diffusers' FluxPipeline on the server with every step sent to
 ``dit_transformer`` in process; its latents against local diffusers and the client-driven generation, concurrent
-generations, and bad input (CPU, fp32, tiny-flux-dev)."""
+generations, prompt strings in and PNG images out through the tiny text encoders and VAE, and bad input (CPU, fp32,
+tiny-flux-dev)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 
+import numpy
 import pytest
 import torch
 from helpers import embeds, generate, load_tiny, start_server
 
 from flux_triton.client import RemoteDitError, RemoteFluxTransformer, RemoteSettings
 from flux_triton.client import generate as served_generate
+from flux_triton.client import generate_images as served_generate_images
 from flux_triton.deploy import health
 from flux_triton.pipeline.caching import build_cache
 
@@ -80,12 +83,14 @@ def test_concurrent_generations_each_get_their_own_latents(generate_server, tiny
         ({"guidance_scale": float("nan")}, "guidance_scale: expected a finite value >= 0, got nan"),
         ({"prompt_embeds": torch.full((1, 8, 32), float("nan"))}, "prompt_embeds: contains NaN or Inf"),
         ({"prompt_embeds": torch.zeros(1, 8, 16)}, r"prompt_embeds: expected \[1, S, 32\], got \[1, 8, 16\]"),
-        ({"true_cfg_scale": 4.0}, "negative_prompt_embeds: true_cfg_scale > 1 needs the negative prompt"),
+        ({"true_cfg_scale": 4.0}, "negative_prompt: true_cfg_scale > 1 needs a negative prompt or its embeddings"),
+        ({"prompt": "a red fox"}, "prompt and prompt_embeds: send a prompt as strings or as embeddings, not both"),
+        ({"negative_prompt": ["a", "b"]}, "negative_prompt: 2 strings for 1 prompts"),
         ({"cache": '{"kind": "pyramid"}'}, "cache: cache kind 'pyramid' is not served"),
         ({"cache": build_cache({"kind": "mag"})}, "cache: this model caches with none"),
     ],
     ids=["height", "width", "too-large", "no-steps", "too-many-steps", "nan-guidance", "nan-prompt", "prompt-dim",
-         "true-cfg-without-negative", "unknown-cache", "cache-not-served"],
+         "true-cfg-without-negative", "strings-and-embeddings", "negative-count", "unknown-cache", "cache-not-served"],
 )  # fmt: skip
 def test_bad_input_gets_a_400_naming_the_field_and_the_server_keeps_serving(generate_server, change, message):
     request = {**embeds(50), "num_inference_steps": 2, **change}
@@ -112,6 +117,34 @@ def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, m
     local.enable_cache(config)
     assert torch.equal(served, generate(local, "dev", seed=36, **kwargs))
     assert not torch.equal(served, uncached)
+
+
+def test_prompt_strings_in_images_out_equal_local_diffusers_with_the_same_encoders_and_vae(generate_server, tiny_dev,
+                                                                                         model_root):  # fmt: skip
+    """flux_generate with the tiny text encoders and VAE (``make tiny``'s components_dir): prompt strings, true CFG
+    with a negative prompt; its latents and its decoded PNG images equal local FluxPipeline's with the same
+    components, bit for bit."""
+    from diffusers import FluxPipeline
+
+    from flux_triton.model.components import TINY_COMPONENTS, load_components
+    from flux_triton.pipeline import loop
+
+    components = load_components(model_root / TINY_COMPONENTS, "cpu", torch.float32)
+    pipe = FluxPipeline(loop.make_scheduler("dev"), transformer=tiny_dev, **components.pipeline_kwargs())
+    pipe.set_progress_bar_config(disable=True)
+    prompts = dict(prompt=["a red fox", "two owls at night"], negative_prompt=["blurry", "dark"])
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.5, true_cfg_scale=2.0, **SIZE)
+
+    def local(output_type: str):
+        return pipe(**prompts, **kwargs, generator=torch.Generator().manual_seed(40), output_type=output_type).images
+
+    assert torch.equal(_served(generate_server, 40, **prompts, **kwargs), local("latent"))
+    images = served_generate_images(**prompts, **kwargs, seed=40, settings=RemoteSettings(url=generate_server.url))
+    expected = local("pil")
+    assert len(images) == 2 and all(image.format == "PNG" for image in images)
+    for image, reference in zip(images, expected, strict=True):
+        assert numpy.array_equal(numpy.asarray(image), numpy.asarray(reference))
+    assert not numpy.array_equal(numpy.asarray(images[0]), numpy.asarray(images[1]))
 
 
 def test_the_supervisors_probe_runs_a_one_step_generation(generate_server):

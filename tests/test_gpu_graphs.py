@@ -1,7 +1,8 @@
 """CUDA graphs served (skipped without CUDA): ``dit_transformer`` with ``cuda_graphs`` as two instances on one GPU.
 Requests sent one at a time (batch 1 and 2, each shape past its two ordinary calls, so both instances replay
 graphs) answer bitwise what the same server answers without graphs; requests sent at once, which the dynamic batcher
-merges into batches of other sizes (other graphs), each get their own answer within bf16's batch-size rounding."""
+merges into batches of other sizes (other graphs), each get their own answer within bf16's batch-size rounding.
+With a step cache, the blocks the hooks run replay their graphs, and the cached loop is unchanged."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import shutil
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, infer_concurrently, launch
+from helpers import CHECKOUT, embeds, generate, infer_concurrently, launch
 
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, set_parameter
 from flux_triton.locations import MODEL_ROOT_ENV
 from flux_triton.model import store
+from flux_triton.model.graphs import GraphedForward
+from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import inputs
+from flux_triton.pipeline.caching import build_cache
+from flux_triton.pipeline.internals import hooked_forward
 
 pytestmark = [pytest.mark.gpu, pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
 TWO_INSTANCES_ON_GPU_0 = "instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0 ] } ]\n"
@@ -52,3 +57,24 @@ def test_graphed_instances_answer_as_without_graphs_alone_and_merged(tmp_path, m
         assert inputs.rel_l2(answer, plain[index]) < MERGED_TOLERANCE, index
         other = plain[(index + 2) % len(plain)]  # the same batch size, another request
         assert inputs.rel_l2(answer, other) > MERGED_TOLERANCE, index
+
+
+@pytest.mark.parametrize(("kind", "compile"), [("mag", "none"), ("mag", "regional"), ("first_block", "none"),
+                                               ("taylorseer", "none")])  # fmt: skip
+def test_a_cached_loop_with_graphs_equals_it_without(model_root, kind, compile):
+    """A step cache with ``cuda_graphs``: each forward the cache hooks run is a graph replay (captured per shape after
+    its ordinary calls), the hooks decide on the host between replays; the 28-step cached loop equals the same loop
+    without graphs bitwise (which, uncompiled, is diffusers' own cached loop)."""
+    cache = build_cache({"kind": kind, **({"threshold": 0.5} if kind == "first_block" else {})})
+    model_dir = store.resolve_model_dir("tiny-flux-dev", model_root)
+    device = torch.device("cuda")
+    latents = {}
+    for graphs in (False, True):
+        transformer = store.load_transformer(model_dir, torch.bfloat16, device)
+        apply_speedups(transformer, Speedups(compile=compile, cuda_graphs=graphs), cache)
+        latents[graphs] = generate(transformer, "dev", seed=5, num_inference_steps=28, guidance_scale=3.5,
+                                   **embeds(5))  # fmt: skip
+        hooked = [hooked_forward(m).original_forward for m in transformer.modules() if hooked_forward(m) is not None]
+        if graphs:
+            assert all(isinstance(f, GraphedForward) for f in hooked) and len(hooked[0].graphs) == 1, kind
+    assert torch.equal(latents[True], latents[False]), kind

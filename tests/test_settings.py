@@ -67,7 +67,6 @@ def test_a_bad_value_is_refused_naming_the_setting(name):
 def test_bad_combinations_are_refused_naming_both_settings():
     for values, message in [
         ({"cache": "mag", "compile": "full"}, "cache and compile full"),
-        ({"cache": "mag", "cuda_graphs": "true"}, "cache and cuda_graphs"),
         ({"parallel": "ring", "parallel_degree": "2"}, "parallel ring: ring attention needs"),
         ({"fp8_scales": "scales.safetensors"}, "static activation scales are for fp8 true"),
     ]:

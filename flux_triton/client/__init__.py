@@ -1,6 +1,6 @@
 """The client: ``RemoteFluxTransformer``, a stand-in for ``FluxPipeline.transformer`` that runs every DiT call on
-the server (``RemoteSettings`` say where and how), the step router behind it, ``generate`` (a whole generation
-in one request to ``flux_generate``) and the denoising CLI. Uses only the
+the server (``RemoteSettings`` say where and how), the step router behind it, ``generate`` and ``generate_images``
+(a whole generation in one request to ``flux_generate``) and the denoising CLI. Uses only the
 contract and the pipeline. The public names load on first use."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ _HOMES = {
     "RemoteSettings": "connection",
     "RemoteDitError": "connection",
     "generate": "whole_generation",
+    "generate_images": "whole_generation",
 }
 __all__ = sorted(_HOMES)
 

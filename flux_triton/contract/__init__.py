@@ -1,6 +1,7 @@
-"""The IO contract: tensor specs (public and engine side), the one step type, request validation, and the wire
-protocol both ends share. Names are imported on first use, so that the torch-free parts (``specs``, ``protocol``)
-load without torch (the guard uses them)."""
+"""The IO contract: tensor specs (public and engine side), the one step type, request validation, the wire
+protocol both ends share, and ``flux_generate``'s request and answer (``generation``). Names are imported on first
+use, so that the torch-free parts (``specs``, ``protocol``, ``generation``) load without torch (the guard uses
+them)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ _HOMES = {
     "tensors": ("TORCH_TO_TRITON", "TORCH_TO_WIRE", "TRITON_TO_TORCH", "DitSignature", "from_numpy", "to_numpy"),
     "step": ("Step",),
     "validation": ("InputError", "Limits", "OutputError", "check_output", "validate"),
+    "generation": ("GENERATE_INPUTS", "GENERATE_INPUT_TYPES", "GENERATE_MODEL", "GENERATE_OUTPUTS", "IMAGES", "LATENTS",
+                   "STRING_INPUTS"),
 }  # fmt: skip
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_HOME_OF)

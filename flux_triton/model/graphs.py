@@ -10,7 +10,9 @@ With context parallelism every rank sees the same steps in the same order, so th
 and the captured collectives pair up.
 
 ``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``), ``GraphedEngine`` an engine's
-call (``dit_engine``'s AOTI runners)."""
+call (``dit_engine``'s AOTI runners). With a step cache the whole step cannot be one graph (the cache hooks decide
+on the host, per step, which blocks run): ``graph_cached_regions`` captures instead each forward a cache hook wraps,
+per input shape, and the hooks run between the replays; a block that runs is a replay, a skipped one costs nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from flux_triton.pipeline.internals import flatten, hooked_forward, repeated_blocks, unflatten
 
 WARMUP_CALLS = 2  # a first call compiles and allocates (neither can be captured); a second settles the allocator
 DEFAULT_MAX_GRAPHS = 16
@@ -28,18 +32,28 @@ Tensors = Mapping[str, torch.Tensor]
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
-    output: torch.Tensor
+    output: object  # a tensor, or a tuple or list of tensors (and None)
+
+
+def _cloned(output):
+    if isinstance(output, tuple | list):
+        return type(output)(_cloned(item) for item in output)
+    return output.clone() if isinstance(output, torch.Tensor) else output
 
 
 class ShapeGraphs:
-    """``run(tensors, fn, key)``: ``fn(tensors)`` (one output tensor, all on one GPU), replayed from the graph of
-    the tensors' shapes and dtypes (and ``key``) once captured."""
+    """``run(tensors, fn, key)``: ``fn(tensors)`` (a tensor or a tuple of tensors, all on one GPU), replayed from
+    the graph of the tensors' shapes and dtypes (and ``key``) once captured. Graphs that always replay one after
+    another on one stream (a step's blocks) may share a memory ``pool`` and their static input buffers
+    (``shared_inputs``, by shapes and dtypes): each replay copies its inputs in first."""
 
-    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS, capture_mode: str = "thread_local"):
+    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS, capture_mode: str = "thread_local", pool=None,
+                 shared_inputs: dict | None = None):  # fmt: skip
         self.max_graphs, self.capture_mode = max_graphs, capture_mode
         self.graphs: dict[tuple, _Captured] = {}
         self.calls: dict[tuple, int] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.shared_inputs = shared_inputs
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -51,14 +65,17 @@ class ShapeGraphs:
             self.calls[shape_key] = self.calls.get(shape_key, 0) + 1
             if self.calls[shape_key] <= WARMUP_CALLS or len(self.graphs) >= self.max_graphs:
                 return fn(tensors)
-            captured = self.graphs[shape_key] = self._capture(tensors, fn)
+            captured = self.graphs[shape_key] = self._capture(tensors, fn, shape_key[:-1])
         for name, tensor in tensors.items():
             captured.inputs[name].copy_(tensor)
         captured.graph.replay()
-        return captured.output.clone()
+        return _cloned(captured.output)
 
-    def _capture(self, tensors: Tensors, fn: Callable[[Tensors], torch.Tensor]) -> _Captured:
-        inputs = {name: tensor.clone() for name, tensor in tensors.items()}
+    def _capture(self, tensors: Tensors, fn: Callable[[Tensors], torch.Tensor], inputs_key: tuple) -> _Captured:
+        if self.shared_inputs is None:
+            inputs = {name: tensor.clone() for name, tensor in tensors.items()}
+        else:
+            inputs = self.shared_inputs.setdefault(inputs_key, {name: t.clone() for name, t in tensors.items()})
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # thread_local (the default): other threads' CUDA calls (NCCL's watchdog, Triton's) do not break it
@@ -95,6 +112,47 @@ class GraphedEngine:
 
     def __call__(self, tensors: Tensors) -> torch.Tensor:
         return self.graphs.run({name: tensor.to(self.device) for name, tensor in tensors.items()}, self.engine)
+
+
+class GraphedForward:
+    """A forward called as ``forward(*args, **kwargs)`` (a hooked block's: tensors, a tuple of rotary tensors,
+    ``None``) through ``ShapeGraphs``; arguments other than tensors are part of the graph's key."""
+
+    def __init__(self, forward: Callable, graphs: ShapeGraphs):
+        self.forward, self.graphs = forward, graphs
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = flatten((args, kwargs))
+        tensors = {str(i): leaf for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
+        others = [(i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)]
+
+        def forward(inputs: Tensors):
+            filled = list(leaves)
+            for name, tensor in inputs.items():
+                filled[int(name)] = tensor
+            call_args, call_kwargs = unflatten(filled, spec)
+            return self.forward(*call_args, **call_kwargs)
+
+        return self.graphs.run(tensors, forward, repr((spec, others)))
+
+
+def graph_cached_regions(transformer, device: torch.device, max_graphs: int = DEFAULT_MAX_GRAPHS) -> int:
+    """Capture each forward that a step cache's hook wraps inside ``transformer``'s repeated blocks (MagCache and
+    first-block caching wrap every block, TaylorSeer the attention modules), per input shape, in one memory pool
+    with shared input buffers; the hooks' decisions stay on the host between replays. Call it after the cache is
+    enabled (and after ``compile_regions``, whose compiled forwards are what is captured). Returns how many forwards
+    it wraps."""
+    check_cuda(device)
+    blocks = [block for block in transformer.modules() if type(block).__name__ in repeated_blocks(transformer)]
+    inside = {id(module) for block in blocks for module in block.modules()}  # not the context-parallel hooks
+    pool, shared_inputs, wrapped = torch.cuda.graph_pool_handle(), {}, 0
+    for module in transformer.modules():
+        reference = hooked_forward(module)
+        if reference is not None and id(module) in inside:
+            graphs = ShapeGraphs(max_graphs, pool=pool, shared_inputs=shared_inputs)
+            reference.original_forward = GraphedForward(reference.original_forward, graphs)
+            wrapped += 1
+    return wrapped
 
 
 def check_cuda(device: torch.device | str) -> None:

@@ -22,7 +22,7 @@ class Speedups:
     fp8_scales: str = ""  # "": per-token activation scales; else a file of static ones (model.fp8_scales)
     fp8_fast_accum: bool = False  # FP8 GEMMs with Hopper's fast (reduced-precision) accumulation
     compile: str = "none"  # none | regional (each repeated block compiled once) | full
-    cuda_graphs: bool = False  # each step shape captured in one CUDA graph and replayed (model.graphs)
+    cuda_graphs: bool = False  # each step shape captured and replayed (model.graphs; with a cache, each block)
 
     def __post_init__(self):
         if self.compile not in ("none", "regional", "full"):
@@ -59,9 +59,6 @@ def check_composition(speedups: Speedups, cached: bool, parallel=None) -> None:
     if cached and speedups.compile == "full":
         raise ValueError("cache and compile full: a whole-model graph cannot hold a step cache's per-step "
                          "decisions; use compile regional with a cache")  # fmt: skip
-    if cached and speedups.cuda_graphs:
-        raise ValueError("cache and cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
-                         "turn one of them off")  # fmt: skip
     if parallel is not None and parallel.enabled:
         parallel.check_attention(speedups.attention_backend)
 
@@ -99,7 +96,11 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, f
         compile_regions(transformer)
     elif speedups.compile == "full":
         call = torch.compile(transformer, fullgraph=True)
-    if speedups.cuda_graphs:
+    if speedups.cuda_graphs and cache is not None:
+        from flux_triton.model.graphs import graph_cached_regions
+
+        graph_cached_regions(transformer, transformer.device)
+    elif speedups.cuda_graphs:
         from flux_triton.model.graphs import with_cuda_graphs
 
         call = with_cuda_graphs(call, transformer.device)

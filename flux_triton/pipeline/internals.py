@@ -23,9 +23,20 @@ def dispatch_mode_base() -> type:
 
 
 def flat_tensors(tree) -> list:
+    return flatten(tree)[0]
+
+
+# -- torch: a nested call's arguments as leaves and back (a hooked block's forward captured per shape, model.graphs)
+def flatten(tree) -> tuple[list, object]:
     from torch.utils._pytree import tree_flatten
 
-    return tree_flatten(tree)[0]
+    return tree_flatten(tree)
+
+
+def unflatten(leaves: list, spec):
+    from torch.utils._pytree import tree_unflatten
+
+    return tree_unflatten(leaves, spec)
 
 
 def is_view(tensor: torch.Tensor) -> bool:

@@ -2,11 +2,11 @@
 profile, run batched where shapes and ids agree, every answer checked finite (``merging.run_engine_requests``).
 
 With a step cache (``cache``; an AOTI engine, which is diffusers' model with compiled blocks, so diffusers' hooks
-wrap it): the ensemble hands ``dit_engine`` each request's sequence id, flags and parameters, as it hands them to
-``dit_preprocess``, which keeps the sessions and checks the START's cache choice. A sequence that chose the cache at
-its START runs each step alone in its own cache context (``<sequence id>``); its state is dropped at END, when a step
-fails and once idle. Other steps still merge, each merged forward in a fresh context (it computes every block, as
-without the cache)."""
+wrap it; with ``cuda_graphs``, each block the hooks run is a graph replay): the ensemble hands ``dit_engine`` each
+request's sequence id, flags and parameters, as it hands them to ``dit_preprocess``, which keeps the sessions and
+checks the START's cache choice. A sequence that chose the cache at its START runs each step alone in its own cache
+context (``<sequence id>``); its state is dropped at END, when a step fails and once idle. Other steps still merge,
+each merged forward in a fresh context (it computes every block, as without the cache)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,10 @@ class EngineService:
         if self.cache is not None:
             engine.transformer.enable_cache(self.cache)
             self.cached = CachedSequences(engine.transformer, settings.session_settings)
+            if settings.cuda_graphs:
+                from flux_triton.model.graphs import graph_cached_regions
+
+                graph_cached_regions(engine.transformer, engine.transformer.device)
 
     def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
         """One result per request, in order: ``noise_pred`` or the error of its request or forward."""

@@ -1,6 +1,8 @@
-"""``flux_generate``'s core: a whole generation in one request.
+"""``flux_generate``'s core: a whole generation in one request (prompt strings or their embeddings in; latents,
+and PNG images where a VAE is configured, out).
 
-diffusers' own ``FluxPipeline`` runs on the server around a stand-in transformer (``pipeline.stand_in``) whose
+diffusers' own ``FluxPipeline`` runs on the server, with the text encoders and VAE of ``model.components`` where the
+model folder has them, around a stand-in transformer (``pipeline.stand_in``) whose
 steps go to the served transformer model (``dit_transformer``) in process, through Triton's BLS, exactly as a
 client's steps would: so the latents equal a client-driven generation's bit for bit, the served model's speed-ups,
 step caches and sessions apply, and steps of concurrent generations merge in its batcher. Each cache context of
@@ -10,7 +12,9 @@ later steps only the latents, the timestep and the ids; every sequence ends when
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import math
 import secrets
@@ -22,7 +26,9 @@ import torch
 from diffusers import FluxPipeline
 
 from flux_triton.contract import PROMPT_INPUTS, DitSignature, InputError, Step
+from flux_triton.contract.generation import GENERATE_INPUTS, IMAGES, LATENTS, STRING_INPUTS
 from flux_triton.contract.protocol import SequenceStep
+from flux_triton.model.components import Components
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.inputs import image_tokens
@@ -30,30 +36,17 @@ from flux_triton.pipeline.stand_in import StandInTransformer
 from flux_triton.serving import caching
 from flux_triton.serving.settings import GenerateSettings
 
-# The request: (name, Triton dtype, dims, default; None: required). One generation per request, its prompt batch
-# the batch of images.
-GENERATE_INPUTS = (
-    ("prompt_embeds", "FP32", (-1, -1, -1), None),
-    ("pooled_prompt_embeds", "FP32", (-1, -1), None),
-    ("negative_prompt_embeds", "FP32", (-1, -1, -1), ...),  # ...: optional, no default (true CFG only)
-    ("negative_pooled_prompt_embeds", "FP32", (-1, -1), ...),
-    ("height", "INT32", (1,), 1024),
-    ("width", "INT32", (1,), 1024),
-    ("num_inference_steps", "INT32", (1,), 28),
-    ("guidance_scale", "FP32", (1,), 3.5),
-    ("true_cfg_scale", "FP32", (1,), 1.0),
-    ("seed", "INT64", (1,), 0),
-)
-GENERATE_OUTPUT = "latents"  # FP32 [B, N, C]: FluxPipeline(output_type="latent")'s packed latents
 Infer = Callable[[dict[str, torch.Tensor], SequenceStep], torch.Tensor]  # a step's tensors -> noise_pred
 
 
 @dataclass(frozen=True)
 class Generation:
-    """One validated request: what ``FluxPipeline`` is called with."""
+    """One validated request: what ``FluxPipeline`` is called with, and whether it returns images."""
 
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
+    prompt: list[str] | None
+    negative_prompt: list[str] | None
+    prompt_embeds: torch.Tensor | None
+    pooled_prompt_embeds: torch.Tensor | None
     negative_prompt_embeds: torch.Tensor | None
     negative_pooled_prompt_embeds: torch.Tensor | None
     height: int
@@ -63,24 +56,25 @@ class Generation:
     true_cfg_scale: float
     seed: int
     cache: str  # the step cache's plain spec as JSON ("": none), as a sequence's START carries it
+    images: bool  # decode the latents with the VAE into PNGs
 
     @classmethod
-    def parse(
-        cls, tensors: Mapping[str, torch.Tensor], cache: str, signature: DitSignature, settings: GenerateSettings
-    ) -> Generation:
-        """The request's tensors and ``cache`` parameter, checked; ``InputError`` names the field."""
+    def parse(cls, request: Mapping[str, torch.Tensor | list[bytes]], cache: str, signature: DitSignature,
+              settings: GenerateSettings, components: Components, outputs: set[str]) -> Generation:  # fmt: skip
+        """The request's inputs (tensors; strings as lists of bytes), ``cache`` parameter and requested
+        ``outputs`` (empty: all there are), checked against what this server has; ``InputError`` names the field."""
         values = {}
         for name, _, dims, default in GENERATE_INPUTS:
-            tensor = tensors.get(name)
-            if tensor is None:
-                if default is None:
-                    raise InputError(f"{name}: missing; a generation needs the prompt's embeddings")
+            value = request.get(name)
+            if value is None:
                 values[name] = None if default is ... else default
+            elif name in STRING_INPUTS:
+                values[name] = _strings(name, value)
             elif dims == (1,):
-                values[name] = _scalar(name, tensor)
+                values[name] = _scalar(name, value)
             else:
-                values[name] = _finite(name, tensor)
-        _check_prompt(values, signature, settings)
+                values[name] = _finite(name, value)
+        _check_prompt(values, signature, settings, components)
         for name in ("height", "width"):
             if values[name] < 16 or values[name] % 16:
                 raise InputError(f"{name}: expected a positive multiple of 16, got {values[name]}")
@@ -94,9 +88,12 @@ class Generation:
         for name in ("guidance_scale", "true_cfg_scale"):
             if not math.isfinite(values[name]) or values[name] < 0:
                 raise InputError(f"{name}: expected a finite value >= 0, got {values[name]}")
-        if values["true_cfg_scale"] > 1 and values["negative_prompt_embeds"] is None:
-            raise InputError("negative_prompt_embeds: true_cfg_scale > 1 needs the negative prompt's embeddings")
-        return cls(**values, cache=_cache(cache, settings))
+        if values["true_cfg_scale"] > 1 and values["negative_prompt_embeds"] is None and not values["negative_prompt"]:
+            raise InputError("negative_prompt: true_cfg_scale > 1 needs a negative prompt or its embeddings")
+        if IMAGES in outputs and not components.decodes:
+            raise InputError(f"{IMAGES}: this server has no VAE (its components_dir has no vae/); request {LATENTS}")
+        images = components.decodes and (not outputs or IMAGES in outputs)
+        return cls(**values, cache=_cache(cache, settings), images=images)
 
 
 def _scalar(name: str, tensor: torch.Tensor) -> float | int:
@@ -112,11 +109,34 @@ def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone()  # the request's buffer goes with the request
 
 
-def _check_prompt(values: dict, signature: DitSignature, settings: GenerateSettings) -> None:
-    pairs = [("prompt_embeds", "pooled_prompt_embeds")]
+def _strings(name: str, items: list[bytes]) -> list[str]:
+    try:
+        strings = [item.decode("utf-8") for item in items]
+    except (UnicodeDecodeError, AttributeError):
+        raise InputError(f"{name}: expected UTF-8 strings") from None
+    if not strings:
+        raise InputError(f"{name}: expected one or more strings, got none")
+    return strings
+
+
+def _check_prompt(values: dict, signature: DitSignature, settings: GenerateSettings, components: Components) -> None:
+    """A prompt as strings (with text encoders) or as embeddings, not both; a negative prompt the same way."""
+    for text, embeds in (("prompt", "prompt_embeds"), ("negative_prompt", "negative_prompt_embeds")):
+        if values[text] is not None and values[embeds] is not None:
+            raise InputError(f"{text} and {embeds}: send a prompt as strings or as embeddings, not both")
+        if values[text] is not None and not components.encodes:
+            raise InputError(f"{text}: this server has no text encoders (its components_dir has no text_encoder/, "
+                             f"tokenizer/, text_encoder_2/, tokenizer_2/); send {embeds} and the pooled "
+                             f"embeddings")  # fmt: skip
+    if values["prompt"] is None and values["prompt_embeds"] is None:
+        raise InputError("prompt_embeds: missing; a generation needs a prompt (strings, where the server has text "
+                         "encoders) or its embeddings")  # fmt: skip
+    batch = len(values["prompt"]) if values["prompt"] is not None else values["prompt_embeds"].shape[0]
+    if values["negative_prompt"] is not None and len(values["negative_prompt"]) != batch:
+        raise InputError(f"negative_prompt: {len(values['negative_prompt'])} strings for {batch} prompts")
+    pairs = [("prompt_embeds", "pooled_prompt_embeds")] if values["prompt"] is None else []
     if values["negative_prompt_embeds"] is not None or values["negative_pooled_prompt_embeds"] is not None:
         pairs.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
-    batch = values["prompt_embeds"].shape[0]
     for text_name, pooled_name in pairs:
         text, pooled = values[text_name], values[pooled_name]
         if text is None or pooled is None:
@@ -185,26 +205,52 @@ def scheduler_for(settings: GenerateSettings, model_dir: Path, signature: DitSig
     return loop.make_scheduler(preset)
 
 
-def generate(generation: Generation, transformer: ServedSteps, scheduler) -> torch.Tensor:
-    """``FluxPipeline(output_type="latent")``'s latents for ``generation``; its sequences end however it ends."""
-    pipe = FluxPipeline(scheduler, None, None, None, None, None, transformer)
+PROMPT_FIELDS = ("prompt", "negative_prompt", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                 "negative_pooled_prompt_embeds")  # fmt: skip
+Progress = Callable[[int, int], None]  # (steps done, steps): after each step; raising stops the generation
+
+
+def generate(
+    generation: Generation,
+    transformer: ServedSteps,
+    scheduler,
+    components: Components,
+    max_sequence_length: int = 512,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, list[bytes] | None]:
+    """``FluxPipeline``'s packed latents for ``generation`` and, where it asks for images, each image as a base64
+    PNG (the VAE's decoding, as ``output_type="pil"``); its sequences end however it ends."""
+    pipe = FluxPipeline(scheduler, transformer=transformer, **components.pipeline_kwargs())
     pipe.set_progress_bar_config(disable=True)
-    negative = {}
-    if generation.negative_prompt_embeds is not None:
-        negative = {"negative_prompt_embeds": generation.negative_prompt_embeds,
-                    "negative_pooled_prompt_embeds": generation.negative_pooled_prompt_embeds}  # fmt: skip
+    final = {}
+
+    def step_end(_pipe, index: int, _timestep, tensors: dict) -> dict:
+        final[LATENTS] = tensors[LATENTS]
+        if progress is not None:
+            progress(index + 1, generation.num_inference_steps)
+        return tensors
+
+    prompt = {name: getattr(generation, name) for name in PROMPT_FIELDS if getattr(generation, name) is not None}
     try:
-        return pipe(
-            prompt_embeds=generation.prompt_embeds,
-            pooled_prompt_embeds=generation.pooled_prompt_embeds,
+        output = pipe(
+            **prompt,
             height=generation.height,
             width=generation.width,
             num_inference_steps=generation.num_inference_steps,
             guidance_scale=generation.guidance_scale,
             true_cfg_scale=generation.true_cfg_scale,
             generator=torch.Generator().manual_seed(generation.seed),
-            output_type="latent",
-            **negative,
+            output_type="pil" if generation.images else "latent",
+            max_sequence_length=max_sequence_length,
+            callback_on_step_end=step_end,
         ).images
     finally:
         transformer.end_generations()
+    return final[LATENTS], [png_base64(image) for image in output] if generation.images else None
+
+
+def png_base64(image) -> bytes:
+    """A PIL image as the base64 text of its PNG file."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue())

@@ -221,7 +221,7 @@ class EngineSettings(ModelSettings):
     """``dit_engine``'s settings (the Python-backend runner's; a ``tensorrt_plan`` engine has none)."""
 
     engine: str = ""  # the engine's sidecar, relative to the engines folder
-    cuda_graphs: bool = False  # each step shape captured in one CUDA graph (the AOTI kinds)
+    cuda_graphs: bool = False  # each step shape captured in CUDA graphs (the AOTI kinds; per block with a cache)
     cache: str = "none"  # a step cache generations may choose (the AOTI kinds: diffusers' hooks around the engine)
     # the cached sequences' bounds, dit_preprocess's own: a sequence it keeps keeps its cache state here
     max_sessions: int = SessionSettings.max_sessions
@@ -231,12 +231,15 @@ class EngineSettings(ModelSettings):
     def session_settings(self) -> SessionSettings:
         return SessionSettings(self.max_sessions, idle_timeout_s=self.session_idle_s)
 
+    @property
+    def whole_step_graphs(self) -> bool:
+        """Whether each step is one CUDA graph (with a cache, the service captures the hooked blocks instead)."""
+        return self.cuda_graphs and _check_cache(self.cache) is None
+
     def validate(self) -> None:
         if not self.engine:
             raise ValueError("engine parameter: expected the engine's sidecar (make repo writes it)")
-        if _check_cache(self.cache) and self.cuda_graphs:
-            raise ValueError("cache and cuda_graphs: a captured step cannot hold a step cache's per-step decisions; "
-                             "turn one of them off")  # fmt: skip
+        _check_cache(self.cache)
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,8 @@ class GenerateSettings(ModelSettings):
     ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV}
 
     model_dir: str = "tiny-flux-dev"  # as dit_transformer's: the signature and the scheduler come from it
+    # the text encoders and VAE (model.components): auto, the pipeline folder holding model_dir; none; or a folder
+    components_dir: str = "auto"
     transformer_model: str = "dit_transformer"  # the served model each step goes to, in process (BLS)
     scheduler: str = "auto"  # auto: the model folder's scheduler/, else by guidance: dev or schnell
     dtype: str = "auto"  # the transformer's: auto is bfloat16 where a GPU is visible, float32 otherwise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import numpy
 import torch
 
 from flux_triton.contract import OUTPUT_NAME, InputError, OutputError
@@ -46,6 +47,17 @@ def request_tensors(request, names: Iterable[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def request_strings(request, names: Iterable[str]) -> dict[str, list[bytes]]:
+    """The request's BYTES inputs among ``names`` (absent ones left out), each flattened to a list of bytes."""
+    found = {name: _pb().get_input_tensor_by_name(request, name) for name in names}
+    return {name: list(tensor.as_numpy().reshape(-1)) for name, tensor in found.items() if tensor is not None}
+
+
+def requested_outputs(request) -> set[str]:
+    """The outputs a request names (empty: it names none, so it gets every output)."""
+    return set(request.requested_output_names())
+
+
 def sequence_step(request) -> SequenceStep:
     """The request's place in a generation session: its correlation id, flags, session key and step cache (a
     JSON object given as such is taken as its text)."""
@@ -79,11 +91,14 @@ def bls_infer(model_name: str, tensors: dict[str, torch.Tensor], sequence: Seque
     return torch.utils.dlpack.from_dlpack(found.to_dlpack()).clone()  # the response's buffer goes with it
 
 
-def output(name: str, tensor: torch.Tensor):
-    return _pb().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
+def output(name: str, value: torch.Tensor | list[bytes]):
+    """An output tensor: a torch tensor (through DLPack), or a list of bytes (a BYTES tensor)."""
+    if isinstance(value, list):
+        return _pb().Tensor(name, numpy.array(value, dtype=numpy.object_))
+    return _pb().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
 
 
-def response(outputs: dict[str, torch.Tensor]):
+def response(outputs: dict[str, torch.Tensor | list[bytes]]):
     return _pb().InferenceResponse(output_tensors=[output(name, tensor) for name, tensor in outputs.items()])
 
 

@@ -1,4 +1,5 @@
-"""``make tiny``: write the embedded tiny FLUX transformers under the model root."""
+"""``make tiny``: write the embedded tiny FLUX transformers, and their text encoders and VAE, under the model
+root."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from flux_triton.locations import Locations
+from flux_triton.model.components import TINY_COMPONENTS, write_tiny_components
 from flux_triton.model.presets import TINY_PRESETS, write_tiny_models
 
 
@@ -15,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rewrite existing models")
     args = parser.parse_args(argv)
     root = args.root or Locations.here().model_root
-    for path in write_tiny_models(root, args.force):
-        print(f"wrote {path}")
-    print(f"tiny models ready in {root}: {', '.join(TINY_PRESETS)}")
+    for path in [*write_tiny_models(root, args.force), write_tiny_components(root, args.force)]:
+        if path is not None:
+            print(f"wrote {path}")
+    print(f"tiny models ready in {root}: {', '.join([*TINY_PRESETS, TINY_COMPONENTS])}")

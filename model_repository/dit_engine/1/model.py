@@ -29,7 +29,7 @@ class TritonPythonModel:
         locations = Locations.of_repository(REPOSITORY)
         sidecar_path = locations.engine(settings.engine)
         device = triton.instance_device(args)
-        sidecar, engine = load_engine(sidecar_path, device, locations.model_root, settings.cuda_graphs)
+        sidecar, engine = load_engine(sidecar_path, device, locations.model_root, settings.whole_step_graphs)
         check_step_cache(sidecar.kind, settings.cache)
         self.service = EngineService(settings, sidecar, engine)
         cache = f", cache {settings.cache}" if self.service.cache is not None else ""

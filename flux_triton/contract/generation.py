@@ -1,0 +1,28 @@
+"""``flux_generate``'s IO contract: a whole generation per request, its prompt batch the batch of images. A prompt is
+UTF-8 strings (where the server has text encoders) or its embeddings; the answer is ``FluxPipeline``'s packed latents
+and, where the server has a VAE, each image as the base64 text of its PNG file. Torch-free: the server, the client
+and the guard read it."""
+
+from __future__ import annotations
+
+GENERATE_MODEL = "flux_generate"
+
+# (name, Triton dtype, dims, default; ...: optional without a default)
+GENERATE_INPUTS = (
+    ("prompt", "BYTES", (-1,), ...),
+    ("negative_prompt", "BYTES", (-1,), ...),  # true CFG only
+    ("prompt_embeds", "FP32", (-1, -1, -1), ...),
+    ("pooled_prompt_embeds", "FP32", (-1, -1), ...),
+    ("negative_prompt_embeds", "FP32", (-1, -1, -1), ...),
+    ("negative_pooled_prompt_embeds", "FP32", (-1, -1), ...),
+    ("height", "INT32", (1,), 1024),
+    ("width", "INT32", (1,), 1024),
+    ("num_inference_steps", "INT32", (1,), 28),
+    ("guidance_scale", "FP32", (1,), 3.5),
+    ("true_cfg_scale", "FP32", (1,), 1.0),
+    ("seed", "INT64", (1,), 0),
+)
+GENERATE_INPUT_TYPES = {name: dtype for name, dtype, _, _ in GENERATE_INPUTS}
+STRING_INPUTS = tuple(name for name, dtype, _, _ in GENERATE_INPUTS if dtype == "BYTES")
+LATENTS, IMAGES = "latents", "images"  # FP32 [B, N, C]; BYTES [B]
+GENERATE_OUTPUTS = (LATENTS, IMAGES)
