@@ -6,15 +6,19 @@ tiny-flux-dev)."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import numpy
 import pytest
 import torch
+import tritonclient.http as httpclient
 from helpers import embeds, generate, load_tiny, start_server
+from PIL import Image
 
-from flux_triton.client import RemoteDitError, RemoteFluxTransformer, RemoteSettings
+from flux_triton.client import GenerationCancelled, RemoteDitError, RemoteFluxTransformer, RemoteSettings
 from flux_triton.client import generate as served_generate
 from flux_triton.client import generate_images as served_generate_images
+from flux_triton.client.cli import main
 from flux_triton.deploy import health
 from flux_triton.pipeline.caching import build_cache
 
@@ -25,7 +29,8 @@ SIZE = dict(height=64, width=64)  # the helpers' generate() size
 
 @pytest.fixture(scope="module")
 def generate_server(tmp_path_factory, model_root):
-    server = start_server(tmp_path_factory.mktemp("generate"), model_root, ["dit_transformer", "flux_generate"])
+    models = ["dit_transformer", "flux_generate", "flux_generate_stream"]
+    server = start_server(tmp_path_factory.mktemp("generate"), model_root, models)
     yield server
     server.stop()
 
@@ -145,6 +150,63 @@ def test_prompt_strings_in_images_out_equal_local_diffusers_with_the_same_encode
     for image, reference in zip(images, expected, strict=True):
         assert numpy.array_equal(numpy.asarray(image), numpy.asarray(reference))
     assert not numpy.array_equal(numpy.asarray(images[0]), numpy.asarray(images[1]))
+
+
+def _streamed(server, seed: int, progress, **kwargs):
+    settings = RemoteSettings(url=server.url, grpc_url=server.endpoints[1])
+    return served_generate(**{**SIZE, **kwargs}, seed=seed, progress=progress, settings=settings)
+
+
+def test_a_streamed_generation_reports_every_step_and_answers_the_same_latents(generate_server, tiny_dev):
+    """flux_generate_stream (decoupled, over gRPC's stream): a progress response after each step, in order, then
+    the latents, equal to local diffusers'."""
+    seen = []
+    kwargs = dict(num_inference_steps=6, guidance_scale=3.5, **embeds(41))
+    latents = _streamed(generate_server, 41, lambda done, total: seen.append((done, total)), **kwargs)
+    assert seen == [(step, 6) for step in range(1, 7)]
+    assert torch.equal(latents, generate(tiny_dev, "dev", seed=41, **kwargs))
+
+
+def test_a_cancelled_generation_stops_on_the_server_and_frees_what_it_held(tmp_path, model_root, tiny_dev):
+    """dit_transformer keeps one session at most. The caller's progress returns False after 2 of 40 steps: the
+    client stops the stream, the server stops the loop at its next step (dit_transformer runs no more steps) and
+    ends the generation's sequence, so the next generations, streamed and not, can start theirs and are right."""
+    models = ["dit_transformer", "flux_generate", "flux_generate_stream"]
+    server = start_server(tmp_path, model_root, models, parameters={"dit_transformer": {"max_sessions": "1"}})
+    try:
+        kwargs = dict(num_inference_steps=40, guidance_scale=3.5, **embeds(42))
+        with pytest.raises(GenerationCancelled, match="cancelled after 2 of 40 steps"):
+            _streamed(server, 42, lambda done, total: done < 2, **kwargs)
+        ran = _steps_run(server)
+        time.sleep(1.0)
+        assert _steps_run(server) == ran < 10  # stopped, early
+        again = dict(num_inference_steps=3, guidance_scale=3.5, **embeds(43))
+        expected = generate(tiny_dev, "dev", seed=43, **again)
+        assert torch.equal(_streamed(server, 43, lambda done, total: None, **again), expected)
+        assert torch.equal(_served(server, 43, **again), expected)
+    finally:
+        server.stop()
+
+
+def test_the_cli_streams_a_prompt_with_a_progress_bar_and_writes_its_png(generate_server, tmp_path, capsys):
+    """``python -m flux_triton.client --prompt``: one streamed request, a progress bar to the last step, the PNG the
+    server's VAE decoded (the same image ``generate_images`` gets)."""
+    png = tmp_path / "fox.png"
+    argv = ["--url", generate_server.url, "--grpc-url", generate_server.endpoints[1], "--prompt", "a red fox",
+            "--steps", "4", "--height", "64", "--width", "48", "--seed", "5", "--png", str(png)]  # fmt: skip
+    assert main(argv) == 0
+    assert "4/4" in capsys.readouterr().err
+    settings = RemoteSettings(url=generate_server.url)
+    expected = served_generate_images(
+        "a red fox", num_inference_steps=4, height=64, width=48, seed=5, settings=settings
+    )
+    with Image.open(png) as written:
+        assert written.size == (48, 64) and numpy.array_equal(numpy.asarray(written), numpy.asarray(expected[0]))
+
+
+def _steps_run(server) -> int:
+    with httpclient.InferenceServerClient(server.url) as client:
+        return int(client.get_inference_statistics("dit_transformer")["model_stats"][0]["inference_count"])
 
 
 def test_the_supervisors_probe_runs_a_one_step_generation(generate_server):

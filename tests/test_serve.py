@@ -22,7 +22,7 @@ from flux_triton.locations import ENGINES_DIR_ENV, MODEL_ROOT_ENV
 from flux_triton.pipeline.inputs import random_step
 
 pytestmark = pytest.mark.server
-MODELS = {"dit_transformer", "flux_dit", "dit_preprocess", "dit_engine", "flux_generate"}
+MODELS = {"dit_transformer", "flux_dit", "dit_preprocess", "dit_engine", "flux_generate", "flux_generate_stream"}
 
 
 def tracked_repository(target: Path) -> Path:

@@ -13,6 +13,7 @@ _HOMES = {
     "RemoteDitError": "connection",
     "generate": "whole_generation",
     "generate_images": "whole_generation",
+    "GenerationCancelled": "whole_generation",
 }
 __all__ = sorted(_HOMES)
 

@@ -2,7 +2,9 @@
 
 ``FluxPipeline`` runs the loop (scheduler, latents, true CFG, its progress bar) with the remote
 transformer; prompt embeddings come from a safetensors file or are random for a smoke run. Writes
-the final packed latents (safetensors) and, given a VAE folder, the decoded PNG.
+the final packed latents (safetensors) and, given a VAE folder, the decoded PNG. With ``--prompt``, the
+whole generation is one request streamed from the server's ``flux_generate_stream`` (its text encoders and
+VAE), with a progress bar from its per-step responses; writes the PNG (Ctrl-C cancels it on the server).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from flux_triton.client.connection import RemoteDitError, RemoteSettings
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.transport import TRANSPORTS
+from flux_triton.client.whole_generation import generate_images
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import CACHE_KINDS, parse_cache_setting
 from flux_triton.pipeline.internals import unpack_latents
@@ -31,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "separated by commas (default: %(default)s)")  # fmt: skip
     parser.add_argument("--resolve", action="store_true", help="every address the --url host name resolves to is a "
                         "replica (a Kubernetes headless Service); each generation stays on one")  # fmt: skip
+    parser.add_argument("--grpc-url", default="", help="Triton gRPC endpoint, for --prompt (default: the --url host, "
+                        "port 8001)")  # fmt: skip
     parser.add_argument("--model", default=defaults.model_name, help="served model (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=defaults.network_timeout_s, help="seconds per request")
     parser.add_argument(
@@ -42,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--embeds", type=Path, help=f"safetensors with {', '.join(EMBED_KEYS)} (negatives optional)")
     source.add_argument("--random-embeds", action="store_true", help="random prompt embeddings (smoke run)")
+    source.add_argument("--prompt", help="the prompt as text: the whole generation on the server, PNG out")
+    parser.add_argument("--negative-prompt", default=None, help="with --prompt and --true-cfg")
     parser.add_argument("--text-tokens", type=int, default=256, help="text tokens of random embeddings")
     parser.add_argument("--steps", type=int, default=None, help="default: 28 (guidance model) or 4")
     parser.add_argument("--guidance", type=float, default=3.5, help="guidance scale (guidance models)")
@@ -101,6 +108,23 @@ def decode_png(pipe, latents: torch.Tensor, height: int, width: int, path: Path)
         picture.save(path if len(images) == 1 else path.with_stem(f"{path.stem}-{index}"))
 
 
+def run_prompt(args: argparse.Namespace, settings: RemoteSettings) -> Path:
+    """The whole generation in one streamed request; a progress bar from its per-step responses."""
+    from tqdm.auto import tqdm
+
+    steps = args.steps or 28
+    png = args.png or args.output.with_suffix(".png")
+    with tqdm(total=steps, unit="step", desc="flux_generate_stream") as bar:
+        images = generate_images(args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                                 width=args.width, num_inference_steps=steps, guidance_scale=args.guidance,
+                                 true_cfg_scale=args.true_cfg, seed=args.seed, cache=args.cache,
+                                 progress=lambda done, total: bar.update(done - bar.n), settings=settings)  # fmt: skip
+    png.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(png)
+    tqdm.write(f"image {images[0].width}x{images[0].height} -> {png}")
+    return png
+
+
 def run(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -108,12 +132,15 @@ def run(args: argparse.Namespace) -> Path:
     urls = tuple(url.strip() for url in args.url.split(",") if url.strip())
     settings = RemoteSettings(
         url=urls[0],
+        grpc_url=args.grpc_url,
         urls=urls if len(urls) > 1 else (),
         resolve=args.resolve,
         model_name=args.model,
         network_timeout_s=args.timeout,
         transport=args.transport,
     )
+    if args.prompt is not None:
+        return run_prompt(args, settings)
     with RemoteFluxTransformer(settings) as remote:
         if args.cache:
             remote.enable_cache(parse_cache_setting(args.cache))

@@ -27,6 +27,7 @@ class RemoteSettings:
     """Where and how to reach the DiT; the defaults match the shipped server and model repository."""
 
     url: str = "localhost:8000"
+    grpc_url: str = ""  # Triton's gRPC endpoint (streamed generations); "": url's host, port 8001
     model_name: str = "dit_transformer"
     model_version: str = ""
     connection_timeout_s: float = 5.0
@@ -43,6 +44,10 @@ class RemoteSettings:
     urls: tuple[str, ...] = ()
     resolve: bool = False
     resolve_interval_s: float = 30.0
+
+    @property
+    def grpc_address(self) -> str:
+        return self.grpc_url or f"{self.url.rsplit(':', 1)[0]}:8001"
 
     @property
     def admin_headers(self) -> dict[str, str] | None:

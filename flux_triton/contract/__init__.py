@@ -13,8 +13,8 @@ _HOMES = {
     "tensors": ("TORCH_TO_TRITON", "TORCH_TO_WIRE", "TRITON_TO_TORCH", "DitSignature", "from_numpy", "to_numpy"),
     "step": ("Step",),
     "validation": ("InputError", "Limits", "OutputError", "check_output", "validate"),
-    "generation": ("GENERATE_INPUTS", "GENERATE_INPUT_TYPES", "GENERATE_MODEL", "GENERATE_OUTPUTS", "IMAGES", "LATENTS",
-                   "STRING_INPUTS"),
+    "generation": ("GENERATE_INPUTS", "GENERATE_INPUT_TYPES", "GENERATE_MODEL", "GENERATE_OUTPUTS",
+                   "GENERATE_STREAM_MODEL", "IMAGES", "LATENTS", "PROGRESS", "STRING_INPUTS"),
 }  # fmt: skip
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_HOME_OF)

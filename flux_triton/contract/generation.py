@@ -6,6 +6,7 @@ and the guard read it."""
 from __future__ import annotations
 
 GENERATE_MODEL = "flux_generate"
+GENERATE_STREAM_MODEL = "flux_generate_stream"  # the same, decoupled: a progress response after each step
 
 # (name, Triton dtype, dims, default; ...: optional without a default)
 GENERATE_INPUTS = (
@@ -26,3 +27,4 @@ GENERATE_INPUT_TYPES = {name: dtype for name, dtype, _, _ in GENERATE_INPUTS}
 STRING_INPUTS = tuple(name for name, dtype, _, _ in GENERATE_INPUTS if dtype == "BYTES")
 LATENTS, IMAGES = "latents", "images"  # FP32 [B, N, C]; BYTES [B]
 GENERATE_OUTPUTS = (LATENTS, IMAGES)
+PROGRESS = "progress"  # INT32 [2]: steps done, steps (flux_generate_stream's responses before the last)

@@ -168,7 +168,7 @@ def health(argv: list[str] | None = None) -> None:
     from flux_triton.deploy.health import check
 
     args = health_parser().parse_args(argv)
-    results = check(args.url, admin_headers(os.environ.get(ADMIN_KEY_ENV)))
+    results = check(args.url, admin_headers(os.environ.get(ADMIN_KEY_ENV)), grpc_url=args.grpc_url)
     for model, why in results.items():
         print(f"{model:<16} {'ok' if why is None else why}")
     if not results or any(results.values()):
@@ -179,4 +179,5 @@ def health_parser() -> argparse.ArgumentParser:
     """``health``'s arguments (a container's liveness check runs it)."""
     parser = argparse.ArgumentParser(prog="python -m flux_triton health", description=health.__doc__)
     parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP endpoint")
+    parser.add_argument("--grpc-url", default="127.0.0.1:8001", help="its gRPC endpoint (flux_generate_stream)")
     return parser

@@ -11,6 +11,7 @@ is not hung) and restarts a server or guard that exited, logging why.
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from flux_triton.contract import OUTPUT_NAME, TORCH_TO_WIRE, DitSignature, Limit
 from flux_triton.contract.protocol import GUIDANCE_REQUIRED, admin_headers
 from flux_triton.contract.served import signature_from_config
 from flux_triton.contract.specs import engine_tensor_name
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, GENERATE, PREPROCESS
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, GENERATE, GENERATE_STREAM, PREPROCESS
 from flux_triton.deploy.server import TritonServer
 from flux_triton.deploy.sockets import http_call
 from flux_triton.serving.settings import GenerateSettings, PreprocessSettings
@@ -32,7 +33,8 @@ from flux_triton.serving.settings import GenerateSettings, PreprocessSettings
 if TYPE_CHECKING:
     from flux_triton.deploy.guard.process import GuardProcess
 
-MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE, GENERATE)  # this project's models, probed in this order
+# this project's models, probed in this order (the decoupled flux_generate_stream over gRPC's stream)
+MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE, GENERATE, GENERATE_STREAM)
 PROBE_TIMEOUT_S = 60.0
 
 
@@ -56,8 +58,8 @@ def _ensemble_settings(client: httpclient.InferenceServerClient, headers: dict |
 def make_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None = None) -> Probe:
     """The probe of one of this project's models (``headers``: the admin key, which the internal models need
     behind the guard); ``dit_transformer``'s without guidance (``run_probe`` adds it if the model asks)."""
-    if model == GENERATE:
-        return _generate_probe(client, headers)
+    if model in (GENERATE, GENERATE_STREAM):
+        return _generate_probe(client, model, headers)
     if model == DIT_TRANSFORMER:
         config = client.get_model_config(model, headers=headers)
         signature, limits = signature_from_config(config, guidance_embeds=False), Limits()
@@ -69,9 +71,9 @@ def make_probe(client: httpclient.InferenceServerClient, model: str, headers: di
     return Probe(model, tensors, output, tuple(step.hidden_states.shape))
 
 
-def _generate_probe(client: httpclient.InferenceServerClient, headers: dict[str, str] | None) -> Probe:
-    """One step of a 16x16 generation from a one-token zero prompt, sized by the transformer flux_generate uses."""
-    settings = GenerateSettings.from_config(client.get_model_config(GENERATE, headers=headers), environment=False)
+def _generate_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None) -> Probe:
+    """One step of a 16x16 generation from a one-token zero prompt, sized by the transformer ``model`` uses."""
+    settings = GenerateSettings.from_config(client.get_model_config(model, headers=headers), environment=False)
     target = client.get_model_config(settings.transformer_model, headers=headers)
     signature = signature_from_config(target, guidance_embeds=False)
     tensors = {
@@ -81,7 +83,7 @@ def _generate_probe(client: httpclient.InferenceServerClient, headers: dict[str,
         "width": torch.tensor([16], dtype=torch.int32),
         "num_inference_steps": torch.tensor([1], dtype=torch.int32),
     }
-    return Probe(GENERATE, tensors, "latents", (1, 1, signature.in_channels))
+    return Probe(model, tensors, "latents", (1, 1, signature.in_channels))
 
 
 def _infer(client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None) -> torch.Tensor:
@@ -95,12 +97,50 @@ def _infer(client: httpclient.InferenceServerClient, probe: Probe, headers: dict
     )
 
 
-def run_probe(
-    client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None = None
-) -> str | None:
-    """``None`` if the model answered the probe with a finite tensor of the right shape, else why not."""
+def _stream_infer(grpc_url: str, probe: Probe, headers: dict[str, str] | None, timeout_s: float) -> torch.Tensor:
+    """A decoupled model's answer to ``probe`` over gRPC's stream (its responses before the last carry only
+    progress, which the probe does not ask for)."""
+    import tritonclient.grpc as grpcclient
+
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
     try:
-        answer = _infer(client, probe, headers)
+        client.start_stream(lambda result, error: answers.put((result, error)), headers=headers)
+        inputs = [
+            grpcclient.InferInput(name, list(t.shape), TORCH_TO_WIRE[t.dtype]) for name, t in probe.tensors.items()
+        ]
+        for item, tensor in zip(inputs, probe.tensors.values(), strict=True):
+            item.set_data_from_numpy(to_numpy(tensor))
+        client.async_stream_infer(probe.model, inputs, outputs=[grpcclient.InferRequestedOutput(probe.output)])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                result, error = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"timed out after {timeout_s:g} s") from None
+            if error is not None:
+                raise error
+            if (answer := result.as_numpy(probe.output)) is not None:
+                return from_numpy(answer)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def run_probe(
+    client: httpclient.InferenceServerClient,
+    probe: Probe,
+    headers: dict[str, str] | None = None,
+    grpc_url: str = "",
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> str | None:
+    """``None`` if the model answered the probe with a finite tensor of the right shape, else why not (the
+    decoupled model over ``grpc_url``)."""
+    try:
+        if probe.model == GENERATE_STREAM:
+            answer = _stream_infer(grpc_url, probe, headers, timeout_s)
+        else:
+            answer = _infer(client, probe, headers)
     except InferenceServerException as exc:
         if GUIDANCE_REQUIRED not in str(exc.message()) or "guidance" in probe.tensors:
             raise
@@ -119,11 +159,13 @@ class Outcome:
     timed_out: bool = False
 
 
-def probe_model(url: str, model: str, headers: dict[str, str] | None, timeout_s: float) -> Outcome:
-    """Probe one model on its own connection, within ``timeout_s``."""
+def probe_model(url: str, model: str, headers: dict[str, str] | None, timeout_s: float, grpc_url: str = "") -> Outcome:
+    """Probe one model on its own connection, within ``timeout_s`` (``grpc_url``: the server's gRPC endpoint;
+    "": ``url``'s host, port 8001)."""
+    grpc_url = grpc_url or f"{url.rsplit(':', 1)[0]}:8001"
     try:
         with httpclient.InferenceServerClient(url, connection_timeout=10, network_timeout=timeout_s) as client:
-            return Outcome(run_probe(client, make_probe(client, model, headers), headers))
+            return Outcome(run_probe(client, make_probe(client, model, headers), headers, grpc_url, timeout_s))
     except Exception as exc:  # the server's error, a broken connection, or no answer in time
         timed_out = "timed out" in str(exc).lower() or isinstance(exc, TimeoutError)
         return Outcome(f"{type(exc).__name__}: {exc}", timed_out)
@@ -136,9 +178,12 @@ def served_models(url: str, headers: dict[str, str] | None = None) -> list[str]:
     return [model for model in MODELS if model in listed]
 
 
-def check(url: str, headers: dict[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, str | None]:
+def check(
+    url: str, headers: dict[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S, grpc_url: str = ""
+) -> dict[str, str | None]:
     """``{model: None or why its probe failed}`` for every model of this project on the server at ``url``."""
-    return {model: probe_model(url, model, headers, timeout_s).why for model in served_models(url, headers)}
+    models = served_models(url, headers)
+    return {model: probe_model(url, model, headers, timeout_s, grpc_url).why for model in models}
 
 
 def executions(url: str, headers: dict[str, str] | None) -> dict[str, int]:
@@ -166,6 +211,10 @@ class Supervisor:
     def url(self) -> str:
         return self.guard.url if self.guard is not None else self.server.url
 
+    @property
+    def grpc_url(self) -> str:
+        return self.guard.grpc_url if self.guard is not None else self.server.endpoints[1]
+
     def heal_once(self) -> dict[str, str]:
         """One round: what was wrong (``{model: reason}``), after fixing it."""
         if self.server.process is None or self.server.process.poll() is not None:
@@ -187,7 +236,7 @@ class Supervisor:
     def _probe_and_reload(self) -> dict[str, str]:
         headers = admin_headers(self.admin_key)
         before = executions(self.url, headers)
-        outcomes = {model: probe_model(self.url, model, headers, self.probe_timeout_s)
+        outcomes = {model: probe_model(self.url, model, headers, self.probe_timeout_s, self.grpc_url)
                     for model in served_models(self.url, headers)}  # fmt: skip
         after = executions(self.url, headers) if any(o.timed_out for o in outcomes.values()) else before
         failed = {}

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from google.protobuf import json_format, text_format
 
-from flux_triton.contract.generation import GENERATE_MODEL
+from flux_triton.contract.generation import GENERATE_MODEL, GENERATE_STREAM_MODEL
 
 # The Triton model names of the repository.
 DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE = "dit_transformer", "flux_dit", "dit_preprocess", "dit_engine"
-GENERATE = GENERATE_MODEL
+GENERATE, GENERATE_STREAM = GENERATE_MODEL, GENERATE_STREAM_MODEL
 
 
 def model_config_pb2():

@@ -36,6 +36,11 @@ from flux_triton.pipeline.stand_in import StandInTransformer
 from flux_triton.serving import caching
 from flux_triton.serving.settings import GenerateSettings
 
+
+class GenerationCancelled(InputError):
+    """The client cancelled the generation (a 400: nothing failed on the server)."""
+
+
 Infer = Callable[[dict[str, torch.Tensor], SequenceStep], torch.Tensor]  # a step's tensors -> noise_pred
 
 

@@ -291,4 +291,5 @@ class GenerateSettings(ModelSettings):
 
 
 SCHEMAS = {"dit_transformer": TransformerSettings, "dit_preprocess": PreprocessSettings,
-           "dit_engine": EngineSettings, "flux_dit": EnsembleSettings, "flux_generate": GenerateSettings}  # fmt: skip
+           "dit_engine": EngineSettings, "flux_dit": EnsembleSettings, "flux_generate": GenerateSettings,
+           "flux_generate_stream": GenerateSettings}  # fmt: skip

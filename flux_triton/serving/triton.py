@@ -20,6 +20,14 @@ def _pb():
     return pb_utils
 
 
+FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL: a decoupled request's last response
+
+
+def decoupled(config: dict) -> bool:
+    """Whether a model's config is decoupled (a request may get several responses)."""
+    return _pb().using_decoupled_model_transaction_policy(config)
+
+
 def instance_device(args: dict) -> torch.device:
     """The GPU Triton assigned to this instance, else the CPU; with one intra-op thread on a GPU
     (the instance's CPU work is kernel launches, and the stubs' thread pools would compete)."""

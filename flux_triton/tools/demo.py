@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                     failed.append(model)
         if GENERATE in server.model_states():
             failed += run_generate(server.url, transformer, first, preset, args)
-        unhealthy = {model: why for model, why in health.check(server.url).items() if why}
+        unhealthy = {model: why for model, why in health.check(server.url, grpc_url=server.endpoints[1]).items() if why}
         print(f"health  {unhealthy or 'every model answered its probe'}")
         failed += list(unhealthy)
     if failed:

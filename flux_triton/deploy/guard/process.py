@@ -88,8 +88,15 @@ class GuardProcess:
     @property
     def url(self) -> str:
         """Where to reach its HTTP port from this host."""
-        host = LOOPBACK if self.address in ("0.0.0.0", "") else self.address
-        return f"{host}:{self.ports[0]}"
+        return f"{self._host}:{self.ports[0]}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._host}:{self.ports[1]}"
+
+    @property
+    def _host(self) -> str:
+        return LOOPBACK if self.address in ("0.0.0.0", "") else self.address
 
     def command(self, backends: tuple[str, str, str]) -> list[str]:
         command = [sys.executable, "-m", "flux_triton", "guard", "--address", self.address]

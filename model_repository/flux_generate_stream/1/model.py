@@ -1,0 +1,1 @@
+../../flux_generate/1/model.py
