@@ -21,11 +21,11 @@ import gc
 import json
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from workload import prepare
 
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, set_parameter
@@ -34,7 +34,7 @@ from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
 from flux_triton.model.graphs import GraphedTransformer
-from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random, random_model_root
+from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random
 from flux_triton.model.speedups import Speedups, load_with_speedups
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import NO_CACHE, build_cache
@@ -176,15 +176,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("served-image.json"))
     args = parser.parse_args()
     args.caches = args.caches.split(",")
-    work = Path(tempfile.mkdtemp(prefix="served-image-"))
-    models = random_model_root(work)[0] if args.model == RANDOM_MODEL else Locations.here().model_root
-    if args.fp8_scales:
-        from served_step import ensure_scales
-
-        ensure_scales(models, args.fp8_scales)
-    config, generator = store.read_config(store.resolve_model_dir(args.model, models)), torch.Generator().manual_seed(1)
-    prompt = {"prompt_embeds": torch.randn(1, args.text_tokens, config["joint_attention_dim"], generator=generator),
-              "pooled_prompt_embeds": torch.randn(1, config["pooled_projection_dim"], generator=generator)}  # fmt: skip
+    work, models, prompt = prepare(args, "served-image-", seed=1)
     rows = []
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"gpu": gpu, "torch": torch.__version__, "size": args.size,
