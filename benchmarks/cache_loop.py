@@ -194,14 +194,14 @@ def main() -> None:
     if args.eager:
         rows.append(in_process(models, prompt, args, None, NO_CACHE))
         save()
-    if args.in_process:
-        for label in (NO_CACHE, "mag"):
-            rows.append(in_process(models, prompt, args, speedups_of(args, True), label))
-            save()
     settings = [setting == "on" for setting in args.graphs.split(",")]
     for position, graphs in enumerate(settings):
         for row in served(work, models, prompt, args, graphs, with_engine=position == len(settings) - 1):
             rows.append(row)
+            save()
+    if args.in_process:
+        for label in (NO_CACHE, "mag"):
+            rows.append(in_process(models, prompt, args, speedups_of(args, True), label))
             save()
     print(HEADER)
     for row in rows:
