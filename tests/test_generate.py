@@ -19,6 +19,7 @@ from flux_triton.client import GenerationCancelled, RemoteDitError, RemoteFluxTr
 from flux_triton.client import generate as served_generate
 from flux_triton.client import generate_images as served_generate_images
 from flux_triton.client.cli import main
+from flux_triton.contract import InputError
 from flux_triton.deploy import health
 from flux_triton.pipeline.caching import build_cache
 
@@ -211,3 +212,31 @@ def _steps_run(server) -> int:
 
 def test_the_supervisors_probe_runs_a_one_step_generation(generate_server):
     assert health.probe_model(generate_server.url, "flux_generate", None, 30.0) == health.Outcome(None)
+
+
+@pytest.mark.parametrize(
+    ("request_inputs", "outputs", "message"),
+    [
+        ({"prompt": [b"a red fox"]}, set(), "prompt: this server has no text encoders"),
+        ({"negative_prompt": [b"blurry"]}, set(), "negative_prompt: this server has no text encoders"),
+        ({}, {"images"}, "images: this server has no VAE"),
+        ({"prompt": [b"\xff\xfe"]}, set(), "prompt: expected UTF-8 strings"),
+    ],
+    ids=["prompt", "negative-prompt", "images", "not-utf-8"],
+)
+def test_what_the_server_lacks_is_refused_naming_the_field(request_inputs, outputs, message):
+    """A server without text encoders or VAE (``components_dir: none``) refuses prompt strings and images."""
+    from flux_triton.contract import DitSignature
+    from flux_triton.model.components import Components
+    from flux_triton.serving.generate import Generation
+    from flux_triton.serving.settings import GenerateSettings
+
+    signature = DitSignature(4, 32, 32, True, "FP32")
+    request = {**{k: v.float() for k, v in embeds(60).items()}, **request_inputs}
+    if "prompt" in request_inputs:
+        del request["prompt_embeds"], request["pooled_prompt_embeds"]
+    components = Components()
+    with pytest.raises(InputError, match=message):
+        Generation.parse(request, "", signature, GenerateSettings(), components, outputs)
+    assert not Generation.parse({k: v.float() for k, v in embeds(60).items()}, "", signature, GenerateSettings(),
+                                components, set()).images  # fmt: skip

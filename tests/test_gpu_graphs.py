@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import CHECKOUT, embeds, generate, infer_concurrently, launch
+from helpers import CHECKOUT, embeds, generate, infer_concurrently, launch, start_server
 
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
@@ -22,6 +22,7 @@ from flux_triton.model.graphs import GraphedForward
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import inputs
 from flux_triton.pipeline.caching import build_cache
+from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.internals import hooked_forward
 
 pytestmark = [pytest.mark.gpu, pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
@@ -78,3 +79,24 @@ def test_a_cached_loop_with_graphs_equals_it_without(model_root, kind, compile):
         if graphs:
             assert all(isinstance(f, GraphedForward) for f in hooked) and len(hooked[0].graphs) == 1, kind
     assert torch.equal(latents[True], latents[False]), kind
+
+
+def test_every_text_length_and_batch_served_in_bf16_on_the_gpu_is_bitwise_the_call(tmp_path, model_root, http_client):
+    """Triton hands the model its inputs at any byte offset (on the CPU that changed an ulp, so CPU inputs are copied
+    to aligned memory): on the GPU, in bf16, every text length 1-16 and batch 1-5 answers bitwise what the same
+    call in process answers."""
+    server = start_server(tmp_path, model_root, [DIT_TRANSFORMER])
+    model_dir = store.resolve_model_dir("tiny-flux-dev", model_root)
+    transformer = store.load_transformer(model_dir, torch.bfloat16, torch.device("cuda"))
+    signature = DitSignature.from_config(transformer.config, torch.bfloat16)
+    steps = [inputs.random_step(signature, text_tokens=n, seed=30 + n, device="cuda") for n in range(1, 17)]
+    steps += [inputs.random_step(signature, batch=batch, seed=50 + batch, device="cuda") for batch in range(1, 6)]
+    try:
+        client = http_client(server)
+        served = [infer_step(client, DIT_TRANSFORMER, step.wire()) for step in steps]
+    finally:
+        server.stop()
+    differing = [(step.batch_size, step.encoder_hidden_states.shape[1])
+                 for step, answer in zip(steps, served, strict=True)
+                 if not torch.equal(answer.cuda(), reference_call(transformer, step))]  # fmt: skip
+    assert differing == [], f"(batch, text tokens) not bitwise: {differing}"
