@@ -7,10 +7,10 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 source benchmarks/gpu_host.sh install
 export FLUX_MODEL_ROOT=/tmp/models
-timeout 180 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py -k "cached_loop or text_length" -p no:cacheprovider 2>&1 |
+timeout 150 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py -k "cached_loop or text_length" -p no:cacheprovider 2>&1 |
   tee "$OUT/pytest.log" | tail -4
-python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs on,off \
-  --caches "${CACHES:-none,mag,mag-tuned,taylorseer}" --transport shm --eager --out "$OUT/served-image-fp8.json" 2>&1 |
+python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs "${GRAPHS:-on,off}" \
+  --caches "${CACHES:-none,mag,mag-tuned,taylorseer}" --transport shm ${EAGER---eager} --out "$OUT/served-image-fp8.json" 2>&1 |
   tee "$OUT/served-image.log" | grep -v "it/s]" | tail -25
 for log in /tmp/served-image-*/graphs-*.log; do
   echo "== $log"
