@@ -261,3 +261,26 @@ def test_a_prompt_changed_in_place_between_steps_is_sent_again(dev_server, tiny_
         prompt_steps = [sent > 1000 for sent in remote.sent_bytes]
     assert torch.equal(served, expected)
     assert prompt_steps == [True, True, False, False]  # the first step, and the one after the change
+
+
+def test_a_prompt_is_moved_to_the_host_once_while_the_pipeline_passes_it_unchanged():
+    """A pipeline whose prompt is not already on the host in the model's dtype (on a GPU; here float64) gets it moved
+    once per cache context, not every step, so the session sees the same tensor and sends nothing; changed in place,
+    it is moved again."""
+    from flux_triton.pipeline.stand_in import StandInTransformer
+
+    stand_in = StandInTransformer(DEV, "dit_transformer")
+    step = inputs.random_step(DEV, seed=3)
+    prompt = step.encoder_hidden_states.double()
+
+    def hosted(context: str, text: torch.Tensor) -> torch.Tensor:
+        with stand_in.cache_context(context):
+            call = step.replace(encoder_hidden_states=text)
+            return stand_in.step(call.hidden_states, call.timestep / 1000, call.pooled_projections, text, call.txt_ids,
+                                 call.img_ids, call.guidance).encoder_hidden_states  # fmt: skip
+
+    first, negative = hosted("cond", prompt), hosted("uncond", prompt * 2)
+    assert hosted("cond", prompt) is first and hosted("uncond", negative.double()) is not negative
+    prompt.mul_(0.5)
+    moved = hosted("cond", prompt)
+    assert moved is not first and torch.equal(moved, prompt.float())

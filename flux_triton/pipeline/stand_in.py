@@ -34,6 +34,7 @@ class StandInTransformer:
             joint_attention_dim=signature.text_dim,
         )
         self._context = threading.local()  # the pipeline's cache context, per calling thread
+        self._hosted = threading.local()  # the prompt tensors last moved to the host, per calling thread
 
     def send(self, slot: str, step: Step) -> torch.Tensor:
         raise NotImplementedError
@@ -89,16 +90,29 @@ class StandInTransformer:
         def host(tensor: torch.Tensor, dtype: torch.dtype = sig.torch_dtype) -> torch.Tensor:
             return tensor.detach().to("cpu", dtype)
 
+        def prompt(name: str, tensor: torch.Tensor, dtype: torch.dtype = sig.torch_dtype) -> torch.Tensor:
+            """A prompt tensor on the host, moved once while the pipeline passes the same unchanged tensor (a GPU
+            pipeline's prompt is not copied back every step, and the sessions see the same object again)."""
+            if not hasattr(self._hosted, "prompts"):
+                self._hosted.prompts = {}
+            hosted, key = self._hosted.prompts, (self.cache_name, name)  # per context: cond and uncond alternate
+            last = hosted.get(key)
+            if last is not None and last[0] is tensor and last[1:3] == (tensor._version, batch):
+                return last[3]
+            moved = host(_rows(tensor) if name == "txt_ids" else _batched(name, tensor, batch), dtype)
+            hosted[key] = (tensor, tensor._version, batch, moved)
+            return moved
+
         return Step(
             hidden_states=host(hidden_states),
             timestep=raw_timestep(timestep.expand(batch), sig.torch_dtype).reshape(-1),
             guidance=None if guidance is None else host(guidance, torch.float32).expand(batch),
             # Embeddings of batch 1 broadcast over the latents, as in the local transformer (FluxPipeline with
             # num_images_per_prompt > 1 and prompt_embeds passed in does not repeat them).
-            pooled_projections=host(_batched("pooled_projections", pooled_projections, batch)),
-            encoder_hidden_states=host(_batched("encoder_hidden_states", encoder_hidden_states, batch)),
+            pooled_projections=prompt("pooled_projections", pooled_projections),
+            encoder_hidden_states=prompt("encoder_hidden_states", encoder_hidden_states),
             # 2-D ids as the pipeline has them (3-D, deprecated in diffusers: the first row).
-            txt_ids=host(_rows(txt_ids), torch.float32),
+            txt_ids=prompt("txt_ids", txt_ids, torch.float32),
             img_ids=host(_rows(img_ids), torch.float32),
         )
 
