@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from flux_triton.client.transport import TRANSPORTS
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature, Step
-from flux_triton.contract.protocol import ADMIN_KEY_ENV, GUIDANCE_REQUIRED, admin_headers
+from flux_triton.contract.protocol import ADMIN_KEY_ENV, GUIDANCE_REQUIRED, admin_headers, grpc_endpoint
 from flux_triton.contract.served import ServedConfigError, signature_from_config
 
 
@@ -47,7 +47,7 @@ class RemoteSettings:
 
     @property
     def grpc_address(self) -> str:
-        return self.grpc_url or f"{self.url.rsplit(':', 1)[0]}:8001"
+        return grpc_endpoint(self.url, self.grpc_url)
 
     @property
     def admin_headers(self) -> dict[str, str] | None:

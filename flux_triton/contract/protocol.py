@@ -64,3 +64,8 @@ class SessionSettings:
 def admin_headers(key: str | None) -> dict[str, str] | None:
     """The request headers that carry a server's admin key (none without a key)."""
     return {ADMIN_HEADER: key} if key else None
+
+
+def grpc_endpoint(http_url: str, grpc_url: str = "") -> str:
+    """Where a server's gRPC endpoint is: ``grpc_url`` if given, else Triton's default port on ``http_url``'s host."""
+    return grpc_url or f"{http_url.rsplit(':', 1)[0]}:8001"

@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.contract import OUTPUT_NAME, TORCH_TO_WIRE, DitSignature, Limits, Step, from_numpy, to_numpy
-from flux_triton.contract.protocol import GUIDANCE_REQUIRED, admin_headers
+from flux_triton.contract.protocol import GUIDANCE_REQUIRED, admin_headers, grpc_endpoint
 from flux_triton.contract.served import signature_from_config
 from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, GENERATE, GENERATE_STREAM, PREPROCESS
@@ -162,7 +162,7 @@ class Outcome:
 def probe_model(url: str, model: str, headers: dict[str, str] | None, timeout_s: float, grpc_url: str = "") -> Outcome:
     """Probe one model on its own connection, within ``timeout_s`` (``grpc_url``: the server's gRPC endpoint;
     "": ``url``'s host, port 8001)."""
-    grpc_url = grpc_url or f"{url.rsplit(':', 1)[0]}:8001"
+    grpc_url = grpc_endpoint(url, grpc_url)
     try:
         with httpclient.InferenceServerClient(url, connection_timeout=10, network_timeout=timeout_s) as client:
             return Outcome(run_probe(client, make_probe(client, model, headers), headers, grpc_url, timeout_s))
