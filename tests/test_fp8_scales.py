@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import fp8_on_cpu, load_tiny
+from helpers import embeds, fp8_on_cpu, generate, load_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -20,8 +20,9 @@ from flux_triton.contract import DitSignature
 from flux_triton.model import store
 from flux_triton.model.fp8 import FP8_MAX, Float8Linear, block_linears, quantize_blocks
 from flux_triton.model.fp8_scales import SCALES_FILE, Calibration, ScalesError, calibrate, load_scales, save_scales
-from flux_triton.model.speedups import Speedups
+from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import call, inputs
+from flux_triton.pipeline.caching import build_cache
 from flux_triton.serving.service import DitService
 from flux_triton.serving.settings import TransformerSettings
 
@@ -140,3 +141,24 @@ def test_the_calibrate_command_writes_the_scales_into_the_model_folder(model_roo
     with safe_open(dev_folder / SCALES_FILE, framework="pt") as saved:
         assert json.loads(saved.metadata()["calibration"])["shapes"] == [[64, 64, 1], [128, 64, 2]]
     assert len(scales) == 17
+
+
+@fp8_on_cpu
+@pytest.mark.parametrize("recipe", ["per-token", "static", "static+fast"])
+@pytest.mark.parametrize("kind", ["first_block", "mag", "taylorseer"])
+def test_every_fp8_recipe_composes_with_every_step_cache(model_root, dev_scales, recipe, kind):
+    """The served speed-ups (FP8 per-token or with static scales, with or without fast accumulation, and a step cache)
+    give the 28-step cached loop of diffusers' own hooks on the same FP8 model, bit for bit; the cache skips work."""
+    scales = None if recipe == "per-token" else {name: scale.item() for name, scale in dev_scales.items()}
+    fast = recipe.endswith("+fast")
+    config = build_cache({"kind": kind, **({"threshold": 0.5} if kind == "first_block" else {})})
+    kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(8))
+    served = load_tiny(model_root, "tiny-flux-dev")
+    apply_speedups(served, Speedups(fp8=True, fp8_fast_accum=fast), config, fp8_scales=scales)
+    local = load_tiny(model_root, "tiny-flux-dev")
+    quantize_blocks(local, scales, fast)
+    uncached = generate(local, "dev", seed=8, **kwargs)
+    local.enable_cache(config)
+    expected = generate(local, "dev", seed=8, **kwargs)
+    assert torch.equal(generate(served, "dev", seed=8, **kwargs), expected)
+    assert not torch.equal(expected, uncached)
