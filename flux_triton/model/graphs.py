@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flux_triton.pipeline.internals import flatten, hooked_forward, repeated_blocks, unflatten
+from flux_triton.pipeline.internals import flatten, hooked_block_forwards, unflatten
 
 WARMUP_CALLS = 2  # a first call compiles and allocates (neither can be captured); a second settles the allocator
 DEFAULT_MAX_GRAPHS = 16
@@ -143,16 +143,12 @@ def graph_cached_regions(transformer, device: torch.device, max_graphs: int = DE
     enabled (and after ``compile_regions``, whose compiled forwards are what is captured). Returns how many forwards
     it wraps."""
     check_cuda(device)
-    blocks = [block for block in transformer.modules() if type(block).__name__ in repeated_blocks(transformer)]
-    inside = {id(module) for block in blocks for module in block.modules()}  # not the context-parallel hooks
-    pool, shared_inputs, wrapped = torch.cuda.graph_pool_handle(), {}, 0
-    for module in transformer.modules():
-        reference = hooked_forward(module)
-        if reference is not None and id(module) in inside:
-            graphs = ShapeGraphs(max_graphs, pool=pool, shared_inputs=shared_inputs)
-            reference.original_forward = GraphedForward(reference.original_forward, graphs)
-            wrapped += 1
-    return wrapped
+    pool, shared_inputs = torch.cuda.graph_pool_handle(), {}
+    references = hooked_block_forwards(transformer)
+    for reference in references:
+        graphs = ShapeGraphs(max_graphs, pool=pool, shared_inputs=shared_inputs)
+        reference.original_forward = GraphedForward(reference.original_forward, graphs)
+    return len(references)
 
 
 def check_cuda(device: torch.device | str) -> None:

@@ -6,11 +6,12 @@ One table (``PARALLEL_KINDS``) names the kinds, with the ``ContextParallelConfig
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from flux_triton.pipeline.internals import agree_first_block_decisions, one_accelerator
+from flux_triton.pipeline.internals import agree_first_block_decisions, hooked_block_forwards, one_accelerator
 
 NO_PARALLEL = "none"
 PARALLEL_KINDS = {
@@ -99,3 +100,48 @@ def agree_cache_decisions(transformer) -> None:
     import torch.distributed as dist
 
     agree_first_block_decisions(transformer, lambda sums: dist.all_reduce(sums))
+
+
+class CacheDecisionsDiverged(RuntimeError):
+    """The ranks' step caches ran different blocks in one step: their shards of the latents would disagree."""
+
+
+class CachedBlocks:
+    """Counts the forwards that a step cache let run on this rank (the hooked blocks' calls), so that after each step
+    every rank can check that all ran the same: a rank whose cache state was lost or fell out of step would else
+    answer its shard of the latents silently wrong. Installed last, around what the compile and the graphs made."""
+
+    def __init__(self, transformer):
+        self.count = 0
+        for reference in hooked_block_forwards(transformer):
+            reference.original_forward = functools.partial(self._run, reference.original_forward)
+
+    def _run(self, forward, *args, **kwargs):
+        self.count += 1
+        return forward(*args, **kwargs)
+
+    def check(self, device: torch.device, reduce_max) -> None:
+        """``CacheDecisionsDiverged`` unless every rank ran as many cached forwards this step (``reduce_max``: an
+        in-place all-reduce taking the maximum); the count starts again."""
+        counts = torch.tensor([self.count, -self.count], dtype=torch.int64, device=device)
+        self.count = 0
+        reduce_max(counts)
+        most, fewest = int(counts[0]), -int(counts[1])
+        if most != fewest:
+            raise CacheDecisionsDiverged(f"the ranks' step caches decided differently: between {fewest} and {most} "
+                                         f"cached blocks ran this step; the step is refused rather than answered "
+                                         f"with latents that diverged")  # fmt: skip
+
+
+def check_cache_decisions(transformer, device: torch.device) -> None:
+    """After a step of a context-parallel model with a step cache (``count_cache_decisions``): every rank ran the
+    same blocks, or ``CacheDecisionsDiverged`` on every rank."""
+    blocks = getattr(transformer, "cached_blocks", None)
+    if blocks is not None:
+        import torch.distributed as dist
+
+        blocks.check(device, lambda counts: dist.all_reduce(counts, op=dist.ReduceOp.MAX))
+
+
+def count_cache_decisions(transformer) -> None:
+    transformer.cached_blocks = CachedBlocks(transformer)

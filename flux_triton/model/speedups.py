@@ -104,6 +104,10 @@ def apply_speedups(transformer, speedups: Speedups, cache=None, parallel=None, f
         from flux_triton.model.graphs import with_cuda_graphs
 
         call = with_cuda_graphs(call, transformer.device)
+    if cache is not None and parallel is not None and parallel.enabled:
+        from flux_triton.model.parallel import count_cache_decisions
+
+        count_cache_decisions(transformer)  # last: around the compiled and graphed forwards
     return call
 
 

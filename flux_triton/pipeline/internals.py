@@ -142,6 +142,16 @@ def hooked_forward(module):
     return next((ref for ref in registry._fn_refs if ref.original_forward is not None), None) if registry else None
 
 
+def hooked_block_forwards(transformer) -> list:
+    """The references through which diffusers' step-cache hooks call forwards inside ``transformer``'s repeated blocks
+    (every block for MagCache and first-block caching, the attention modules for TaylorSeer; not the context-parallel
+    hooks on the model and its output layer)."""
+    blocks = [block for block in transformer.modules() if type(block).__name__ in repeated_blocks(transformer)]
+    inside = {id(module) for block in blocks for module in block.modules()}
+    found = [(module, hooked_forward(module)) for module in transformer.modules() if id(module) in inside]
+    return [reference for _, reference in found if reference is not None]
+
+
 def repeated_blocks(transformer) -> tuple[str, ...]:
     """The class names of the blocks diffusers' regional compile compiles once each."""
     return tuple(transformer._repeated_blocks)

@@ -15,7 +15,7 @@ from flux_triton.contract.protocol import STATELESS, SequenceStep
 from flux_triton.model import store
 from flux_triton.model.compile_cache import compile_key, use_compile_cache
 from flux_triton.model.graphs import WARMUP_CALLS
-from flux_triton.model.parallel import ParallelSettings
+from flux_triton.model.parallel import ParallelSettings, check_cache_decisions
 from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.caching import parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
@@ -105,7 +105,7 @@ class DitService:
         if self.transformer is None:
             raise RanksFailed(f"context-parallel ranks lost ({self.ranks_lost}); reload the model")
         try:
-            return self.ranks.forward(lambda: transformer_call(self.transformer, step), step, context)
+            return self.ranks.forward(lambda: self._checked_call(step), step, context)
         except RanksFailed as exc:
             failure = f"context-parallel step failed: {exc}"
         self.transformer = None  # the failed forward's model and memory go
@@ -120,6 +120,12 @@ class DitService:
             self.ranks_lost = f"recovering failed: {type(exc).__name__}: {exc}"
             raise RanksFailed(f"{failure}; the ranks are lost ({self.ranks_lost}); reload the model") from None
         raise RanksFailed(f"{failure}; the ranks were started again")
+
+    def _checked_call(self, step: Step) -> torch.Tensor:
+        """Rank 0's part of a context-parallel step; with a step cache, every rank ran the same blocks."""
+        output = transformer_call(self.transformer, step)
+        check_cache_decisions(self.transformer, self.device)
+        return output
 
     def close(self) -> None:
         """Stop the context-parallel ranks (if any)."""

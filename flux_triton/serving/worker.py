@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from flux_triton.model.parallel import check_cache_decisions
 from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.caching import parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
@@ -49,6 +50,7 @@ def serve(rank: int, spec: RankSpec, status: int) -> None:
             in_context = caching.cache_context(transformer, order.context) if cache else contextlib.nullcontext()
             with faults.forward_budget(rank), in_context:
                 settled(transformer_call(transformer, order.step))
+                check_cache_decisions(transformer, device)
     leave_process_group(spec.parallel.timeout_s)
 
 
