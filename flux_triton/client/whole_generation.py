@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import RemoteDitError, RemoteSettings
-from flux_triton.contract import TORCH_TO_WIRE, from_numpy, to_numpy
+from flux_triton.contract import TORCH_TO_WIRE, WIRE_TO_TORCH, from_numpy, to_numpy
 from flux_triton.contract.generation import (
     GENERATE_INPUT_TYPES,
     GENERATE_MODEL,
@@ -30,7 +30,6 @@ from flux_triton.contract.generation import (
 from flux_triton.contract.protocol import CACHE_PARAMETER
 from flux_triton.pipeline.caching import describe_cache
 
-WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}
 Progress = Callable[[int, int], bool | None]  # (steps done, steps) -> False to cancel
 
 

@@ -10,7 +10,8 @@ import importlib
 _HOMES = {
     "specs": ("GUIDANCE_RANGE", "INPUTS", "INPUT_BY_NAME", "OUTPUTS", "OUTPUT_NAME", "PROMPT_INPUTS", "TIMESTEP_RANGE",
               "TensorSpec"),
-    "tensors": ("TORCH_TO_TRITON", "TORCH_TO_WIRE", "TRITON_TO_TORCH", "DitSignature", "from_numpy", "to_numpy"),
+    "tensors": ("TORCH_TO_TRITON", "TORCH_TO_WIRE", "TRITON_TO_TORCH", "WIRE_TO_TORCH", "DitSignature", "from_numpy",
+                "to_numpy"),
     "step": ("Step",),
     "validation": ("InputError", "Limits", "OutputError", "check_output", "validate"),
     "generation": ("GENERATE_INPUTS", "GENERATE_INPUT_TYPES", "GENERATE_MODEL", "GENERATE_OUTPUTS",

@@ -20,6 +20,7 @@ TRITON_TO_TORCH: dict[str, torch.dtype] = {
 TORCH_TO_TRITON = {dtype: name for name, dtype in TRITON_TO_TORCH.items()}
 # Every tensor a request may carry: the DiT's floats, and flux_generate's sizes, steps and seed.
 TORCH_TO_WIRE = {**TORCH_TO_TRITON, torch.int32: "INT32", torch.int64: "INT64"}
+WIRE_TO_TORCH = {name: dtype for dtype, name in TORCH_TO_WIRE.items()}
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:

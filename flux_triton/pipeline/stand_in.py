@@ -33,8 +33,8 @@ class StandInTransformer:
             pooled_projection_dim=signature.pooled_dim,
             joint_attention_dim=signature.text_dim,
         )
-        self._context = threading.local()  # the pipeline's cache context, per calling thread
-        self._hosted = threading.local()  # the prompt tensors last moved to the host, per calling thread
+        # per calling thread: the pipeline's cache context (``name``), the prompt tensors last moved to the host
+        self._local = threading.local()
 
     def send(self, slot: str, step: Step) -> torch.Tensor:
         raise NotImplementedError
@@ -48,11 +48,11 @@ class StandInTransformer:
 
     @property
     def cache_name(self) -> str | None:
-        return getattr(self._context, "name", None)
+        return getattr(self._local, "name", None)
 
     @cache_name.setter
     def cache_name(self, name: str | None) -> None:
-        self._context.name = name
+        self._local.name = name
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **_) -> Iterator[None]:
@@ -93,9 +93,9 @@ class StandInTransformer:
         def prompt(name: str, tensor: torch.Tensor, dtype: torch.dtype = sig.torch_dtype) -> torch.Tensor:
             """A prompt tensor on the host, moved once while the pipeline passes the same unchanged tensor (a GPU
             pipeline's prompt is not copied back every step, and the sessions see the same object again)."""
-            if not hasattr(self._hosted, "prompts"):
-                self._hosted.prompts = {}
-            hosted, key = self._hosted.prompts, (self.cache_name, name)  # per context: cond and uncond alternate
+            if not hasattr(self._local, "hosted"):
+                self._local.hosted = {}
+            hosted, key = self._local.hosted, (self.cache_name, name)  # per context: cond and uncond alternate
             last = hosted.get(key)
             if last is not None and last[0] is tensor and last[1:3] == (tensor._version, batch):
                 return last[3]

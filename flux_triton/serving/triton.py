@@ -20,12 +20,14 @@ def _pb():
     return pb_utils
 
 
-FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL: a decoupled request's last response
-
-
 def decoupled(config: dict) -> bool:
     """Whether a model's config is decoupled (a request may get several responses)."""
     return _pb().using_decoupled_model_transaction_policy(config)
+
+
+def send_last(sender, response) -> None:
+    """A decoupled request's last response, through its response sender."""
+    sender.send(response, flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def instance_device(args: dict) -> torch.device:

@@ -53,7 +53,7 @@ class TritonPythonModel:
         for request in requests:  # one at a time: each instance runs one generation
             sender = request.get_response_sender()
             answer = self._one(request, lambda done, total, r=request, s=sender: self._report(r, s, done, total))
-            sender.send(answer, flags=triton.FINAL)
+            triton.send_last(sender, answer)
         return None
 
     @staticmethod
