@@ -79,6 +79,11 @@ def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, t
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(loop.make_scheduler("dev"), None, None, None, None, None, transformer)
+    weight = next(transformer.parameters(), None) if hasattr(transformer, "parameters") else None
+    device = weight.device if weight is not None else torch.device("cpu")  # a served model's stand-in: the host
+    # FluxPipeline's latents take the prompt's dtype: the model's (bfloat16 on a GPU), as its text encoders give it
+    dtype = store.default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    prompt = {name: tensor.to(device, dtype) for name, tensor in prompt.items()}
     synchronize()
     started = time.perf_counter()
     latents = pipe(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=3.5,

@@ -73,8 +73,8 @@ def test_a_cached_loop_with_graphs_equals_it_without(model_root, kind, compile):
     for graphs in (False, True):
         transformer = store.load_transformer(model_dir, torch.bfloat16, device)
         apply_speedups(transformer, Speedups(compile=compile, cuda_graphs=graphs), cache)
-        latents[graphs] = generate(transformer, "dev", seed=5, num_inference_steps=28, guidance_scale=3.5,
-                                   **embeds(5))  # fmt: skip
+        prompt = {name: tensor.to(device, torch.bfloat16) for name, tensor in embeds(5).items()}
+        latents[graphs] = generate(transformer, "dev", seed=5, num_inference_steps=28, guidance_scale=3.5, **prompt)
         hooked = [hooked_forward(m).original_forward for m in transformer.modules() if hooked_forward(m) is not None]
         if graphs:
             assert all(isinstance(f, GraphedForward) for f in hooked) and len(hooked[0].graphs) == 1, kind
