@@ -40,8 +40,7 @@ def write_repository(repository: Path, args, instances: int) -> None:
     for key, value in {"model_dir": args.model, **speedups.parameters()}.items():
         set_parameter(transformer, key, str(value))
     config = repository / GENERATE / "config.pbtxt"
-    for key, value in {"model_dir": args.model, "components_dir": "none"}.items():
-        set_parameter(config, key, value)
+    set_parameter(config, "model_dir", args.model)  # no text encoder or VAE model: embeddings in, latents out
     text = re.sub(r"instance_group \[[^\]]*\]", f"instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]",
                   config.read_text())  # fmt: skip
     config.write_text(text)

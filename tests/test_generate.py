@@ -14,6 +14,7 @@ import torch
 import tritonclient.http as httpclient
 from helpers import embeds, generate, load_tiny, start_server
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from flux_triton.client import GenerationCancelled, RemoteDitError, RemoteFluxTransformer, RemoteSettings
 from flux_triton.client import generate as served_generate
@@ -30,7 +31,7 @@ SIZE = dict(height=64, width=64)  # the helpers' generate() size
 
 @pytest.fixture(scope="module")
 def generate_server(tmp_path_factory, model_root):
-    models = ["dit_transformer", "flux_generate", "flux_generate_stream"]
+    models = ["dit_transformer", "flux_text_encoder", "flux_vae", "flux_generate", "flux_generate_stream"]
     server = start_server(tmp_path_factory.mktemp("generate"), model_root, models)
     yield server
     server.stop()
@@ -108,7 +109,8 @@ def test_bad_input_gets_a_400_naming_the_field_and_the_server_keeps_serving(gene
 
 def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, model_root, tiny_dev):
     """flux_generate and dit_transformer both set to MagCache: the generation that chooses it equals local diffusers
-    with the same cache (and differs from the uncached one)."""
+    with the same cache (and differs from the uncached one). Without flux_text_encoder and flux_vae loaded, prompt
+    strings and images get a 400 naming the model that is missing."""
     parameters = {"dit_transformer": {"cache": "mag"}, "flux_generate": {"cache": "mag"}}
     server = start_server(tmp_path, model_root, ["dit_transformer", "flux_generate"], parameters=parameters)
     try:
@@ -116,6 +118,12 @@ def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, m
         config = build_cache({"kind": "mag"})
         uncached = _served(server, 36, **kwargs)
         served = _served(server, 36, **kwargs, cache=config)
+        for request, message in (  # this server has no flux_text_encoder or flux_vae loaded
+            (dict(prompt="a red fox"), "prompt: this server has no text encoders \\(flux_text_encoder is not loaded"),
+            (embeds(36), "images: this server has no VAE \\(flux_vae is not loaded"),
+        ):
+            with pytest.raises(RemoteDitError, match=message):
+                served_generate_images(**request, num_inference_steps=1, settings=RemoteSettings(url=server.url))
     finally:
         server.stop()
     assert torch.equal(uncached, generate(tiny_dev, "dev", seed=36, **kwargs))
@@ -127,9 +135,9 @@ def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, m
 
 def test_prompt_strings_in_images_out_equal_local_diffusers_with_the_same_encoders_and_vae(generate_server, tiny_dev,
                                                                                          model_root):  # fmt: skip
-    """flux_generate with the tiny text encoders and VAE (``make tiny``'s components_dir): prompt strings, true CFG
-    with a negative prompt; its latents and its decoded PNG images equal local FluxPipeline's with the same
-    components, bit for bit."""
+    """flux_generate with the tiny text encoders and VAE served as flux_text_encoder and flux_vae (``make tiny``'s
+    components_dir): prompt strings, true CFG with a negative prompt; its latents and its decoded PNG images equal
+    local FluxPipeline's with the same components in one process, bit for bit."""
     from diffusers import FluxPipeline
 
     from flux_triton.model.components import TINY_COMPONENTS, load_components
@@ -213,8 +221,9 @@ def _steps_run(server) -> int:
         return int(client.get_inference_statistics("dit_transformer")["model_stats"][0]["inference_count"])
 
 
-def test_the_supervisors_probe_runs_a_one_step_generation(generate_server):
-    assert health.probe_model(generate_server.url, "flux_generate", None, 30.0) == health.Outcome(None)
+def test_the_supervisors_probes_run_a_one_step_generation_an_encoding_and_a_decoding(generate_server):
+    for model in ("flux_generate", "flux_text_encoder", "flux_vae"):
+        assert health.probe_model(generate_server.url, model, None, 30.0) == health.Outcome(None), model
 
 
 @pytest.mark.parametrize(
@@ -228,18 +237,58 @@ def test_the_supervisors_probe_runs_a_one_step_generation(generate_server):
     ids=["prompt", "negative-prompt", "images", "not-utf-8"],
 )
 def test_what_the_server_lacks_is_refused_naming_the_field(request_inputs, outputs, message):
-    """A server without text encoders or VAE (``components_dir: none``) refuses prompt strings and images."""
+    """A server without text encoder or VAE models refuses prompt strings and images."""
     from flux_triton.contract import DitSignature
-    from flux_triton.model.components import Components
-    from flux_triton.serving.generate import Generation
+    from flux_triton.serving.generate import Generation, Parts
     from flux_triton.serving.settings import GenerateSettings
 
     signature = DitSignature(4, 32, 32, True, "FP32")
     request = {**{k: v.float() for k, v in embeds(60).items()}, **request_inputs}
     if "prompt" in request_inputs:
         del request["prompt_embeds"], request["pooled_prompt_embeds"]
-    components = Components()
     with pytest.raises(InputError, match=message):
-        Generation.parse(request, "", signature, GenerateSettings(), components, outputs)
+        Generation.parse(request, "", signature, GenerateSettings(), Parts(), outputs)
     assert not Generation.parse({k: v.float() for k, v in embeds(60).items()}, "", signature, GenerateSettings(),
-                                components, set()).images  # fmt: skip
+                                Parts(), set()).images  # fmt: skip
+
+
+GOOD_INPUTS = {  # a 64x64 image's latents; a prompt
+    "flux_vae": {"latents": numpy.zeros((1, 16, 4), numpy.float32), "height": numpy.array([64], numpy.int32),
+                 "width": numpy.array([64], numpy.int32)},
+    "flux_text_encoder": {"prompt": numpy.array([b"a red fox"], numpy.object_)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "message"),
+    [
+        ("flux_vae", {"latents": numpy.zeros((1, 15, 4), numpy.float32)}, r"latents: expected \[B, 16, 4\] for 64x64"),
+        ("flux_vae", {"latents": numpy.full((1, 16, 4), numpy.nan, numpy.float32)}, "latents: contains NaN or Inf"),
+        ("flux_vae", {"height": numpy.array([40], numpy.int32)}, "height: expected a positive multiple of 16, got 40"),
+        ("flux_text_encoder", {"prompt": numpy.array([b"\xff"], numpy.object_)}, "prompt: expected UTF-8 strings"),
+        ("flux_text_encoder", {"max_sequence_length": numpy.array([0], numpy.int32)}, "max_sequence_length: expected"),
+    ],
+    ids=["latents-shape", "latents-nan", "height", "not-utf-8", "text-tokens"],
+)
+def test_the_text_encoder_and_vae_models_refuse_bad_input_naming_it_and_keep_serving(generate_server, model, inputs,
+                                                                                     message):  # fmt: skip
+    """Called on their own (they are internal behind the guard): a 400 naming the input; the next request answers."""
+    good = GOOD_INPUTS[model]
+
+    def infer(arrays: dict) -> dict:
+        items = []
+        for name, array in arrays.items():
+            dtype = "BYTES" if array.dtype == numpy.object_ else ("FP32" if array.dtype == numpy.float32 else "INT32")
+            items.append(httpclient.InferInput(name, list(array.shape), dtype))
+            items[-1].set_data_from_numpy(array)
+        return client.infer(model, items)
+
+    with httpclient.InferenceServerClient(generate_server.url) as client:
+        with pytest.raises(InferenceServerException, match=message) as refused:
+            infer({**good, **inputs})
+        assert refused.value.status() == "400"
+        answer = infer(good)
+    if model == "flux_vae":
+        assert answer.as_numpy("images").shape == (1,)
+    else:
+        assert answer.as_numpy("prompt_embeds").shape == (1, 512, 32)

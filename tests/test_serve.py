@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import tritonclient.http as httpclient
 from helpers import CHECKOUT, DEV
+from tritonclient.utils import InferenceServerException
 
-from flux_triton.client import RemoteSettings, generate
+from flux_triton.client import RemoteSettings, generate, generate_images
 from flux_triton.client.wire import infer_step
 from flux_triton.contract.protocol import ADMIN_HEADER, ADMIN_KEY_ENV
 from flux_triton.deploy.server import free_port
@@ -22,7 +23,8 @@ from flux_triton.locations import ENGINES_DIR_ENV, MODEL_ROOT_ENV
 from flux_triton.pipeline.inputs import random_step
 
 pytestmark = pytest.mark.server
-MODELS = {"dit_transformer", "flux_dit", "dit_preprocess", "dit_engine", "flux_generate", "flux_generate_stream"}
+MODELS = {"dit_transformer", "flux_dit", "dit_preprocess", "dit_engine", "flux_text_encoder", "flux_vae",
+          "flux_generate", "flux_generate_stream"}  # fmt: skip
 
 
 def tracked_repository(target: Path) -> Path:
@@ -69,6 +71,11 @@ def test_every_model_of_a_fresh_clone_is_served(tmp_path, model_root):
             generated = generate(step.encoder_hidden_states, step.pooled_projections, height=64, width=64,
                                  num_inference_steps=2, settings=served)  # fmt: skip
             assert generated.shape == (1, 16, DEV.in_channels)
+            images = generate_images("a red fox", height=64, width=48, num_inference_steps=2, settings=served)
+            assert len(images) == 1 and images[0].size == (48, 64)
+            for model in ("flux_text_encoder", "flux_vae"):  # internal: flux_generate calls them in process
+                with pytest.raises(InferenceServerException, match="admin key"):
+                    client.get_model_config(model)
     finally:
         process.terminate()
         process.wait(timeout=30)

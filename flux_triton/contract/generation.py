@@ -28,3 +28,22 @@ STRING_INPUTS = tuple(name for name, dtype, _, _ in GENERATE_INPUTS if dtype == 
 LATENTS, IMAGES = "latents", "images"  # FP32 [B, N, C]; BYTES [B]
 GENERATE_OUTPUTS = (LATENTS, IMAGES)
 PROGRESS = "progress"  # INT32 [2]: steps done, steps (flux_generate_stream's responses before the last)
+
+# The text encoders and the VAE, each one served model that every flux_generate instance calls in process:
+# flux_text_encoder: prompt (BYTES [B]) and max_sequence_length (INT32 [1]) -> prompt_embeds (FP32 [B, S, D]) and
+# pooled_prompt_embeds (FP32 [B, P]); flux_vae: latents (FP32 [B, N, C]), height and width (INT32 [1]) -> images.
+TEXT_ENCODER_MODEL, VAE_MODEL = "flux_text_encoder", "flux_vae"
+MAX_SEQUENCE_LENGTH = "max_sequence_length"
+
+
+def utf8_strings(name: str, items: list[bytes]) -> list[str]:
+    """A BYTES input as strings: one or more, each UTF-8; ``InputError`` naming ``name`` otherwise."""
+    from flux_triton.contract import InputError
+
+    try:
+        strings = [item.decode("utf-8") for item in items]
+    except (UnicodeDecodeError, AttributeError):
+        raise InputError(f"{name}: expected UTF-8 strings") from None
+    if not strings:
+        raise InputError(f"{name}: expected one or more strings, got none")
+    return strings

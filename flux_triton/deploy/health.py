@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy
 import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
@@ -25,6 +26,7 @@ from flux_triton.contract import OUTPUT_NAME, TORCH_TO_WIRE, DitSignature, Limit
 from flux_triton.contract.protocol import GUIDANCE_REQUIRED, admin_headers, grpc_endpoint
 from flux_triton.contract.served import signature_from_config
 from flux_triton.contract.specs import engine_tensor_name
+from flux_triton.deploy import pbtxt
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, GENERATE, GENERATE_STREAM, PREPROCESS
 from flux_triton.deploy.server import TritonServer
 from flux_triton.deploy.sockets import http_call
@@ -34,14 +36,14 @@ if TYPE_CHECKING:
     from flux_triton.deploy.guard.process import GuardProcess
 
 # this project's models, probed in this order (the decoupled flux_generate_stream over gRPC's stream)
-MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE, GENERATE, GENERATE_STREAM)
+MODELS = (DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE, pbtxt.TEXT_ENCODER, pbtxt.VAE, GENERATE, GENERATE_STREAM)
 PROBE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
 class Probe:
     model: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | list[bytes]]  # a list of bytes: a BYTES input
     output: str
     shape: tuple[int, ...]
 
@@ -60,6 +62,8 @@ def make_probe(client: httpclient.InferenceServerClient, model: str, headers: di
     behind the guard); ``dit_transformer``'s without guidance (``run_probe`` adds it if the model asks)."""
     if model in (GENERATE, GENERATE_STREAM):
         return _generate_probe(client, model, headers)
+    if model in (pbtxt.TEXT_ENCODER, pbtxt.VAE):
+        return _components_probe(client, model, headers)
     if model == DIT_TRANSFORMER:
         config = client.get_model_config(model, headers=headers)
         signature, limits = signature_from_config(config, guidance_embeds=False), Limits()
@@ -86,18 +90,44 @@ def _generate_probe(client: httpclient.InferenceServerClient, model: str, header
     return Probe(model, tensors, "latents", (1, 1, signature.in_channels))
 
 
-def _infer(client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None) -> torch.Tensor:
-    inputs = [httpclient.InferInput(name, list(t.shape), TORCH_TO_WIRE[t.dtype]) for name, t in probe.tensors.items()]
-    for item, tensor in zip(inputs, probe.tensors.values(), strict=True):
-        item.set_data_from_numpy(to_numpy(tensor), binary_data=True)
+def _components_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None) -> Probe:
+    """The text encoders: one one-letter prompt at one text token; the VAE: the latents of a 16x16 image. Sized by
+    the transformer flux_generate uses (or dit_transformer, where flux_generate is not loaded)."""
+    try:
+        config = client.get_model_config(GENERATE, headers=headers)
+        transformer = GenerateSettings.from_config(config, environment=False).transformer_model
+    except InferenceServerException:
+        transformer = DIT_TRANSFORMER
+    signature = signature_from_config(client.get_model_config(transformer, headers=headers), guidance_embeds=False)
+    if model == pbtxt.TEXT_ENCODER:
+        tensors = {"prompt": [b"a"], "max_sequence_length": torch.tensor([1], dtype=torch.int32)}
+        return Probe(model, tensors, "prompt_embeds", (1, 1, signature.text_dim))
+    size = torch.tensor([16], dtype=torch.int32)
+    return Probe(model, {"latents": torch.zeros(1, 1, signature.in_channels), "height": size, "width": size},
+                 "images", (1,))  # fmt: skip
+
+
+def _input_arrays(probe: Probe) -> list[tuple[str, numpy.ndarray, str]]:
+    """Each input as (name, host array, Triton dtype): a list of bytes as a BYTES tensor."""
+    return [
+        (name, numpy.array(value, dtype=numpy.object_), "BYTES")
+        if isinstance(value, list)
+        else (name, to_numpy(value), TORCH_TO_WIRE[value.dtype])
+        for name, value in probe.tensors.items()
+    ]
+
+
+def _infer(client: httpclient.InferenceServerClient, probe: Probe, headers: dict[str, str] | None) -> numpy.ndarray:
+    inputs = []
+    for name, array, dtype in _input_arrays(probe):
+        inputs.append(httpclient.InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array, binary_data=True)
     output = httpclient.InferRequestedOutput(probe.output, binary_data=True)
     # a copy of the headers: tritonclient adds its own to the dict it is given
-    return from_numpy(
-        client.infer(probe.model, inputs, outputs=[output], headers=dict(headers or {})).as_numpy(probe.output)
-    )
+    return client.infer(probe.model, inputs, outputs=[output], headers=dict(headers or {})).as_numpy(probe.output)
 
 
-def _stream_infer(grpc_url: str, probe: Probe, headers: dict[str, str] | None, timeout_s: float) -> torch.Tensor:
+def _stream_infer(grpc_url: str, probe: Probe, headers: dict[str, str] | None, timeout_s: float) -> numpy.ndarray:
     """A decoupled model's answer to ``probe`` over gRPC's stream (its responses before the last carry only
     progress, which the probe does not ask for)."""
     import tritonclient.grpc as grpcclient
@@ -106,11 +136,10 @@ def _stream_infer(grpc_url: str, probe: Probe, headers: dict[str, str] | None, t
     client = grpcclient.InferenceServerClient(grpc_url)
     try:
         client.start_stream(lambda result, error: answers.put((result, error)), headers=headers)
-        inputs = [
-            grpcclient.InferInput(name, list(t.shape), TORCH_TO_WIRE[t.dtype]) for name, t in probe.tensors.items()
-        ]
-        for item, tensor in zip(inputs, probe.tensors.values(), strict=True):
-            item.set_data_from_numpy(to_numpy(tensor))
+        inputs = []
+        for name, array, dtype in _input_arrays(probe):
+            inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
+            inputs[-1].set_data_from_numpy(array)
         client.async_stream_infer(probe.model, inputs, outputs=[grpcclient.InferRequestedOutput(probe.output)])
         deadline = time.monotonic() + timeout_s
         while True:
@@ -121,7 +150,7 @@ def _stream_infer(grpc_url: str, probe: Probe, headers: dict[str, str] | None, t
             if error is not None:
                 raise error
             if (answer := result.as_numpy(probe.output)) is not None:
-                return from_numpy(answer)
+                return answer
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
@@ -134,8 +163,8 @@ def run_probe(
     grpc_url: str = "",
     timeout_s: float = PROBE_TIMEOUT_S,
 ) -> str | None:
-    """``None`` if the model answered the probe with a finite tensor of the right shape, else why not (the
-    decoupled model over ``grpc_url``)."""
+    """``None`` if the model answered the probe with a finite tensor (or non-empty strings) of the right shape, else
+    why not (the decoupled model over ``grpc_url``)."""
     try:
         if probe.model == GENERATE_STREAM:
             answer = _stream_infer(grpc_url, probe, headers, timeout_s)
@@ -145,7 +174,10 @@ def run_probe(
         if GUIDANCE_REQUIRED not in str(exc.message()) or "guidance" in probe.tensors:
             raise
         answer = _infer(client, probe.with_guidance(), headers)  # a guidance model
-    finite = bool(torch.isfinite(answer.float()).all())
+    if answer.dtype == numpy.object_:
+        finite = all(len(item) > 0 for item in answer.reshape(-1))
+    else:
+        finite = bool(torch.isfinite(from_numpy(answer).float()).all())
     if tuple(answer.shape) != probe.shape or not finite:
         return f"answered {list(answer.shape)} (finite: {finite})"
     return None

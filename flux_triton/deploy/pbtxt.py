@@ -10,11 +10,12 @@ from pathlib import Path
 
 from google.protobuf import json_format, text_format
 
-from flux_triton.contract.generation import GENERATE_MODEL, GENERATE_STREAM_MODEL
+from flux_triton.contract.generation import GENERATE_MODEL, GENERATE_STREAM_MODEL, TEXT_ENCODER_MODEL, VAE_MODEL
 
 # The Triton model names of the repository.
 DIT_TRANSFORMER, ENSEMBLE, PREPROCESS, ENGINE = "dit_transformer", "flux_dit", "dit_preprocess", "dit_engine"
 GENERATE, GENERATE_STREAM = GENERATE_MODEL, GENERATE_STREAM_MODEL
+TEXT_ENCODER, VAE = TEXT_ENCODER_MODEL, VAE_MODEL
 
 
 def model_config_pb2():

@@ -1,7 +1,8 @@
 """The rest of a FLUX pipeline folder beside ``transformer/``: the text encoders (CLIP and T5, with their tokenizers)
 and the VAE, loaded through transformers' and diffusers' own ``from_pretrained`` (safetensors only) where the folder
-has them, for ``flux_generate`` to take prompt strings and return images; and a tiny random-weight set of them,
-written like real ones, for tests and the CPU demo (``write_tiny_components``)."""
+has them, for the served ``flux_text_encoder`` and ``flux_vae`` (through which ``flux_generate`` takes prompt
+strings and returns images); and a tiny random-weight set of them, written like real ones, for tests and the CPU
+demo (``write_tiny_components``)."""
 
 from __future__ import annotations
 
@@ -40,13 +41,14 @@ class Components:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def load_components(folder: Path | None, device: torch.device | str, dtype: torch.dtype) -> Components:
+def load_components(folder: Path | None, device: torch.device | str, dtype: torch.dtype, encoders: bool = True,
+                    vae: bool = True) -> Components:  # fmt: skip
     """The text encoders (all four folders of ``ENCODER_FOLDERS``, or none of them) and the VAE (``vae/``) in
-    ``folder``, on ``device`` in ``dtype``; empty for ``None``. Raises ``ModelDirError`` naming what is missing
-    or cannot load."""
+    ``folder``, on ``device`` in ``dtype``, those asked for; empty for ``None``. Raises ``ModelDirError`` naming
+    what is missing or cannot load."""
     if folder is None:
         return Components()
-    present = [name for name in ENCODER_FOLDERS if (folder / name).is_dir()]
+    present = [name for name in ENCODER_FOLDERS if encoders and (folder / name).is_dir()]
     if present and len(present) != len(ENCODER_FOLDERS):
         missing = ", ".join(name for name in ENCODER_FOLDERS if name not in present)
         raise ModelDirError(f"{folder}: has {', '.join(present)} but not {missing}; the text encoders need all four")
@@ -60,7 +62,7 @@ def load_components(folder: Path | None, device: torch.device | str, dtype: torc
                 setattr(components, name, model.to(device).eval().requires_grad_(False))
             components.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
             components.tokenizer_2 = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
-        if (folder / "vae").is_dir():
+        if vae and (folder / "vae").is_dir():
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, use_safetensors=True)

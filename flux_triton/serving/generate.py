@@ -1,10 +1,11 @@
 """``flux_generate``'s core: a whole generation in one request (prompt strings or their embeddings in; latents,
-and PNG images where a VAE is configured, out).
+and PNG images where the server has a VAE, out).
 
-diffusers' own ``FluxPipeline`` runs on the server, with the text encoders and VAE of ``model.components`` where the
-model folder has them, around a stand-in transformer (``pipeline.stand_in``) whose
+diffusers' own ``FluxPipeline`` runs on the server around a stand-in transformer (``pipeline.stand_in``) whose
 steps go to the served transformer model (``dit_transformer``) in process, through Triton's BLS, exactly as a
-client's steps would: so the latents equal a client-driven generation's bit for bit, the served model's speed-ups,
+client's steps would; prompt strings go to the served text encoders first and the latents to the served VAE last
+(``flux_text_encoder``, ``flux_vae``: ``serving.encode_decode``), one copy for every instance. So the latents equal
+a client-driven generation's bit for bit, the served model's speed-ups,
 step caches and sessions apply, and steps of concurrent generations merge in its batcher. Each cache context of
 the generation ("cond", "uncond") is one sequence: its first step carries the prompt (and the chosen step cache),
 later steps only the latents, the timestep and the ids; every sequence ends when the generation does, or fails.
@@ -12,9 +13,7 @@ later steps only the latents, the timestep and the ids; every sequence ends when
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import math
 import secrets
@@ -26,9 +25,8 @@ import torch
 from diffusers import FluxPipeline
 
 from flux_triton.contract import PROMPT_INPUTS, DitSignature, InputError, Step
-from flux_triton.contract.generation import GENERATE_INPUTS, IMAGES, LATENTS, STRING_INPUTS
+from flux_triton.contract.generation import GENERATE_INPUTS, IMAGES, LATENTS, STRING_INPUTS, utf8_strings
 from flux_triton.contract.protocol import SequenceStep
-from flux_triton.model.components import Components
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cache_setting
 from flux_triton.pipeline.inputs import image_tokens
@@ -42,6 +40,16 @@ class GenerationCancelled(InputError):
 
 
 Infer = Callable[[dict[str, torch.Tensor], SequenceStep], torch.Tensor]  # a step's tensors -> noise_pred
+Encode = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]  # prompts, text tokens -> T5's, CLIP's
+Decode = Callable[[torch.Tensor, int, int], list[bytes]]  # packed latents, height, width -> base64 PNGs
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The served models a generation may use besides the transformer: ``None`` where the server has none."""
+
+    encode: Encode | None = None
+    decode: Decode | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class Generation:
 
     @classmethod
     def parse(cls, request: Mapping[str, torch.Tensor | list[bytes]], cache: str, signature: DitSignature,
-              settings: GenerateSettings, components: Components, outputs: set[str]) -> Generation:  # fmt: skip
+              settings: GenerateSettings, parts: Parts, outputs: set[str]) -> Generation:  # fmt: skip
         """The request's inputs (tensors; strings as lists of bytes), ``cache`` parameter and requested
         ``outputs`` (empty: all there are), checked against what this server has; ``InputError`` names the field."""
         values = {}
@@ -74,12 +82,12 @@ class Generation:
             if value is None:
                 values[name] = None if default is ... else default
             elif name in STRING_INPUTS:
-                values[name] = _strings(name, value)
+                values[name] = utf8_strings(name, value)
             elif dims == (1,):
                 values[name] = _scalar(name, value)
             else:
                 values[name] = _finite(name, value)
-        _check_prompt(values, signature, settings, components)
+        _check_prompt(values, signature, settings, parts)
         for name in ("height", "width"):
             if values[name] < 16 or values[name] % 16:
                 raise InputError(f"{name}: expected a positive multiple of 16, got {values[name]}")
@@ -95,9 +103,10 @@ class Generation:
                 raise InputError(f"{name}: expected a finite value >= 0, got {values[name]}")
         if values["true_cfg_scale"] > 1 and values["negative_prompt_embeds"] is None and not values["negative_prompt"]:
             raise InputError("negative_prompt: true_cfg_scale > 1 needs a negative prompt or its embeddings")
-        if IMAGES in outputs and not components.decodes:
-            raise InputError(f"{IMAGES}: this server has no VAE (its components_dir has no vae/); request {LATENTS}")
-        images = components.decodes and (not outputs or IMAGES in outputs)
+        if IMAGES in outputs and parts.decode is None:
+            raise InputError(f"{IMAGES}: this server has no VAE ({settings.vae_model} is not loaded); request "
+                             f"{LATENTS}")  # fmt: skip
+        images = parts.decode is not None and (not outputs or IMAGES in outputs)
         return cls(**values, cache=_cache(cache, settings), images=images)
 
 
@@ -114,25 +123,14 @@ def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone()  # the request's buffer goes with the request
 
 
-def _strings(name: str, items: list[bytes]) -> list[str]:
-    try:
-        strings = [item.decode("utf-8") for item in items]
-    except (UnicodeDecodeError, AttributeError):
-        raise InputError(f"{name}: expected UTF-8 strings") from None
-    if not strings:
-        raise InputError(f"{name}: expected one or more strings, got none")
-    return strings
-
-
-def _check_prompt(values: dict, signature: DitSignature, settings: GenerateSettings, components: Components) -> None:
+def _check_prompt(values: dict, signature: DitSignature, settings: GenerateSettings, parts: Parts) -> None:
     """A prompt as strings (with text encoders) or as embeddings, not both; a negative prompt the same way."""
     for text, embeds in (("prompt", "prompt_embeds"), ("negative_prompt", "negative_prompt_embeds")):
         if values[text] is not None and values[embeds] is not None:
             raise InputError(f"{text} and {embeds}: send a prompt as strings or as embeddings, not both")
-        if values[text] is not None and not components.encodes:
-            raise InputError(f"{text}: this server has no text encoders (its components_dir has no text_encoder/, "
-                             f"tokenizer/, text_encoder_2/, tokenizer_2/); send {embeds} and the pooled "
-                             f"embeddings")  # fmt: skip
+        if values[text] is not None and parts.encode is None:
+            raise InputError(f"{text}: this server has no text encoders ({settings.text_encoder_model} is not "
+                             f"loaded); send {embeds} and the pooled embeddings")  # fmt: skip
     if values["prompt"] is None and values["prompt_embeds"] is None:
         raise InputError("prompt_embeds: missing; a generation needs a prompt (strings, where the server has text "
                          "encoders) or its embeddings")  # fmt: skip
@@ -219,25 +217,29 @@ def generate(
     generation: Generation,
     transformer: ServedSteps,
     scheduler,
-    components: Components,
+    parts: Parts,
     max_sequence_length: int = 512,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, list[bytes] | None]:
     """``FluxPipeline``'s packed latents for ``generation`` and, where it asks for images, each image as a base64
-    PNG (the VAE's decoding, as ``output_type="pil"``); its sequences end however it ends."""
-    pipe = FluxPipeline(scheduler, transformer=transformer, **components.pipeline_kwargs())
+    PNG (the VAE's decoding, as ``output_type="pil"``); its sequences end however it ends. Prompt strings are
+    encoded first, as ``FluxPipeline`` would (the negative prompt only for true CFG)."""
+    pipe = FluxPipeline(scheduler, transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
-    final = {}
+    prompt = {name: getattr(generation, name) for name in PROMPT_FIELDS if getattr(generation, name) is not None}
+    for text, prefix in (("prompt", ""), ("negative_prompt", "negative_")):
+        strings = prompt.pop(text, None)
+        if strings is not None and (not prefix or generation.true_cfg_scale > 1):
+            encoded = parts.encode(strings, max_sequence_length)
+            prompt[f"{prefix}prompt_embeds"], prompt[f"{prefix}pooled_prompt_embeds"] = encoded
 
     def step_end(_pipe, index: int, _timestep, tensors: dict) -> dict:
-        final[LATENTS] = tensors[LATENTS]
-        if progress is not None:
-            progress(index + 1, generation.num_inference_steps)
+        progress(index + 1, generation.num_inference_steps)
         return tensors
 
-    prompt = {name: getattr(generation, name) for name in PROMPT_FIELDS if getattr(generation, name) is not None}
     try:
-        output = pipe(
+        latents = pipe(
             **prompt,
             height=generation.height,
             width=generation.width,
@@ -245,17 +247,11 @@ def generate(
             guidance_scale=generation.guidance_scale,
             true_cfg_scale=generation.true_cfg_scale,
             generator=torch.Generator().manual_seed(generation.seed),
-            output_type="pil" if generation.images else "latent",
+            output_type="latent",
             max_sequence_length=max_sequence_length,
-            callback_on_step_end=step_end,
+            callback_on_step_end=step_end if progress is not None else None,
         ).images
     finally:
         transformer.end_generations()
-    return final[LATENTS], [png_base64(image) for image in output] if generation.images else None
-
-
-def png_base64(image) -> bytes:
-    """A PIL image as the base64 text of its PNG file."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue())
+    images = parts.decode(latents, generation.height, generation.width) if generation.images else None
+    return latents, images

@@ -269,9 +269,10 @@ class GenerateSettings(ModelSettings):
     ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV}
 
     model_dir: str = "tiny-flux-dev"  # as dit_transformer's: the signature and the scheduler come from it
-    # the text encoders and VAE (model.components): auto, the pipeline folder holding model_dir; none; or a folder
-    components_dir: str = "auto"
     transformer_model: str = "dit_transformer"  # the served model each step goes to, in process (BLS)
+    # the served models that encode prompt strings and decode images (serving.encode_decode); one not loaded: none
+    text_encoder_model: str = "flux_text_encoder"
+    vae_model: str = "flux_vae"
     scheduler: str = "auto"  # auto: the model folder's scheduler/, else by guidance: dev or schnell
     dtype: str = "auto"  # the transformer's: auto is bfloat16 where a GPU is visible, float32 otherwise
     cache: str = "none"  # the transformer's cache setting: the one a generation may choose (checked before it starts)
@@ -290,6 +291,27 @@ class GenerateSettings(ModelSettings):
                 raise ValueError(f"{name} parameter: expected 1 or more, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class ComponentsSettings(ModelSettings):
+    """``flux_text_encoder``'s and ``flux_vae``'s settings: where the text encoders or the VAE load from, and their
+    dtype (``serving.encode_decode``)."""
+
+    ENVIRONMENT: ClassVar[Mapping[str, str]] = {"model_dir": MODEL_DIR_ENV}
+
+    model_dir: str = "tiny-flux-dev"  # as dit_transformer's: components_dir auto is the pipeline folder holding it
+    # the text encoders and VAE (model.components): auto, the pipeline folder holding model_dir; or a folder
+    components_dir: str = "auto"
+    dtype: str = "auto"  # auto is bfloat16 where a GPU is visible, float32 otherwise (the transformer's rule)
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype parameter: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.components_dir in ("", "none"):
+            raise ValueError("components_dir parameter: expected auto or a folder under the model root (a server "
+                             "without text encoders or VAE leaves this model out)")  # fmt: skip
+
+
 SCHEMAS = {"dit_transformer": TransformerSettings, "dit_preprocess": PreprocessSettings,
            "dit_engine": EngineSettings, "flux_dit": EnsembleSettings, "flux_generate": GenerateSettings,
-           "flux_generate_stream": GenerateSettings}  # fmt: skip
+           "flux_generate_stream": GenerateSettings,
+           "flux_text_encoder": ComponentsSettings, "flux_vae": ComponentsSettings}  # fmt: skip

@@ -5,7 +5,7 @@ they stay on the device Triton put them on."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy
 import torch
@@ -79,26 +79,40 @@ def sequence_step(request) -> SequenceStep:
 
 def bls_infer(model_name: str, tensors: dict[str, torch.Tensor], sequence: SequenceStep) -> torch.Tensor:
     """``noise_pred`` of one step sent to the served ``model_name`` in process (Triton's BLS), as a client's request
-    with its sequence id, flags, session key and cache; its error as ``RuntimeError`` (tritonserver 2.51 hands a
-    BLS caller every error as INTERNAL, so the caller checks what a request could get wrong first), or as
-    ``InputError`` where the code says the request was wrong."""
-    pb = _pb()
+    with its sequence id, flags, session key and cache."""
     parameters = {SESSION_KEY_PARAMETER: sequence.key} | ({CACHE_PARAMETER: sequence.cache} if sequence.cache else {})
-    request = pb.InferenceRequest(
-        model_name=model_name,
-        inputs=[output(name, tensor) for name, tensor in tensors.items()],
-        requested_output_names=[OUTPUT_NAME],
-        correlation_id=sequence.sequence_id,
-        flags=(START if sequence.start else 0) | (END if sequence.end else 0),
-        parameters=parameters,
-    )
+    flags = (START if sequence.start else 0) | (END if sequence.end else 0)
+    options = dict(correlation_id=sequence.sequence_id, flags=flags, parameters=parameters)
+    return bls_call(model_name, tensors, [OUTPUT_NAME], **options)[OUTPUT_NAME]
+
+
+def bls_call(model_name: str, inputs: dict[str, torch.Tensor | list[bytes]], outputs: list[str],
+             strings: Iterable[str] = (), **options) -> dict[str, torch.Tensor | list[bytes]]:  # fmt: skip
+    """The ``outputs`` of the served ``model_name`` in process (Triton's BLS), those in ``strings`` as lists of
+    bytes; its error as ``RuntimeError`` (tritonserver 2.51 hands a BLS caller every error as INTERNAL, so the
+    caller checks what a request could get wrong first), or as ``InputError`` where the code says the request was
+    wrong. ``options``: the request's correlation id, flags and parameters."""
+    pb = _pb()
+    request = pb.InferenceRequest(model_name=model_name, inputs=[output(name, value) for name, value in inputs.items()],
+                                  requested_output_names=outputs, **options)  # fmt: skip
     response = request.exec()
     if response.has_error():
         error = response.error()
         message = f"{model_name}: {error.message()}"
         raise InputError(message) if error.code() == pb.TritonError.INVALID_ARG else RuntimeError(message)
-    found = pb.get_output_tensor_by_name(response, OUTPUT_NAME)
-    return torch.utils.dlpack.from_dlpack(found.to_dlpack()).clone()  # the response's buffer goes with it
+    answers = {}
+    for name in outputs:
+        found = pb.get_output_tensor_by_name(response, name)
+        if name in strings:
+            answers[name] = list(found.as_numpy().reshape(-1))
+        else:  # a copy: the response's buffer goes with it
+            answers[name] = torch.utils.dlpack.from_dlpack(found.to_dlpack()).clone()
+    return answers
+
+
+def model_ready(model_name: str) -> bool:
+    """Whether the server has ``model_name`` loaded and ready (asked in process)."""
+    return bool(_pb().is_model_ready(model_name))
 
 
 def output(name: str, value: torch.Tensor | list[bytes]):
@@ -128,6 +142,20 @@ def result_response(model: str, result: torch.Tensor | Exception):
     if isinstance(result, Exception):
         return error_response(f"{model} failed: {type(result).__name__}: {result}")
     return response({OUTPUT_NAME: result})
+
+
+def answer_each(requests, handle: Callable[[object], dict[str, torch.Tensor | list[bytes]]], model: str) -> list:
+    """One response per request: ``handle(request)``'s outputs, a 400 for an ``InputError``, else a 500 naming
+    ``model``."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(response(handle(request)))
+        except InputError as exc:
+            responses.append(error_response(str(exc), invalid_arg=True))
+        except Exception as exc:
+            responses.append(error_response(f"{model} failed: {type(exc).__name__}: {exc}"))
+    return responses
 
 
 def log_info(message: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from flux_triton.deploy.pbtxt import ENGINE, PREPROCESS
+from flux_triton.deploy.pbtxt import ENGINE, PREPROCESS, TEXT_ENCODER, VAE
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class GuardSettings:
     body_timeout_s: float = 120.0  # a body must arrive within this ...
     body_idle_s: float = 15.0  # ... and never pause longer than this
     max_json_kib: int = 1024  # a body other than an inference request's
-    internal_models: tuple[str, ...] = (PREPROCESS, ENGINE)
+    internal_models: tuple[str, ...] = (PREPROCESS, ENGINE, TEXT_ENCODER, VAE)
 
     @property
     def max_request_bytes(self) -> int:

@@ -1,9 +1,9 @@
 """Who may call what through the guard. The admin key (``contract.protocol.ADMIN_HEADER``, the same header or
 metadata key on HTTP and gRPC) is needed for model control, shared-memory registration, logging, trace settings and
-statistics, for any request to an internal model (``dit_preprocess``, ``dit_engine``: the supervisor's probes carry
-the key), and for an inference that names a shared-memory region. Model loads that override a config or a file
-are refused whatever the key: code in a model's files runs as the server's user. Triton's generate extension,
-which these models do not use, is refused."""
+statistics, for any request to an internal model (``dit_preprocess``, ``dit_engine``, ``flux_text_encoder``,
+``flux_vae``: the supervisor's probes carry the key), and for an inference that names a shared-memory region. Model
+loads that override a config or a file are refused whatever the key: code in a model's files runs as the server's
+user. Triton's generate extension, which these models do not use, is refused."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Triton Python-backend model ``flux_generate``: a whole FLUX generation per request (prompt strings or embeddings
-in; latents, and PNG images where a VAE is configured, out), diffusers' ``FluxPipeline`` running here with the text
-encoders and VAE of ``components_dir`` and every step sent to the served transformer model in process
-(``flux_triton.serving.generate``). Configured by its parameters (``GenerateSettings``).
+in; latents, and PNG images where the server has a VAE, out), diffusers' ``FluxPipeline`` running here with every
+step sent to the served transformer model in process, prompt strings to the served text encoder model and latents to
+the served VAE model (``flux_triton.serving.generate``). Configured by its parameters (``GenerateSettings``).
 
 The same file serves ``flux_generate_stream``, whose config is decoupled: each request then gets a ``progress``
 response after every step and its answer last, and a request cancelled (the client stopped its stream, or
@@ -15,13 +15,19 @@ from pathlib import Path
 import torch
 
 from flux_triton.contract import DitSignature
-from flux_triton.contract.generation import GENERATE_INPUTS, IMAGES, LATENTS, PROGRESS, STRING_INPUTS
+from flux_triton.contract.generation import (
+    GENERATE_INPUTS,
+    IMAGES,
+    LATENTS,
+    MAX_SEQUENCE_LENGTH,
+    PROGRESS,
+    STRING_INPUTS,
+)
 from flux_triton.contract.protocol import CACHE_PARAMETER
 from flux_triton.locations import Locations
 from flux_triton.model import store
-from flux_triton.model.components import components_folder, load_components
 from flux_triton.serving import triton
-from flux_triton.serving.generate import Generation, GenerationCancelled, ServedSteps, generate, scheduler_for
+from flux_triton.serving.generate import Generation, GenerationCancelled, Parts, ServedSteps, generate, scheduler_for
 from flux_triton.serving.service import model_dtype, pick_device
 from flux_triton.serving.settings import GenerateSettings
 
@@ -36,16 +42,11 @@ class TritonPythonModel:
         root = Locations.of_repository(REPOSITORY).model_root
         self.model_dir = store.resolve_model_dir(self.settings.model_dir, root)
         device = pick_device()
-        dtype = model_dtype(self.settings, device)  # the transformer's, wherever its instance runs
-        self.signature = DitSignature.from_config(store.read_config(self.model_dir), dtype)
-        folder = components_folder(self.settings.components_dir, self.model_dir, root)
-        self.components = load_components(folder, device, dtype)
-        torch.set_num_threads(1)  # the loop's own work is small; the forwards run in the transformer's model
-        parts = [name for name, has in (("text encoders", self.components.encodes), ("VAE", self.components.decodes))
-                 if has]  # fmt: skip
+        self.dtype = model_dtype(self.settings, device)  # the transformer's and the encoders', wherever they run
+        self.signature = DitSignature.from_config(store.read_config(self.model_dir), self.dtype)
+        torch.set_num_threads(1)  # the loop's own work is small; the forwards run in the served models
         triton.log_info(f"{self.name}: {self.model_dir}, steps to {self.settings.transformer_model} as "
-                        f"{self.signature.dtype}; {' and '.join(parts) or 'no text encoders, no VAE'} "
-                        f"({folder})")  # fmt: skip
+                        f"{self.signature.dtype}")  # fmt: skip
 
     def execute(self, requests):
         if not self.streams:
@@ -69,16 +70,36 @@ class TritonPythonModel:
         parameters = json.loads(request.parameters() or "{}")
         try:
             cache = parameters.get(CACHE_PARAMETER, "")
+            parts = self._parts()
             generation = Generation.parse(inputs, cache if isinstance(cache, str) else json.dumps(cache),
-                                          self.signature, self.settings, self.components,
+                                          self.signature, self.settings, parts,
                                           triton.requested_outputs(request))  # fmt: skip
             steps = ServedSteps(self.signature, self.settings.transformer_model, self._infer, generation.cache)
             scheduler = scheduler_for(self.settings, self.model_dir, self.signature)
-            latents, images = generate(generation, steps, scheduler, self.components,
-                                       min(512, self.settings.max_text_tokens), progress)  # fmt: skip
+            latents, images = generate(generation, steps, scheduler, parts, min(512, self.settings.max_text_tokens),
+                                       progress)  # fmt: skip
         except Exception as exc:
             return triton.result_response(self.name, exc)
         return triton.response({LATENTS: latents.float().cpu()} | ({IMAGES: images} if images is not None else {}))
 
+    def _parts(self) -> Parts:
+        """The text encoder and VAE models this server has loaded now."""
+        encoder, vae = self.settings.text_encoder_model, self.settings.vae_model
+        return Parts(self._encode if encoder and triton.model_ready(encoder) else None,
+                     self._decode if vae and triton.model_ready(vae) else None)  # fmt: skip
+
     def _infer(self, tensors, sequence):
         return triton.bls_infer(self.settings.transformer_model, tensors, sequence)
+
+    def _encode(self, prompts: list[str], max_sequence_length: int):
+        """The served encoders' embeddings, back in their dtype (FP32 on the wire holds bfloat16 exactly)."""
+        inputs = {"prompt": [text.encode() for text in prompts],
+                  MAX_SEQUENCE_LENGTH: torch.tensor([max_sequence_length], dtype=torch.int32)}  # fmt: skip
+        names = ["prompt_embeds", "pooled_prompt_embeds"]
+        answer = triton.bls_call(self.settings.text_encoder_model, inputs, names)
+        return tuple(answer[name].to(self.dtype) for name in names)
+
+    def _decode(self, latents, height: int, width: int):
+        inputs = {LATENTS: latents.float().cpu(), "height": torch.tensor([height], dtype=torch.int32),
+                  "width": torch.tensor([width], dtype=torch.int32)}  # fmt: skip
+        return triton.bls_call(self.settings.vae_model, inputs, [IMAGES], strings=[IMAGES])[IMAGES]
