@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -107,6 +108,19 @@ def test_static_scales_quantize_like_the_dynamic_ones_and_a_wrong_scale_shows(mo
         errors[label] = inputs.rel_l2(call.reference_call(model, step), exact)
     assert errors["static"] < 1e-2 and errors["dynamic"] < 1e-2, errors  # both ~3e-3
     assert errors["saturating"] > 5 * errors["static"], errors
+
+
+def test_quantizing_frees_every_bf16_linear_before_the_cache_is_emptied(model_root, monkeypatch):
+    """The device gets a replaced linear's memory back when the cache is emptied only if nothing refers to the linear
+    any more; otherwise a served FP8 model keeps its bf16 weights' memory reserved beside its FP8 ones."""
+    model = load_tiny(model_root, "tiny-flux-dev")
+    originals = [weakref.ref(linear) for linear in block_linears(model).values()]
+    alive_when_emptied = []
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: alive_when_emptied.append(sum(r() is not None for r in originals))
+    )
+    assert quantize_blocks(model) == len(originals) == 17
+    assert alive_when_emptied == [0]
 
 
 @fp8_on_cpu

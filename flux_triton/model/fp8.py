@@ -79,13 +79,14 @@ def quantize_blocks(
 ) -> int:
     """Swap the block linears for FP8 ones in place, with static activation scales where ``input_scales`` (from
     ``model.fp8_scales``, one per linear) is given; returns how many were converted."""
-    linears = block_linears(transformer)
-    for name, module in linears.items():
+    names = list(block_linears(transformer))  # names only: each bf16 linear is freed as soon as it is swapped
+    for name in names:
         parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
         scale = None if input_scales is None else float(input_scales[name])
-        setattr(transformer.get_submodule(parent_name), child, Float8Linear(module, scale, fast_accum))
-    torch.cuda.empty_cache()
-    return len(linears)
+        setattr(parent, child, Float8Linear(getattr(parent, child), scale, fast_accum))
+    torch.cuda.empty_cache()  # hand the bf16 weights' memory back to the device, not to this process's cache
+    return len(names)
 
 
 def set_fp8_options(transformer: nn.Module, input_scales: Mapping[str, float] | None, fast_accum: bool = False) -> None:
