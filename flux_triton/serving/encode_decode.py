@@ -20,6 +20,7 @@ from diffusers import FluxPipeline
 from flux_triton.contract import InputError
 from flux_triton.model import store
 from flux_triton.model.components import Components, components_folder, load_components
+from flux_triton.pipeline.internals import unpack_latents
 from flux_triton.serving.service import model_dtype, pick_device
 from flux_triton.serving.settings import ComponentsSettings
 
@@ -85,7 +86,7 @@ class LatentDecoder:
         if not torch.isfinite(latents).all():
             raise InputError("latents: contains NaN or Inf")
         latents = latents.to(self.vae.device, self.vae.dtype)  # FluxPipeline's latents are in the VAE's dtype
-        latents = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        latents = unpack_latents(self.pipe, latents, height, width)
         latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
         image = self.vae.decode(latents, return_dict=False)[0]
         return [png_base64(picture) for picture in self.pipe.image_processor.postprocess(image, output_type="pil")]
