@@ -8,7 +8,9 @@ Baselines in the same run: diffusers' eager pipeline in process (``--eager``) an
 
 Per config: wall time per image (median, min, max of the timed generations), the first generation after READY,
 the steps that ran a full forward (served step latency above half the median uncached step), the final latents'
-rel. L2 against the uncached served run, and whether the graphed run equals the ungraphed one bitwise.
+rel. L2 against the uncached served run, and whether the graphed run equals the ungraphed one bitwise. With
+``--restart`` the last server is started once more over the same compile cache (``compile_cache_dir``, a folder the
+first start filled): its READY time and first generation beside the cold start's.
 
     python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs off,on \
         --transport shm --eager --in-process --out served-image.json
@@ -54,16 +56,17 @@ def speedups_of(args, graphs: bool) -> Speedups:
                     compile=args.compile, cuda_graphs=graphs)  # fmt: skip
 
 
-def write_repository(repository: Path, args, speedups: Speedups, with_engine: bool) -> None:
-    """One dit_transformer per cache label, named ``dit_<label>``; ``with_engine``, flux_dit over ``args.engine``
-    (serving MagCache's defaults; CUDA graphs as ``speedups``)."""
+def write_repository(repository: Path, args, speedups: Speedups, with_engine: bool, compile_cache: Path) -> None:
+    """One dit_transformer per cache label, named ``dit_<label>``, its compile caches in ``compile_cache``;
+    ``with_engine``, flux_dit over ``args.engine`` (serving MagCache's defaults; CUDA graphs as ``speedups``)."""
     for label in args.caches:
         name = f"dit_{label.replace('-', '_')}"
         shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / name)
         config = repository / name / "config.pbtxt"
         config.write_text(config.read_text().replace(f'name: "{DIT_TRANSFORMER}"', f'name: "{name}"'))
         setting = json.dumps(CACHES[label]).replace('"', '\\"')  # a pbtxt string
-        for key, value in {"model_dir": args.model, "cache": setting, **speedups.parameters()}.items():
+        parameters = {"model_dir": args.model, "cache": setting, "compile_cache_dir": compile_cache}
+        for key, value in {**parameters, **speedups.parameters()}.items():
             set_parameter(config, key, str(value))
     if args.engine and with_engine:
         write_engine_repository(args.engine.resolve(), repository, cache="mag")
@@ -134,13 +137,16 @@ def load_threads() -> int:
     return 2 if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30 else 1
 
 
-def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engine: bool) -> list[dict]:
+def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engine: bool, restart=False) -> list[dict]:
+    """Each model's rows of one server's run (``restart``: its second start, over the compile caches of its first)."""
     repository = work / f"repository-graphs-{graphs}"
-    write_repository(repository, args, speedups_of(args, graphs), with_engine)
+    if not restart:
+        write_repository(repository, args, speedups_of(args, graphs), with_engine, work / f"compile-cache-{graphs}")
     server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}",
                    "--backend-config=python,shm-default-byte-size=67108864"]  # fmt: skip
-    server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / f"graphs-{graphs}.log",
-                          cache=work / "triton", args=server_args)  # fmt: skip
+    log = work / f"graphs-{graphs}{'-restart' if restart else ''}.log"
+    server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=log, cache=work / "triton",
+                          args=server_args)  # fmt: skip
     started = time.perf_counter()
     rows = []
     with server.start(timeout_s=900):
@@ -155,8 +161,9 @@ def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engi
                     remote.enable_cache(build_cache(CACHES[label]))
                 row = timed(remote, prompt, args, remote.latencies_s)
             model = "" if name.startswith("dit_") else f"{name} "
-            rows.append({"config": f"served {model}{label}{' graphs' if graphs else ''}", "cache": label,
-                         "model": name, "graphs": graphs, "server_ready_s": ready_s, **row})  # fmt: skip
+            config = f"served {model}{label}{' graphs' if graphs else ''}{' restart' if restart else ''}"
+            rows.append({"config": config, "cache": label, "model": name, "graphs": graphs, "restart": restart,
+                         "server_ready_s": ready_s, **row})  # fmt: skip
     return rows
 
 
@@ -172,6 +179,7 @@ def main() -> None:
     parser.add_argument("--transport", default="shm", choices=["http", "shm"])
     parser.add_argument("--eager", action="store_true", help="diffusers' eager pipeline in process, uncached")
     parser.add_argument("--in-process", action="store_true", help="the same speed-ups in process: none and mag")
+    parser.add_argument("--restart", action="store_true", help="the last server started again, its compile cache kept")
     parser.add_argument("--engine", type=Path, help="an AOTI engine's sidecar: flux_dit over it, in the last server")
     parser.add_argument("--model", default=RANDOM_MODEL, help="a model folder name (the random full-size model)")
     parser.add_argument("--size", type=int, default=1024)
@@ -204,6 +212,10 @@ def main() -> None:
         for row in served(work, models, prompt, args, graphs, with_engine=position == len(settings) - 1):
             rows.append(row)
             save()
+    if args.restart:
+        for row in served(work, models, prompt, args, settings[-1], with_engine=True, restart=True):
+            rows.append(row)
+            save()
     if args.in_process:
         for label in (NO_CACHE, "mag"):
             rows.append(in_process(models, prompt, args, speedups_of(args, True), label))
@@ -213,8 +225,8 @@ def main() -> None:
         print_row(row)
 
 
-HEADER = (f"{'config':<34} {'s/image':>7} {'min':>6} {'max':>6} {'first':>6} {'fulls':>5} {'full ms':>7} "
-          f"{'rel L2':>8} {'=nograph':>8}")  # fmt: skip
+HEADER = (f"{'config':<34} {'ready':>6} {'s/image':>7} {'min':>6} {'max':>6} {'first':>6} {'fulls':>5} "
+          f"{'full ms':>7} {'rel L2':>8} {'=nograph':>8}")  # fmt: skip
 
 
 def compare(rows: list[dict]) -> None:
@@ -230,7 +242,7 @@ def compare(rows: list[dict]) -> None:
             full = [t for t in row["step_latencies_ms"] if t > 0.5 * uncached_step]
             row["full_forwards"], row["full_step_ms"] = len(full), statistics.median(full) if full else None
         twin = next((r for r in rows if r.get("model") == row.get("model") and r.get("cache") == row.get("cache")
-                     and r.get("graphs") is False), None)  # fmt: skip
+                     and r.get("graphs") is False and not r.get("restart")), None)  # fmt: skip
         if row.get("graphs") and twin is not None:
             row["bitwise_vs_no_graphs"] = bool(torch.equal(row["latents"], twin["latents"]))
 
@@ -238,7 +250,8 @@ def compare(rows: list[dict]) -> None:
 def print_row(row: dict) -> None:
     full_ms = f"{row['full_step_ms']:.1f}" if row.get("full_step_ms") else ""
     l2 = f"{row['rel_l2_vs_none']:8.2e}" if "rel_l2_vs_none" in row else ""
-    print(f"{row['config']:<34.34} {row['median_s']:7.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
+    ready = f"{row['server_ready_s']:6.1f}" if "server_ready_s" in row else f"{'':6}"
+    print(f"{row['config']:<34.34} {ready} {row['median_s']:7.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
           f"{row['first_s']:6.2f} {row.get('full_forwards', ''):>5} {full_ms:>7} {l2:>8} "
           f"{row.get('bitwise_vs_no_graphs', '')!s:>8}", flush=True)  # fmt: skip
 

@@ -10,9 +10,14 @@ import sys
 
 import pytest
 import torch
+import tritonclient.http as httpclient
+from helpers import DEV, start_server
 
+from flux_triton.client.wire import infer_step
 from flux_triton.model.compile_cache import INDUCTOR_CACHE_ENV, compile_key, use_compile_cache
 from flux_triton.model.speedups import Speedups
+from flux_triton.pipeline import call
+from flux_triton.pipeline.inputs import random_step, rel_l2
 from flux_triton.serving.settings import DEFAULT_WARMUP, TransformerSettings
 
 # One server process's life, in a fresh interpreter: load with regional compile and a compile cache folder, warm up
@@ -84,3 +89,19 @@ def test_the_cache_key_covers_the_model_settings_and_versions_and_a_bad_folder_i
         assert os.environ[INDUCTOR_CACHE_ENV] == current  # the last good folder (or torch's default) stays
     finally:
         os.environ.pop(INDUCTOR_CACHE_ENV, None) if before is None else os.environ.update({INDUCTOR_CACHE_ENV: before})
+
+
+@pytest.mark.server
+def test_a_served_model_compiles_on_the_cpu_inside_its_triton_stub(tmp_path, model_root, tiny_dev):
+    """Triton's stub embeds Python in the C locale, whose default text encoding is ASCII, and the inductor reads its
+    own UTF-8 templates with the default: the model sets UTF-8 first, so a regional compile loads, warms up before
+    READY and answers the eager call's step within compile's rounding."""
+    parameters = {"compile": "regional", "warmup_shapes": "64x48x1x8"}
+    server = start_server(tmp_path, model_root, ["dit_transformer"], parameters={"dit_transformer": parameters})
+    try:
+        step = random_step(DEV, 1, 64, 48, 8, 700.0, seed=1)
+        with httpclient.InferenceServerClient(server.url) as client:
+            answer = infer_step(client, "dit_transformer", step.wire())
+    finally:
+        server.stop()
+    assert rel_l2(answer, call.reference_call(tiny_dev, step)) < 1e-5

@@ -3,7 +3,7 @@
 # then the served image per step cache with and without graphs (FP8, static scales, fast accumulation), diffusers'
 # eager pipeline in process as the baseline. JSON and logs under $OUT. Environment: GRAPHS (on,off), CACHES
 # (none,mag,mag-tuned,taylorseer), EAGER= (no eager baseline), IN_PROCESS=1 (the same speed-ups in process),
-# SKIP_TESTS=1 (no GPU tests).
+# SKIP_TESTS=1 (no GPU tests), RESTART=1 (the last server started again over its compile cache).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -12,7 +12,7 @@ export FLUX_MODEL_ROOT=/tmp/models
 [ -n "${SKIP_TESTS:-}" ] || timeout 150 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py -k "cached_loop or text_length" -p no:cacheprovider 2>&1 |
   tee "$OUT/pytest.log" | tail -4
 python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs "${GRAPHS:-on,off}" \
-  --caches "${CACHES:-none,mag,mag-tuned,taylorseer}" --transport shm ${EAGER---eager} ${IN_PROCESS:+--in-process} --out "$OUT/served-image-fp8.json" 2>&1 |
+  --caches "${CACHES:-none,mag,mag-tuned,taylorseer}" --transport shm ${EAGER---eager} ${IN_PROCESS:+--in-process} ${RESTART:+--restart} --out "$OUT/served-image-fp8.json" 2>&1 |
   tee "$OUT/served-image.log" | grep -v "it/s]" | tail -25
 for log in /tmp/served-image-*/graphs-*.log; do
   echo "== $log"

@@ -4,6 +4,7 @@ they stay on the device Triton put them on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 
@@ -38,6 +39,17 @@ def instance_device(args: dict) -> torch.device:
         torch.set_num_threads(1)
         return device
     return torch.device("cpu")
+
+
+def utf8_text() -> None:
+    """UTF-8 as this stub's default text encoding. Triton's stub embeds Python without reading the environment's
+    locale, so ``open()`` decodes ASCII, and torch's inductor reads its own UTF-8 kernel templates that way (a
+    compile on the CPU failed with UnicodeDecodeError)."""
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        with contextlib.suppress(locale.Error):
+            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 
 ALIGNMENT = 64  # bytes: torch's CPU allocations; Triton's input buffers may sit at any offset

@@ -49,6 +49,7 @@ class TritonPythonModel:
             raise ValueError(f"parallel {settings.parallel}: one instance drives {settings.parallel_degree} GPUs, "
                              f"so its instance_group must be KIND_MODEL (python -m flux_triton place)")  # fmt: skip
         device = triton.instance_device(args)
+        triton.utf8_text()  # before anything compiles
         self.service = DitService(settings, Locations.of_repository(REPOSITORY).model_root, device)
         signature = self.service.signature
         cache = self.service.compile_cache or "torch's default"
