@@ -213,6 +213,34 @@ def test_served_schnell_loop_matches_flux_pipeline(schnell_aoti_server, http_cli
 
 
 @pytest.mark.server
+def test_engine_steps_of_magcache_sequences_in_lockstep_share_one_forward(aoti_engines, model_root):
+    """In process: two cached sequences whose steps come in one batch at the same step count run one forward of
+    both (their states side by side, then each given its rows back), each answer within fp32 rounding of the same
+    sequence run alone; a sequence a step ahead of another runs alone."""
+    sidecar, engine = load_engine(aoti_engines["tiny-flux-dev"], torch.device("cpu"), model_root)
+    service = EngineService(EngineSettings(engine="unused", cache="mag"), sidecar, engine)
+    batches = []
+    engine.transformer.register_forward_pre_hook(lambda _m, _a, call: batches.append(call["hidden_states"].shape[0]),
+                                                 with_kwargs=True)  # fmt: skip
+    wires = [inputs.random_step(DEV, height=256, width=256, timestep=t, seed=5).wire() for t in (1000.0, 950.0)]
+    steps = [validate(wire, DEV).engine_tensors(DEV) for wire in wires]
+    start = {"session_key": "k", "cache": json.dumps({"kind": "mag"})}
+
+    def batch(ids: tuple[int, ...], index: int) -> list:
+        return service.run([(steps[index], SequenceStep.from_flags(i, START if index == 0 else 0, start)) for i in ids])
+
+    together = [batch((6, 7), index) for index in range(2)]
+    alone = [batch((8,), index) for index in range(2)]
+    assert batches == [2, 2, 1, 1]
+    for index in range(2):
+        torch.testing.assert_close(together[index][0], alone[index][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together[index][1], alone[index][0], rtol=1e-5, atol=1e-5)
+    batches.clear()
+    ahead = service.run([(steps[1], SequenceStep.from_flags(6, 0, start)),
+                         (steps[0], SequenceStep.from_flags(9, START, start))])  # fmt: skip
+    assert batches == [1, 1] and all(isinstance(answer, torch.Tensor) for answer in ahead)
+
+
 def test_a_served_cached_loop_matches_local_diffusers_with_the_same_cache(dev_aoti_server, model_root):
     """diffusers' MagCache around the compiled blocks: its skips follow the schedule, so the served loop takes the
     same skips as local diffusers and stays within the engine's loop tolerance of it, far from the uncached loop."""

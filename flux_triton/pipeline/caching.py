@@ -19,6 +19,9 @@ import torch
 class CacheKind:
     config: Callable[[], type]  # the diffusers config class (imported when used)
     defaults: Mapping[str, object]
+    # Whether steps of generations in lockstep may share one forward: the kind's decisions depend on its step count
+    # alone (not on the batch's data) and its state holds only per-row tensors besides that count.
+    merges: bool = False
 
 
 def _first_block():
@@ -41,7 +44,7 @@ def _taylorseer():
 
 CACHE_KINDS: dict[str, CacheKind] = {
     "first_block": CacheKind(_first_block, {"threshold": 0.12}),
-    "mag": CacheKind(_mag, {"threshold": 0.06, "num_inference_steps": 28, "mag_ratios": "flux"}),
+    "mag": CacheKind(_mag, {"threshold": 0.06, "num_inference_steps": 28, "mag_ratios": "flux"}, merges=True),
     "taylorseer": CacheKind(_taylorseer, {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1}),
 }
 NO_CACHE = "none"
@@ -73,6 +76,11 @@ def describe_cache(config) -> dict:
             fields = {f.name: _plain(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)}
             return {"kind": kind, **fields}
     raise ValueError(f"cache: {type(config).__name__} is not served; kinds: {', '.join(CACHE_KINDS)}")
+
+
+def cache_merges(config) -> bool:
+    """Whether steps cached with ``config`` (``None``: none) in lockstep may share a forward (``CacheKind.merges``)."""
+    return config is not None and CACHE_KINDS[describe_cache(config)["kind"]].merges
 
 
 def build_cache(spec: Mapping):

@@ -4,12 +4,14 @@ profile, run batched where shapes and ids agree, every answer checked finite (``
 With a step cache (``cache``; an AOTI engine, which is diffusers' model with compiled blocks, so diffusers' hooks
 wrap it; with ``cuda_graphs``, each block the hooks run is a graph replay): the ensemble hands ``dit_engine`` each
 request's sequence id, flags and parameters, as it hands them to ``dit_preprocess``, which keeps the sessions and
-checks the START's cache choice. A sequence that chose the cache at its START runs each step alone in its own cache
-context (``<sequence id>``); its state is dropped at END, when a step fails and once idle. Other steps still merge,
-each merged forward in a fresh context (it computes every block, as without the cache)."""
+checks the START's cache choice. A sequence that chose the cache at its START runs each step in its own cache context
+(``<sequence id>``), merged with other sequences' steps in lockstep where the kind allows it (MagCache), else alone;
+its state is dropped at END, when a step fails and once idle. Other steps still merge, each merged forward in a fresh
+context (it computes every block, as without the cache)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -18,9 +20,19 @@ import torch
 
 from flux_triton.contract import InputError
 from flux_triton.contract.protocol import SequenceStep, SessionSettings
-from flux_triton.pipeline.caching import parse_cache_setting
+from flux_triton.contract.validation import ENGINE
+from flux_triton.pipeline.caching import cache_merges, parse_cache_setting
 from flux_triton.serving import caching
-from flux_triton.serving.merging import detached, run_engine_requests
+from flux_triton.serving.merging import (
+    ENGINE_MERGING,
+    Merging,
+    check_engine_requests,
+    detached,
+    finite_or_error,
+    group_mergeable,  # fmt: skip
+    run_engine_batched,
+    run_engine_requests,
+)
 from flux_triton.serving.sessions import closes_only
 from flux_triton.serving.settings import EngineSettings
 
@@ -82,6 +94,7 @@ class EngineService:
     def __init__(self, settings: EngineSettings, sidecar, engine):
         self.sidecar, self.engine, self.cached = sidecar, engine, None
         self.cache = parse_cache_setting(settings.cache)
+        self.merges_cached = cache_merges(self.cache)
         if self.cache is not None:
             engine.transformer.enable_cache(self.cache)
             self.cached = CachedSequences(engine.transformer, settings.session_settings)
@@ -97,7 +110,7 @@ class EngineService:
             return run_engine_requests(self.engine, [tensors for tensors, _ in requests], signature, limits)
         self.cached.expire()
         results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
-        merged = []
+        merged, contexts = [], {}
         for position, (tensors, sequence) in enumerate(requests):
             try:
                 context = self._context(tensors, sequence)
@@ -106,9 +119,11 @@ class EngineService:
                 continue
             if context is None:
                 merged.append(position)
-                continue
-            with caching.cache_context(self.engine.transformer, context):  # a cached step runs alone
-                (results[position],) = run_engine_requests(self.engine, [tensors], signature, limits)
+            else:
+                contexts[position] = context
+        self._run_cached(requests, contexts, results)
+        for position in contexts:
+            sequence = requests[position][1]
             if sequence.end or isinstance(results[position], Exception):
                 self.cached.drop(sequence.sequence_id)
         if merged:
@@ -118,6 +133,35 @@ class EngineService:
                 results[position] = answer
         return results
 
+    def _run_cached(self, requests: Sequence[Request], contexts: dict[int, str], results: list) -> None:
+        """The cached requests (``contexts``: position -> cache context) into ``results``: each valid one in its
+        context, merged with others whose shapes and ids agree and whose contexts are in lockstep where the cache
+        kind allows it (``caching.in_lockstep``), else alone."""
+        positions = list(contexts)
+        checked, valid = check_engine_requests(
+            [requests[p][0] for p in positions], self.sidecar.dit_signature, self.sidecar.limits
+        )
+        for index, answer in enumerate(checked):
+            results[positions[index]] = answer
+        items = [(positions[i], requests[positions[i]][0]) for i in valid]
+
+        def mergeable(a: tuple[int, Mapping], b: tuple[int, Mapping]) -> bool:
+            merged = caching.Merged((contexts[a[0]], contexts[b[0]]), (_rows(a[1]), _rows(b[1])))
+            same = self.merges_cached and ENGINE_MERGING.mergeable(a[1], b[1])
+            return same and caching.in_lockstep(self.engine.transformer, merged)
+
+        for group in group_mergeable(items, sys.maxsize, Merging(mergeable, list, lambda item: _rows(item[1]))):
+            members = [items[i] for i in group]
+            names = tuple(contexts[position] for position, _ in members)
+            context = names[0] if len(members) == 1 else caching.Merged(names, tuple(_rows(t) for _, t in members))
+            try:
+                with caching.cache_context(self.engine.transformer, context):
+                    answers = run_engine_batched(self.engine, [tensors for _, tensors in members])
+            except Exception as exc:  # the states could not be given back: these sequences' steps fail
+                answers = [detached(exc)] * len(members)
+            for (position, tensors), answer in zip(members, answers, strict=True):
+                results[position] = finite_or_error(answer, tensors, ENGINE)
+
     def _context(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep) -> str | None:
         """The cache context of a request (``None``: uncached); an END-only request drops its sequence's."""
         if not sequence.sequence_id:
@@ -126,3 +170,7 @@ class EngineService:
             self.cached.drop(sequence.sequence_id)
             return None
         return self.cached.context(sequence, sequence.start and caching.chosen(sequence.cache, self.cache))
+
+
+def _rows(tensors: Mapping[str, torch.Tensor]) -> int:
+    return tensors["hidden_states"].shape[0]

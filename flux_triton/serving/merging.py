@@ -116,7 +116,18 @@ def run_engine_requests(
     """dit_engine's work: each request checked against the engine side of the contract and the engine's
     profile (``InputError`` for a bad one), the valid ones run batched, every answer checked finite. A request of
     zero image tokens (an END-only request that dit_preprocess passes on) is answered empty, without a forward."""
-    results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
+    results, valid = check_engine_requests(requests, signature, limits)
+    for index, result in zip(valid, run_engine_batched(engine, [requests[i] for i in valid]), strict=True):
+        results[index] = finite_or_error(result, requests[index], ENGINE)
+    return results
+
+
+def check_engine_requests(
+    requests: Sequence[Mapping[str, torch.Tensor]], signature: DitSignature, limits: Limits
+) -> tuple[list[torch.Tensor | Exception | None], list[int]]:
+    """Each request's answer where it needs no forward (an END-only request's empty latents, a bad request's
+    ``InputError``), ``None`` elsewhere; and the indices of those that need one."""
+    results: list[torch.Tensor | Exception | None] = [None] * len(requests)
     valid = []
     for index, tensors in enumerate(requests):
         latents = tensors.get("hidden_states")
@@ -128,6 +139,4 @@ def run_engine_requests(
             valid.append(index)
         except InputError as exc:
             results[index] = detached(exc)
-    for index, result in zip(valid, run_engine_batched(engine, [requests[i] for i in valid]), strict=True):
-        results[index] = finite_or_error(result, requests[index], ENGINE)
-    return results
+    return results, valid

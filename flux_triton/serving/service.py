@@ -17,11 +17,11 @@ from flux_triton.model.compile_cache import compile_key, use_compile_cache
 from flux_triton.model.graphs import WARMUP_CALLS
 from flux_triton.model.parallel import ParallelSettings, check_cache_decisions
 from flux_triton.model.speedups import load_with_speedups
-from flux_triton.pipeline.caching import parse_cache_setting
+from flux_triton.pipeline.caching import cache_merges, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import caching, faults
-from flux_triton.serving.merging import detached, finite_or_error, run_merged
+from flux_triton.serving.merging import Merging, detached, finite_or_error, run_merged
 from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
 from flux_triton.serving.sessions import Sessions, closes_only
 from flux_triton.serving.settings import TransformerSettings
@@ -60,6 +60,7 @@ class DitService:
         self.device = parallel.devices()[0] if parallel.enabled else device  # rank 0's, whatever Triton's kind
         self.model_dir, self.signature = signature_for(settings, model_root, self.device)
         self.cache = parse_cache_setting(settings.cache)
+        self.merges_cached = cache_merges(self.cache) and not parallel.enabled  # the ranks run one context a step
         self.limits = Limits(settings.max_batch, settings.max_image_tokens, settings.max_text_tokens)
         self.compile_cache = None
         if settings.compile_cache_dir and settings.speedups.compile != "none":  # before any rank compiles
@@ -153,8 +154,9 @@ class DitService:
             raise
 
     @torch.inference_mode()
-    def forward(self, step: Step, context: str | None = None) -> torch.Tensor:
-        """One forward; with a step cache on the model, in the cache ``context`` (``None``: uncached)."""
+    def forward(self, step: Step, context: str | caching.Merged | None = None) -> torch.Tensor:
+        """One forward; with a step cache on the model, in the cache ``context`` (``None``: uncached; ``Merged``:
+        several contexts' steps side by side)."""
         budget = faults.forward_budget()
         before = faults.memory_in_use(self.device, budget)
         in_context = caching.cache_context(self.transformer, context) if self.cache else contextlib.nullcontext()
@@ -175,21 +177,36 @@ class DitService:
         )
 
     def execute(self, steps: Sequence[Step], contexts: Sequence[str | None] = ()) -> list[torch.Tensor | Exception]:
-        """One result per step: ``noise_pred``, or the error of its merged forward or of its answer. Steps with
-        a cache context (``contexts``) run alone, in their context; the others merge as their shapes allow."""
+        """One result per step: ``noise_pred``, or the error of its merged forward or of its answer. Steps without
+        a cache context merge as their shapes allow; steps with one (``contexts``) run in their context, merged
+        with others whose shapes agree and whose contexts are in lockstep where the cache kind allows it
+        (``caching.in_lockstep``: MagCache, whose decisions follow the step count), else alone."""
         contexts = list(contexts) or [None] * len(steps)
-        merged = [i for i, context in enumerate(contexts) if context is None]
         results: list[torch.Tensor | Exception] = [None] * len(steps)  # type: ignore[list-item]
-        merged_results = run_merged(self.forward, [steps[i] for i in merged], self.settings.max_batch)
-        for i, result in zip(merged, merged_results, strict=True):
+        uncached = [i for i, context in enumerate(contexts) if context is None]
+        cached = [i for i, context in enumerate(contexts) if context is not None]
+        max_batch = self.settings.max_batch
+        for i, result in zip(uncached, run_merged(self.forward, [steps[i] for i in uncached], max_batch), strict=True):
             results[i] = result
-        for i, context in enumerate(contexts):
-            if context is not None:  # a cached step runs alone, in its own context
-                try:
-                    results[i] = self.forward(steps[i], context)
-                except Exception as exc:
-                    results[i] = detached(exc)
+        items = [(steps[i], contexts[i]) for i in cached]
+        for i, result in zip(cached, run_merged(lambda item: self.forward(*item), items, max_batch,
+                                                self._cached_merging), strict=True):  # fmt: skip
+            results[i] = result
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
+
+    @property
+    def _cached_merging(self) -> Merging:
+        def mergeable(a: tuple[Step, str], b: tuple[Step, str]) -> bool:
+            merged = caching.Merged((a[1], b[1]), (a[0].batch_size, b[0].batch_size))
+            return self.merges_cached and a[0].mergeable(b[0]) and caching.in_lockstep(self.transformer, merged)
+
+        def merge(items: Sequence[tuple[Step, str]]) -> tuple[Step, str | caching.Merged]:
+            if len(items) == 1:
+                return items[0]
+            merged = caching.Merged(tuple(c for _, c in items), tuple(s.batch_size for s, _ in items))
+            return Step.concat([s for s, _ in items]), merged
+
+        return Merging(mergeable, merge, lambda item: item[0].batch_size)
 
     def warm_up(self, shapes: Sequence[tuple[int, int, int, int]]) -> None:
         """Run each (height, width, batch, text tokens) shape's step as a request would, before the model reports
