@@ -29,7 +29,7 @@ from flux_triton.serving.merging import (
     check_engine_requests,
     detached,
     finite_or_error,
-    group_mergeable,  # fmt: skip
+    group_mergeable,
     run_engine_batched,
     run_engine_requests,
 )
@@ -150,7 +150,8 @@ class EngineService:
             same = self.merges_cached and ENGINE_MERGING.mergeable(a[1], b[1])
             return same and caching.in_lockstep(self.engine.transformer, merged)
 
-        for group in group_mergeable(items, sys.maxsize, Merging(mergeable, list, lambda item: _rows(item[1]))):
+        grouping = Merging(mergeable, merge=list, batch_size=lambda item: _rows(item[1]))  # grouped here, run below
+        for group in group_mergeable(items, sys.maxsize, grouping):
             members = [items[i] for i in group]
             names = tuple(contexts[position] for position, _ in members)
             context = names[0] if len(members) == 1 else caching.Merged(names, tuple(_rows(t) for _, t in members))
