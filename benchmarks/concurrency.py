@@ -3,7 +3,7 @@ in one ``flux_generate`` request, against the client-driven loop (``FluxPipeline
 one pipeline per thread) on the same server in the same run. ``dit_transformer`` (full-size FLUX.1-dev, random bf16
 weights; cuDNN attention, regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation)
 merges the concurrent generations' steps in its dynamic batcher; ``flux_generate`` has one instance per concurrent
-generation.
+generation. With ``--cache mag`` every generation runs MagCache, whose steps of generations in lockstep still merge.
 
     python3 benchmarks/concurrency.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
         --sizes 1024,512 --concurrency 1,2,4,8 --out concurrency.json
@@ -29,6 +29,7 @@ from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL
 from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline import loop
+from flux_triton.pipeline.caching import CACHE_KINDS, NO_CACHE, build_cache
 
 
 def write_repository(repository: Path, args, instances: int) -> None:
@@ -37,18 +38,20 @@ def write_repository(repository: Path, args, instances: int) -> None:
     for name in (DIT_TRANSFORMER, GENERATE):
         shutil.copytree(Locations.here().repository / name, repository / name)
     transformer = repository / DIT_TRANSFORMER / "config.pbtxt"
-    for key, value in {"model_dir": args.model, **speedups.parameters()}.items():
+    for key, value in {"model_dir": args.model, "cache": args.cache, **speedups.parameters()}.items():
         set_parameter(transformer, key, str(value))
     config = repository / GENERATE / "config.pbtxt"
-    set_parameter(config, "model_dir", args.model)  # no text encoder or VAE model: embeddings in, latents out
+    for key, value in {"model_dir": args.model, "cache": args.cache}.items():  # no text encoder or VAE model
+        set_parameter(config, key, value)
     text = re.sub(r"instance_group \[[^\]]*\]", f"instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]",
                   config.read_text())  # fmt: skip
     config.write_text(text)
 
 
 def one_request(url: str, size: int, args, prompt: dict, seed: int) -> None:
+    settings = RemoteSettings(url=url, network_timeout_s=900)
     generate(**prompt, height=size, width=size, num_inference_steps=args.steps, seed=seed,
-             settings=RemoteSettings(url=url, network_timeout_s=900))  # fmt: skip
+             cache=build_cache({"kind": args.cache}), settings=settings)  # fmt: skip
 
 
 def client_driven(remote: RemoteFluxTransformer, size: int, args, prompt: dict, seed: int) -> None:
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--fp8-scales", default="")
     parser.add_argument("--fp8-fast-accum", action="store_true")
+    parser.add_argument("--cache", default=NO_CACHE, choices=[NO_CACHE, *CACHE_KINDS], help="every generation's")
     parser.add_argument("--model", default=RANDOM_MODEL)
     parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
     parser.add_argument("--out", type=Path, default=Path("concurrency.json"))
@@ -89,10 +93,12 @@ def main() -> None:
     repository = work / "repository"
     write_repository(repository, args, max(levels))
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": args.steps,
-               "fp8": args.fp8, "graphs": args.graphs, "rows": []}  # fmt: skip
+               "fp8": args.fp8, "graphs": args.graphs, "cache": args.cache, "rows": []}  # fmt: skip
     server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / "tritonserver.log",
                           cache=work / "triton", args=["--exit-timeout-secs=5"])  # fmt: skip
     with server.start(timeout_s=900), RemoteFluxTransformer(url=server.url, network_timeout_s=900) as remote:
+        if args.cache != NO_CACHE:
+            remote.enable_cache(build_cache({"kind": args.cache}))
         for size in [int(size) for size in args.sizes.split(",")]:
             modes = {"flux_generate": lambda i, s=size: one_request(server.url, s, args, prompt, i),
                      "client loop": lambda i, s=size: client_driven(remote, s, args, prompt, i)}  # fmt: skip
@@ -102,7 +108,7 @@ def main() -> None:
                     results["rows"].append(row)
                     args.out.write_text(json.dumps(results, indent=2))
                     print(f"{size}² x{level} {mode:<14} {row['images_per_s']:.3f} img/s", flush=True)
-    print(f"\n{results['gpu']}, {args.steps} steps, fp8={args.fp8}, graphs={args.graphs}")
+    print(f"\n{results['gpu']}, {args.steps} steps, fp8={args.fp8}, graphs={args.graphs}, cache={args.cache}")
     print(f"{'size':>5} {'at once':>7} {'flux_generate img/s':>20} {'client loop img/s':>18} {'vs one':>7}")
     for size in sorted({row["size"] for row in results["rows"]}, reverse=True):
         served = {r["concurrency"]: r["images_per_s"] for r in results["rows"] if r["size"] == size
