@@ -1,7 +1,8 @@
 """diffusers' cache hooks inside the served models (``dit_transformer``, and ``dit_engine`` on an AOTI engine): each
 generation session caches in its own cache context (``<sequence id>``), so generations never share state, and the
-state of a context is dropped when its sequence ends. This module is what the project adds around the hooks; the
-caches themselves are diffusers'.
+state of a context is dropped when its sequence ends. Steps of contexts in lockstep may share one forward
+(``Merged``): their states go side by side into one context and each gets its rows back. This module is what the
+project adds around the hooks; the caches themselves are diffusers'.
 """
 
 from __future__ import annotations
