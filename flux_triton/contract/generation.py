@@ -34,6 +34,7 @@ PROGRESS = "progress"  # INT32 [2]: steps done, steps (flux_generate_stream's re
 # pooled_prompt_embeds (FP32 [B, P]); flux_vae: latents (FP32 [B, N, C]), height and width (INT32 [1]) -> images.
 TEXT_ENCODER_MODEL, VAE_MODEL = "flux_text_encoder", "flux_vae"
 MAX_SEQUENCE_LENGTH = "max_sequence_length"
+ENCODED = ("prompt_embeds", "pooled_prompt_embeds")  # flux_text_encoder's outputs, T5's and CLIP's
 
 
 def utf8_strings(name: str, items: list[bytes]) -> list[str]:

@@ -75,11 +75,16 @@ def make_probe(client: httpclient.InferenceServerClient, model: str, headers: di
     return Probe(model, tensors, output, tuple(step.hidden_states.shape))
 
 
-def _generate_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None) -> Probe:
-    """One step of a 16x16 generation from a one-token zero prompt, sized by the transformer ``model`` uses."""
+def _steps_signature(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None):
+    """The signature of the transformer whose steps the generation model ``model`` runs."""
     settings = GenerateSettings.from_config(client.get_model_config(model, headers=headers), environment=False)
     target = client.get_model_config(settings.transformer_model, headers=headers)
-    signature = signature_from_config(target, guidance_embeds=False)
+    return signature_from_config(target, guidance_embeds=False)
+
+
+def _generate_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None) -> Probe:
+    """One step of a 16x16 generation from a one-token zero prompt, sized by the transformer ``model`` uses."""
+    signature = _steps_signature(client, model, headers)
     tensors = {
         "prompt_embeds": torch.zeros(1, 1, signature.text_dim),
         "pooled_prompt_embeds": torch.zeros(1, signature.pooled_dim),
@@ -94,11 +99,11 @@ def _components_probe(client: httpclient.InferenceServerClient, model: str, head
     """The text encoders: one one-letter prompt at one text token; the VAE: the latents of a 16x16 image. Sized by
     the transformer flux_generate uses (or dit_transformer, where flux_generate is not loaded)."""
     try:
-        config = client.get_model_config(GENERATE, headers=headers)
-        transformer = GenerateSettings.from_config(config, environment=False).transformer_model
-    except InferenceServerException:
-        transformer = DIT_TRANSFORMER
-    signature = signature_from_config(client.get_model_config(transformer, headers=headers), guidance_embeds=False)
+        signature = _steps_signature(client, GENERATE, headers)
+    except InferenceServerException:  # flux_generate is not loaded
+        signature = signature_from_config(
+            client.get_model_config(DIT_TRANSFORMER, headers=headers), guidance_embeds=False
+        )
     if model == pbtxt.TEXT_ENCODER:
         tensors = {"prompt": [b"a"], "max_sequence_length": torch.tensor([1], dtype=torch.int32)}
         return Probe(model, tensors, "prompt_embeds", (1, 1, signature.text_dim))

@@ -157,16 +157,13 @@ def result_response(model: str, result: torch.Tensor | Exception):
 
 
 def answer_each(requests, handle: Callable[[object], dict[str, torch.Tensor | list[bytes]]], model: str) -> list:
-    """One response per request: ``handle(request)``'s outputs, a 400 for an ``InputError``, else a 500 naming
-    ``model``."""
+    """One response per request: ``handle(request)``'s outputs, or its error as ``result_response`` answers it."""
     responses = []
     for request in requests:
         try:
             responses.append(response(handle(request)))
-        except InputError as exc:
-            responses.append(error_response(str(exc), invalid_arg=True))
         except Exception as exc:
-            responses.append(error_response(f"{model} failed: {type(exc).__name__}: {exc}"))
+            responses.append(result_response(model, exc))
     return responses
 
 

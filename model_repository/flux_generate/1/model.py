@@ -16,6 +16,7 @@ import torch
 
 from flux_triton.contract import DitSignature
 from flux_triton.contract.generation import (
+    ENCODED,
     GENERATE_INPUTS,
     IMAGES,
     LATENTS,
@@ -95,9 +96,8 @@ class TritonPythonModel:
         """The served encoders' embeddings, back in their dtype (FP32 on the wire holds bfloat16 exactly)."""
         inputs = {"prompt": [text.encode() for text in prompts],
                   MAX_SEQUENCE_LENGTH: torch.tensor([max_sequence_length], dtype=torch.int32)}  # fmt: skip
-        names = ["prompt_embeds", "pooled_prompt_embeds"]
-        answer = triton.bls_call(self.settings.text_encoder_model, inputs, names)
-        return tuple(answer[name].to(self.dtype) for name in names)
+        answer = triton.bls_call(self.settings.text_encoder_model, inputs, list(ENCODED))
+        return tuple(answer[name].to(self.dtype) for name in ENCODED)
 
     def _decode(self, latents, height: int, width: int):
         inputs = {LATENTS: latents.float().cpu(), "height": torch.tensor([height], dtype=torch.int32),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flux_triton.contract.generation import MAX_SEQUENCE_LENGTH, utf8_strings
+from flux_triton.contract.generation import ENCODED, MAX_SEQUENCE_LENGTH, utf8_strings
 from flux_triton.locations import Locations
 from flux_triton.serving import triton
 from flux_triton.serving.encode_decode import PromptEncoder, load_served
@@ -31,5 +31,5 @@ class TritonPythonModel:
     def _one(self, request) -> dict:
         prompts = utf8_strings("prompt", triton.request_strings(request, ["prompt"]).get("prompt", []))
         length = triton.request_tensors(request, [MAX_SEQUENCE_LENGTH]).get(MAX_SEQUENCE_LENGTH)
-        prompt_embeds, pooled = self.encode(prompts, 512 if length is None else int(length.reshape(-1)[0]))
-        return {"prompt_embeds": prompt_embeds.float().cpu(), "pooled_prompt_embeds": pooled.float().cpu()}
+        encoded = self.encode(prompts, 512 if length is None else int(length.reshape(-1)[0]))
+        return {name: tensor.float().cpu() for name, tensor in zip(ENCODED, encoded, strict=True)}
