@@ -58,7 +58,9 @@ def speedups_of(args, graphs: bool) -> Speedups:
 
 def write_repository(repository: Path, args, speedups: Speedups, with_engine: bool, compile_cache: Path) -> None:
     """One dit_transformer per cache label, named ``dit_<label>``, its compile caches in ``compile_cache``;
-    ``with_engine``, flux_dit over ``args.engine`` (serving MagCache's defaults; CUDA graphs as ``speedups``)."""
+    ``with_engine``, flux_dit over ``args.engine`` (CUDA graphs as ``speedups``), serving MagCache's defaults where
+    the caches measured include ``mag`` (its uncached steps then replay the hooked blocks' graphs, not whole-step
+    ones, as a cached dit_transformer's do)."""
     for label in args.caches:
         name = f"dit_{label.replace('-', '_')}"
         shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / name)
@@ -69,7 +71,7 @@ def write_repository(repository: Path, args, speedups: Speedups, with_engine: bo
         for key, value in {**parameters, **speedups.parameters()}.items():
             set_parameter(config, key, str(value))
     if args.engine and with_engine:
-        write_engine_repository(args.engine.resolve(), repository, cache="mag")
+        write_engine_repository(args.engine.resolve(), repository, cache="mag" if "mag" in args.caches else NO_CACHE)
         set_parameter(repository / ENGINE / "config.pbtxt", "cuda_graphs", str(speedups.cuda_graphs).lower())
 
 
@@ -153,7 +155,7 @@ def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engi
         ready_s = time.perf_counter() - started
         models_served = [(f"dit_{label.replace('-', '_')}", label) for label in args.caches]
         if args.engine and with_engine:
-            models_served += [(ENSEMBLE, NO_CACHE), (ENSEMBLE, "mag")]
+            models_served += [(ENSEMBLE, label) for label in (NO_CACHE, "mag") if label in args.caches]
         for name, label in models_served:
             with RemoteFluxTransformer(url=server.url, model_name=name, transport=args.transport,
                                        network_timeout_s=900) as remote:  # fmt: skip
