@@ -1,6 +1,6 @@
-"""A dit_transformer whose model directory is missing, corrupt, unsafe or outside the model root, or whose warm-up
-fails, does not load (never READY), and the server says why (repository index, launcher error); nothing outside the
-root is read and no pickle is ever unpickled."""
+"""A dit_transformer whose model directory is missing, corrupt, unsafe or outside the model root, whose warm-up
+fails, or whose step cache two instances would split, does not load (never READY), and the server says why
+(repository index, launcher error); nothing outside the root is read and no pickle is ever unpickled."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def broken(tmp_path_factory, model_root) -> dict:
         "absolute": str(outside / "tiny-flux-dev"),
         "symlink": "escape-link",
         "warmup": "tiny-flux-dev",  # a good model whose warm-up fails (past max_batch 16)
+        "cached_instances": "tiny-flux-dev",  # a good model whose step cache two instances would split
     }
-    parameters = {"warmup": {"warmup_shapes": "64x48x99x8"}}
+    parameters = {"warmup": {"warmup_shapes": "64x48x99x8"}, "cached_instances": {"cache": "mag"}}
     repository = tmp / "model_repository"
     for case, model_dir in cases.items():
         target = repository / f"dit_{case}"
@@ -67,6 +68,8 @@ def broken(tmp_path_factory, model_root) -> dict:
         config.write_text(text.replace('string_value: "tiny-flux-dev"', f'string_value: "{model_dir}"'))
         for key, value in parameters.get(case, {}).items():
             set_parameter(config, key, value)
+        if case == "cached_instances":
+            config.write_text(config.read_text() + "instance_group [{ kind: KIND_CPU, count: 2 }]\n")
     server = launch(repository, tmp, {MODEL_ROOT_ENV: str(root)}).start(wait_for="live")
     yield {"server": server, "marker": marker, "outside": outside}
     server.stop()
@@ -91,6 +94,7 @@ def reason(broken, case: str) -> str:
         ("absolute", "outside the model root"),
         ("symlink", "outside the model root"),
         ("warmup", "warm-up at 64x48, batch 99, 8 text tokens failed: InputError: hidden_states: B=99 exceeds"),
+        ("cached_instances", "cache mag and instance_group: a step cache keeps each generation's state in one"),
     ],
 )
 def test_server_reports_why_a_model_directory_does_not_load(broken, case, expected):

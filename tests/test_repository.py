@@ -3,6 +3,7 @@ against the IO contract, the tensorrt_plan config, and the committed default rep
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def test_generated_repository_passes_the_static_checks(ort_repository, ort_sidec
     assert {name: [warmup.batch_size, *sample.dims] for name, sample in warmup.inputs.items()} == opt
     assert all(sample.zero_data for sample in warmup.inputs.values())
     assert warmup.count == WARMUP_CALLS + 1  # a graphed runner captures the shape before READY
+    (preprocess,) = parse_pbtxt(ort_repository / PREPROCESS / "config.pbtxt").instance_group
+    assert (preprocess.kind, preprocess.count) == (model_config_pb2().ModelInstanceGroup.KIND_CPU, 1)
+
+
+def test_a_gpu_engine_serving_a_step_cache_is_one_instance(ort_sidecar):
+    """Triton starts a GPU group without ``gpus`` on every GPU; a cached engine's state must live in one instance."""
+    sidecar = dataclasses.replace(EngineSidecar.read(ort_sidecar), device={"type": "cuda", "gpu": "any"})
+    assert engine_config(sidecar, "e.json")["instance_group"] == [{"kind": "KIND_GPU", "count": 1}]
+    assert engine_config(sidecar, "e.json", cache="mag")["instance_group"] == [{"kind": "KIND_GPU", "count": 1,
+                                                                                  "gpus": [0]}]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,8 @@ from flux_triton.serving.settings import (
     TRITON_PARAMETERS,
     PreprocessSettings,
     TransformerSettings,
+    check_cache_instances,
+    instance_count,
 )
 
 
@@ -80,3 +82,14 @@ def test_the_speedups_are_parameters_of_their_own():
     settings = TransformerSettings.from_parameters({"attention_backend": "_native_cudnn", "compile": "regional"})
     assert settings.speedups == Speedups("_native_cudnn", compile="regional")
     assert settings.parameters()["compile"] == "regional" and "speedups" not in settings.parameters()
+
+
+def test_a_step_cache_is_served_from_one_instance():
+    gpus = {"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0, 1]}], "name": "dit_engine"}
+    cases = [({}, 1), (gpus, 2), ({"instance_group": [{"kind": "KIND_MODEL", "count": 1}]}, 1),
+             ({"instance_group": [{"kind": "KIND_CPU", "count": 3}]}, 3)]  # fmt: skip
+    assert [instance_count(config) for config, _ in cases] == [count for _, count in cases]
+    with pytest.raises(ValueError, match=r"cache mag and instance_group: .* dit_engine's instance_group starts 2"):
+        check_cache_instances(gpus, "mag")
+    check_cache_instances(gpus, "none")  # without a cache, any instances
+    check_cache_instances({"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0]}]}, "mag")

@@ -64,6 +64,8 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str, cache: str = "none") 
     if sidecar.device:  # an engine bound to a device type runs only there
         kind = "KIND_GPU" if sidecar.device["type"] == "cuda" else "KIND_CPU"
         config["instance_group"] = [{"kind": kind, "count": 1}]
+        if kind == "KIND_GPU" and cache != "none":  # a step cache's state lives in one instance (settings)
+            config["instance_group"][0]["gpus"] = [0]
     return config
 
 
@@ -101,6 +103,9 @@ def preprocess_config(sidecar: EngineSidecar, cache: str = "none") -> dict:
         "input": _public_inputs(signature),
         "output": [_tensor(s, signature, engine_tensor_name(s.name)) for s in engine_inputs(signature.guidance_embeds)],
         "parameters": _params(**PreprocessSettings.of_engine(signature, limits, cache).parameters()),
+        # one instance holds every generation session (Triton's default would start one per GPU), on the CPU: it
+        # runs no GPU work
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
     }
 
 

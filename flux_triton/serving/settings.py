@@ -251,6 +251,27 @@ class EnsembleSettings(ModelSettings):
     cache: str = "none"  # its engine's step cache (none: enable_cache is refused)
 
 
+def instance_count(config: Mapping) -> int:
+    """The instances Triton starts for a model config as Triton serves it, whose instance groups are normalized (a
+    ``KIND_GPU`` group lists its GPUs: ``count`` instances on each)."""
+    groups = config.get("instance_group") or [{"kind": "KIND_CPU", "count": 1}]
+    return sum(int(group.get("count", 1)) * (len(group.get("gpus", [])) if group.get("kind") == "KIND_GPU" else 1)
+               for group in groups)  # fmt: skip
+
+
+def check_cache_instances(config: Mapping, cache: str) -> None:
+    """Refuse a step cache served from more than one instance of the model (``ValueError`` naming both settings): a
+    generation's cache state lives in the instance that ran its steps, and Triton hands each step to any instance, so
+    a step reaching another one would silently run with another state."""
+    instances = instance_count(config)
+    if _check_cache(cache) is not None and instances > 1:
+        name = config.get("name", "this model")
+        raise ValueError(f"cache {cache} and instance_group: a step cache keeps each generation's state in one "
+                         f"instance, but {name}'s instance_group starts {instances}; serve the cache from one instance "
+                         f"(python -m flux_triton place {name} --gpus 0), or one server per GPU behind the replicas "
+                         f"client")  # fmt: skip
+
+
 def _check_cache(setting: str):
     """The cache a ``cache`` setting names (``None`` for none), or ``ValueError`` naming the setting."""
     from flux_triton.pipeline.caching import parse_cache_setting

@@ -16,7 +16,7 @@ from flux_triton.engines.kinds import check_step_cache, load_engine
 from flux_triton.locations import Locations
 from flux_triton.serving import triton
 from flux_triton.serving.engine_service import EngineService
-from flux_triton.serving.settings import EngineSettings
+from flux_triton.serving.settings import EngineSettings, check_cache_instances
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 
@@ -25,6 +25,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         settings = EngineSettings.from_config(config)
+        check_cache_instances(config, settings.cache)
         self.input_names = [entry["name"] for entry in config["input"]]
         locations = Locations.of_repository(REPOSITORY)
         sidecar_path = locations.engine(settings.engine)

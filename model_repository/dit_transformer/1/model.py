@@ -21,7 +21,7 @@ from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import triton
 from flux_triton.serving.service import DitService, pick_device, signature_for
 from flux_triton.serving.sessions import HELD
-from flux_triton.serving.settings import TransformerSettings
+from flux_triton.serving.settings import TransformerSettings, check_cache_instances
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository, also when run as a script
 
@@ -44,7 +44,9 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
-        settings = TransformerSettings.from_config(json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        settings = TransformerSettings.from_config(config)
+        check_cache_instances(config, settings.cache)
         if settings.parallel_settings.enabled and args["model_instance_kind"] == "GPU":
             raise ValueError(f"parallel {settings.parallel}: one instance drives {settings.parallel_degree} GPUs, "
                              f"so its instance_group must be KIND_MODEL (python -m flux_triton place)")  # fmt: skip
