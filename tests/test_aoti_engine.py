@@ -375,3 +375,28 @@ def test_the_fp8_engine_refuses_scales_it_was_not_built_with(aoti_fp8_engine, mo
     (folder / SCALES_FILE).unlink()
     with pytest.raises(ScalesError, match="which the engine was built with, is missing"):
         load_engine(sidecar, torch.device("cpu"), tmp_path)
+
+
+def test_a_cached_engine_refuses_a_step_whose_start_it_has_not_seen(aoti_engines, model_root):
+    """In process: an engine loaded again (or reached by a step whose START another instance ran) knows neither the
+    sequence's cache state nor whether it chose one; its step is refused ("unknown or expired": the client starts
+    the sequence again), not run uncached. A sequence that chose no cache goes on uncached."""
+    sidecar, engine = load_engine(aoti_engines["tiny-flux-dev"], torch.device("cpu"), model_root)
+    step = validate(inputs.random_step(DEV, height=256, width=256, seed=5).wire(), DEV).engine_tensors(DEV)
+    cache = json.dumps({"kind": "mag"})
+
+    def run(service: EngineService, sequence_id: int, flags: int, cached: bool = True):
+        parameters = {"session_key": "k", "cache": cache if flags & START and cached else ""}
+        return service.run([(step, SequenceStep.from_flags(sequence_id, flags, parameters))])[0]
+
+    first = EngineService(EngineSettings(engine="unused", cache="mag"), sidecar, engine)
+    answers = [run(first, 1, START), run(first, 2, START, cached=False), run(first, 2, 0)]  # 2: uncached, as chosen
+    assert all(isinstance(answer, torch.Tensor) for answer in answers)
+    run(first, 1, END), run(first, 2, END)
+    _, reloaded = load_engine(aoti_engines["tiny-flux-dev"], torch.device("cpu"), model_root)
+    again = EngineService(EngineSettings(engine="unused", cache="mag"), sidecar, reloaded)  # the model loaded again
+    for service, sequence_id in ((first, 1), (first, 2), (again, 3)):
+        refused = run(service, sequence_id, 0)
+        assert isinstance(refused, InputError), sequence_id
+        assert "its step cache state is unknown or expired (this instance has not seen its START" in str(refused)
+    assert isinstance(run(again, 3, START), torch.Tensor) and isinstance(run(again, 3, 0), torch.Tensor)

@@ -40,43 +40,53 @@ Request = tuple[Mapping[str, torch.Tensor], SequenceStep]
 
 
 class CachedSequences:
-    """The sequences that run with the step cache, least recently used first: at most ``max_sessions``, each
-    reclaimed once idle for ``idle_timeout_s`` (``dit_preprocess``'s own bounds; it keeps the sessions). A later
-    step of a reclaimed sequence is refused, not run uncached."""
+    """The sequences this instance saw START, least recently used first: those that run with the step cache (at
+    most ``max_sessions``, each reclaimed once idle for ``idle_timeout_s``: ``dit_preprocess``'s own bounds; it keeps
+    the sessions) and those that chose none (as many, forgotten the same way). A later step of a sequence this
+    instance does not know (reclaimed, or started before the instance was loaded again) is refused, never run
+    without the cache state it chose."""
 
     def __init__(self, transformer, settings: SessionSettings):
         self.transformer, self.settings = transformer, settings
         self._used: OrderedDict[int | str, float] = OrderedDict()
+        self._uncached: OrderedDict[int | str, float] = OrderedDict()
         self._reclaimed: OrderedDict[int | str, None] = OrderedDict()  # bounded: the ids a refusal names
 
     def context(self, sequence: SequenceStep, cached: bool) -> str | None:
         """The cache context of a step of ``sequence`` (``cached``: its START chose the cache); ``None``: none."""
-        sequence_id = sequence.sequence_id
+        sequence_id, now = sequence.sequence_id, time.monotonic()
         if sequence.start:
             self.drop(sequence_id)  # a START starts clean
             self._reclaimed.pop(sequence_id, None)
             if not cached:
+                for forgotten in _touch(self._uncached, sequence_id, now, self.settings.max_sessions):
+                    del self._uncached[forgotten]
                 return None
-        elif sequence_id in self._reclaimed:
-            # "unknown or expired", as a lost session: a client then starts the sequence again from this step
-            limit = self.settings.max_sessions
-            raise InputError(f"sequence {sequence_id}: its step cache state is unknown or expired (reclaimed: "
-                             f"idle, or past {limit} cached sequences); START it again")  # fmt: skip
-        elif sequence_id not in self._used:
+        elif sequence_id in self._uncached:
+            _touch(self._uncached, sequence_id, now, self.settings.max_sessions)
             return None
-        self._used[sequence_id] = time.monotonic()
-        self._used.move_to_end(sequence_id)
-        while len(self._used) > self.settings.max_sessions:
-            self._reclaim(next(iter(self._used)))
+        elif sequence_id not in self._used:
+            # "unknown or expired", as a lost session: a client then starts the sequence again from this step
+            if sequence_id in self._reclaimed:
+                why = f"reclaimed: idle, or past {self.settings.max_sessions} cached sequences"
+            else:
+                why = "this instance has not seen its START: the model was loaded again since, or it went elsewhere"
+            raise InputError(f"sequence {sequence_id}: its step cache state is unknown or expired ({why}); START it "
+                             f"again")  # fmt: skip
+        for reclaimed in _touch(self._used, sequence_id, now, self.settings.max_sessions):
+            self._reclaim(reclaimed)
         return str(sequence_id)
 
     def drop(self, sequence_id: int | str) -> None:
-        """Forget a sequence's cache state (its END, a failed step, a new START)."""
+        """Forget a sequence (its END, a failed step, a new START) and its cache state."""
+        self._uncached.pop(sequence_id, None)
         if self._used.pop(sequence_id, None) is not None:
             caching.forget(self.transformer, str(sequence_id))
 
     def expire(self) -> None:
         now = time.monotonic()
+        for sequence_id in [key for key, used in self._uncached.items() if now - used > self.settings.idle_timeout_s]:
+            del self._uncached[sequence_id]
         for sequence_id in [key for key, used in self._used.items() if now - used > self.settings.idle_timeout_s]:
             self._reclaim(sequence_id)
 
@@ -85,6 +95,14 @@ class CachedSequences:
         self._reclaimed[sequence_id] = None
         while len(self._reclaimed) > 4 * self.settings.max_sessions:
             self._reclaimed.popitem(last=False)
+
+
+def _touch(used: OrderedDict, sequence_id: int | str, now: float, limit: int) -> list[int | str]:
+    """Mark ``sequence_id`` used now, most recently; the least recently used ids past ``limit``, for the caller to
+    forget."""
+    used[sequence_id] = now
+    used.move_to_end(sequence_id)
+    return list(used)[: len(used) - limit] if len(used) > limit else []
 
 
 class EngineService:
@@ -122,15 +140,14 @@ class EngineService:
             else:
                 contexts[position] = context
         self._run_cached(requests, contexts, results)
-        for position in contexts:
-            sequence = requests[position][1]
-            if sequence.end or isinstance(results[position], Exception):
-                self.cached.drop(sequence.sequence_id)
         if merged:
             with caching.cache_context(self.engine.transformer, None):
                 answers = run_engine_requests(self.engine, [requests[i][0] for i in merged], signature, limits)
             for position, answer in zip(merged, answers, strict=True):
                 results[position] = answer
+        for (_, sequence), result in zip(requests, results, strict=True):
+            if sequence.sequence_id and (sequence.end or isinstance(result, Exception)):
+                self.cached.drop(sequence.sequence_id)
         return results
 
     def _run_cached(self, requests: Sequence[Request], contexts: dict[int, str], results: list) -> None:
