@@ -8,7 +8,8 @@ Baselines in the same run: diffusers' eager pipeline in process (``--eager``) an
 
 Per config: wall time per image (median, min, max of the timed generations), the first generation after READY,
 the steps that ran a full forward (served step latency above half the median uncached step), the final latents'
-rel. L2 against the uncached served run, and whether the graphed run equals the ungraphed one bitwise. With
+rel. L2 against the uncached served run, the server's time per request by model and phase (Triton's statistics; the
+generations' END requests included), and whether the graphed run equals the ungraphed one bitwise. With
 ``--restart`` the last server is started once more over the same compile cache (``compile_cache_dir``, a folder the
 first start filled): its READY time and first generation beside the cold start's.
 
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+import tritonclient.http as httpclient
+from served_step import server_phases
 from workload import prepare
 
 from flux_triton.client.remote import RemoteFluxTransformer
@@ -157,11 +160,20 @@ def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engi
         if args.engine and with_engine:
             models_served += [(ENSEMBLE, label) for label in (NO_CACHE, "mag") if label in args.caches]
         for name, label in models_served:
-            with RemoteFluxTransformer(url=server.url, model_name=name, transport=args.transport,
-                                       network_timeout_s=900) as remote:  # fmt: skip
+            with (
+                RemoteFluxTransformer(url=server.url, model_name=name, transport=args.transport,
+                                      network_timeout_s=900) as remote,
+                httpclient.InferenceServerClient(server.url) as statistics_client,
+            ):  # fmt: skip
                 if build_cache(CACHES[label]) is not None:
                     remote.enable_cache(build_cache(CACHES[label]))
+                before = statistics_client.get_inference_statistics()
                 row = timed(remote, prompt, args, remote.latencies_s)
+                # where a served step's time goes in the server, per model (flux_dit: each composing model)
+                row["server_ms_per_request"] = server_phases(before, statistics_client.get_inference_statistics())
+            print(f"{name} {label}: server ms per request " + "; ".join(
+                f"{model} " + ", ".join(f"{phase} {ms:.2f}" for phase, ms in phases.items())
+                for model, phases in row["server_ms_per_request"].items()), flush=True)  # fmt: skip
             model = "" if name.startswith("dit_") else f"{name} "
             config = f"served {model}{label}{' graphs' if graphs else ''}{' restart' if restart else ''}"
             rows.append({"config": config, "cache": label, "model": name, "graphs": graphs, "restart": restart,

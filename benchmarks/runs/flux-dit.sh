@@ -21,4 +21,4 @@ if [ ! -f "$sidecar" ]; then
 fi
 python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs on \
   --caches "${CACHES:-none,mag}" --engine "$sidecar" ${IN_PROCESS---in-process} --transport shm \
-  --out "$OUT/flux-dit-fp8.json" 2>&1 | tee "$OUT/flux-dit.log" | grep -v "it/s]" | tail -12
+  --out "$OUT/flux-dit-fp8.json" 2>&1 | tee "$OUT/flux-dit.log" | grep -v "it/s]" | tail -16
