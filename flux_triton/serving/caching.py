@@ -19,6 +19,7 @@ import torch
 from flux_triton.contract import InputError
 from flux_triton.pipeline.caching import build_cache, describe_cache
 from flux_triton.pipeline.internals import context_states, hook_state_managers
+from flux_triton.serving.merging import Merging
 
 _fresh = itertools.count()
 
@@ -85,6 +86,25 @@ def in_lockstep(transformer: torch.nn.Module, merged: Merged) -> bool:
                 if tensors is not None and any(tensor.shape[0] != rows for tensor in tensors):
                     return False
     return True
+
+
+def lockstep_merging(transformer: torch.nn.Module, steps: Merging, enabled: bool) -> Merging:
+    """How steps that run in cache contexts share a forward, as ``(step, context)`` items: where ``enabled`` (the
+    cache kind merges), steps that ``steps`` would merge and whose contexts are in lockstep, in one ``Merged``
+    context; else each alone in its own."""
+
+    def mergeable(a: tuple, b: tuple) -> bool:
+        if not (enabled and steps.mergeable(a[0], b[0])):
+            return False
+        return in_lockstep(transformer, Merged((a[1], b[1]), (steps.batch_size(a[0]), steps.batch_size(b[0]))))
+
+    def merge(items: list[tuple]) -> tuple:
+        if len(items) == 1:
+            return items[0]
+        merged = Merged(tuple(context for _, context in items), tuple(steps.batch_size(step) for step, _ in items))
+        return steps.merge([step for step, _ in items]), merged
+
+    return Merging(mergeable, merge, lambda item: steps.batch_size(item[0]))
 
 
 def _tensors(value) -> list[torch.Tensor] | None:

@@ -25,13 +25,11 @@ from flux_triton.pipeline.caching import cache_merges, parse_cache_setting
 from flux_triton.serving import caching
 from flux_triton.serving.merging import (
     ENGINE_MERGING,
-    Merging,
     check_engine_requests,
     detached,
     finite_or_error,
-    group_mergeable,
-    run_engine_batched,
     run_engine_requests,
+    run_merged,
 )
 from flux_triton.serving.sessions import closes_only
 from flux_triton.serving.settings import EngineSettings
@@ -153,32 +151,24 @@ class EngineService:
     def _run_cached(self, requests: Sequence[Request], contexts: dict[int, str], results: list) -> None:
         """The cached requests (``contexts``: position -> cache context) into ``results``: each valid one in its
         context, merged with others whose shapes and ids agree and whose contexts are in lockstep where the cache
-        kind allows it (``caching.in_lockstep``), else alone."""
+        kind allows it (``caching.lockstep_merging``), else alone."""
         positions = list(contexts)
         checked, valid = check_engine_requests(
             [requests[p][0] for p in positions], self.sidecar.dit_signature, self.sidecar.limits
         )
         for index, answer in enumerate(checked):
             results[positions[index]] = answer
-        items = [(positions[i], requests[positions[i]][0]) for i in valid]
+        runs = [positions[i] for i in valid]
+        in_lockstep = caching.lockstep_merging(self.engine.transformer, ENGINE_MERGING, self.merges_cached)
+        answers = run_merged(self._forward, [(requests[p][0], contexts[p]) for p in runs], sys.maxsize, in_lockstep)
+        for position, answer in zip(runs, answers, strict=True):
+            results[position] = finite_or_error(answer, requests[position][0], ENGINE)
 
-        def mergeable(a: tuple[int, Mapping], b: tuple[int, Mapping]) -> bool:
-            merged = caching.Merged((contexts[a[0]], contexts[b[0]]), (_rows(a[1]), _rows(b[1])))
-            same = self.merges_cached and ENGINE_MERGING.mergeable(a[1], b[1])
-            return same and caching.in_lockstep(self.engine.transformer, merged)
-
-        grouping = Merging(mergeable, merge=list, batch_size=lambda item: _rows(item[1]))  # grouped here, run below
-        for group in group_mergeable(items, sys.maxsize, grouping):
-            members = [items[i] for i in group]
-            names = tuple(contexts[position] for position, _ in members)
-            context = names[0] if len(members) == 1 else caching.Merged(names, tuple(_rows(t) for _, t in members))
-            try:
-                with caching.cache_context(self.engine.transformer, context):
-                    answers = run_engine_batched(self.engine, [tensors for _, tensors in members])
-            except Exception as exc:  # the states could not be given back: these sequences' steps fail
-                answers = [detached(exc)] * len(members)
-            for (position, tensors), answer in zip(members, answers, strict=True):
-                results[position] = finite_or_error(answer, tensors, ENGINE)
+    def _forward(self, item: tuple[Mapping[str, torch.Tensor], str | caching.Merged]) -> torch.Tensor:
+        """One forward of (merged) engine tensors in their cache context."""
+        tensors, context = item
+        with caching.cache_context(self.engine.transformer, context):
+            return self.engine(tensors)
 
     def _context(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep) -> str | None:
         """The cache context of a request (``None``: uncached); an END-only request drops its sequence's."""
@@ -188,7 +178,3 @@ class EngineService:
             self.cached.drop(sequence.sequence_id)
             return None
         return self.cached.context(sequence, sequence.start and caching.chosen(sequence.cache, self.cache))
-
-
-def _rows(tensors: Mapping[str, torch.Tensor]) -> int:
-    return tensors["hidden_states"].shape[0]

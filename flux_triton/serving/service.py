@@ -21,7 +21,7 @@ from flux_triton.pipeline.caching import cache_merges, parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import caching, faults
-from flux_triton.serving.merging import Merging, detached, finite_or_error, run_merged
+from flux_triton.serving.merging import STEP_MERGING, detached, finite_or_error, run_merged
 from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
 from flux_triton.serving.sessions import Sessions, closes_only
 from flux_triton.serving.settings import TransformerSettings
@@ -189,24 +189,11 @@ class DitService:
         for i, result in zip(uncached, run_merged(self.forward, [steps[i] for i in uncached], max_batch), strict=True):
             results[i] = result
         items = [(steps[i], contexts[i]) for i in cached]
-        for i, result in zip(cached, run_merged(lambda item: self.forward(*item), items, max_batch,
-                                                self._cached_merging), strict=True):  # fmt: skip
+        in_lockstep = caching.lockstep_merging(self.transformer, STEP_MERGING, self.merges_cached)
+        for i, result in zip(cached, run_merged(lambda item: self.forward(*item), items, max_batch, in_lockstep),
+                             strict=True):  # fmt: skip
             results[i] = result
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
-
-    @property
-    def _cached_merging(self) -> Merging:
-        def mergeable(a: tuple[Step, str], b: tuple[Step, str]) -> bool:
-            merged = caching.Merged((a[1], b[1]), (a[0].batch_size, b[0].batch_size))
-            return self.merges_cached and a[0].mergeable(b[0]) and caching.in_lockstep(self.transformer, merged)
-
-        def merge(items: Sequence[tuple[Step, str]]) -> tuple[Step, str | caching.Merged]:
-            if len(items) == 1:
-                return items[0]
-            merged = caching.Merged(tuple(c for _, c in items), tuple(s.batch_size for s, _ in items))
-            return Step.concat([s for s, _ in items]), merged
-
-        return Merging(mergeable, merge, lambda item: item[0].batch_size)
 
     def warm_up(self, shapes: Sequence[tuple[int, int, int, int]]) -> None:
         """Run each (height, width, batch, text tokens) shape's step as a request would, before the model reports
