@@ -167,8 +167,11 @@ def aoti_engines(tmp_path_factory, model_root) -> dict[str, Path]:
     engines_dir = tmp_path_factory.mktemp("aoti-engines")
     command = [sys.executable, "-m", "flux_triton", "engine", "--kind", "aoti", "--model", "tiny-flux-schnell",
                "--engines-dir", str(engines_dir), "--no-repo"]  # fmt: skip
-    other = subprocess.Popen(command, cwd=CHECKOUT, env={**os.environ, MODEL_ROOT_ENV: str(model_root)},
-                             stdout=subprocess.DEVNULL)  # fmt: skip
+    # its own Inductor cache: the two builds compile blocks of the same shapes, and sharing one cache folder let one
+    # read the other's half-written package files (an empty JSON inside double.pt2)
+    cache = tmp_path_factory.mktemp("inductor")
+    environment = {**os.environ, MODEL_ROOT_ENV: str(model_root), "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    other = subprocess.Popen(command, cwd=CHECKOUT, env=environment, stdout=subprocess.DEVNULL)
     built = {"tiny-flux-dev": build_engine("aoti", "tiny-flux-dev", engines_dir=engines_dir, model_root=model_root)}
     assert other.wait(timeout=600) == 0
     precision = kind_named("aoti").precision(None).name
