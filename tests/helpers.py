@@ -26,10 +26,9 @@ from flux_triton.deploy.check import check_repository
 from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.placement import place
 from flux_triton.deploy.repository import write_repository
-from flux_triton.deploy.server import TritonServer
+from flux_triton.deploy.server import TritonServer, free_port
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model.parallel import ParallelSettings
-from flux_triton.serving.ranks import free_port
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 REPOSITORY = CHECKOUT / "model_repository"

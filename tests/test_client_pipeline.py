@@ -188,6 +188,14 @@ def test_a_server_that_never_answers_times_out(tmp_path):
         assert time.monotonic() - start < 10
 
 
+def test_the_metrics_port_is_named_not_parsed(dev_server):
+    """Triton's metrics service answers 200, empty, to every path, health checks included: a client pointed at it
+    says so instead of failing to parse the model config."""
+    metrics = dev_server.endpoints[2]
+    with pytest.raises(RemoteDitError, match=f"^{metrics} answers, but not as a Triton HTTP endpoint.*metrics port"):
+        RemoteFluxTransformer(url=metrics)
+
+
 @pytest.mark.parametrize("transport", ["http", "shm"])
 def test_one_remote_transformer_serves_pipelines_in_pool_threads(dev_server, tiny_dev, transport):
     """A web server's pattern: the remote transformer and one pipeline per request made in the main thread, the

@@ -1,21 +1,25 @@
 """The project's launchers bind tritonserver to loopback unless told otherwise (checked on the
-sockets the real server listens on)."""
+sockets the real server listens on), and never take another process's port for the server's own."""
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import ipaddress
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from flux_triton.contract.protocol import ADMIN_KEY_ENV
+from flux_triton.deploy import server as launcher
 from flux_triton.deploy.server import TritonServer, free_port
 
 pytestmark = pytest.mark.server
@@ -141,3 +145,45 @@ def test_other_addresses_only_when_asked(tmp_path):
     server = TritonServer(tmp_path, address="0.0.0.0", http_port=1, grpc_port=2, metrics_port=3)
     assert {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(server.command())
     assert server.url == "127.0.0.1:1"  # the tests and tools still talk to it over loopback
+
+
+class _EmptyAnswers(http.server.BaseHTTPRequestHandler):
+    """Answers every GET 200 with no body, as Triton's metrics service does."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def taken_port():
+    """A loopback port held by another HTTP service that answers every health check 200."""
+    holder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EmptyAnswers)
+    threading.Thread(target=holder.serve_forever, daemon=True).start()
+    yield holder.server_address[1]
+    holder.shutdown()
+    holder.server_close()
+
+
+def test_a_server_whose_port_another_process_holds_is_not_ready(tmp_path, taken_port):
+    """The other service answers the health checks while this server fails to bind and exits: that is not READY."""
+    server = TritonServer(tmp_path, http_port=taken_port, log_path=tmp_path / "log", cache=tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="tritonserver exited with code 1"):
+        server.start(timeout_s=60)
+    assert "already in use" in (tmp_path / "log").read_text()
+
+
+def test_ports_the_launcher_chose_are_chosen_again_when_one_was_taken(tmp_path, taken_port, monkeypatch):
+    """Another process took a port between the launcher's choice and the server's bind (two servers started at
+    once, or a client's connection): the launcher starts the server again on new ports."""
+    offered = iter([taken_port])
+    monkeypatch.setattr(launcher, "free_port", lambda address: next(offered, None) or free_port(address))
+    server = TritonServer(tmp_path, log_path=tmp_path / "log", cache=tmp_path / "cache")
+    with server:
+        assert taken_port not in (server.http_port, server.grpc_port, server.metrics_port)
+        status, body = launcher.http_call(server.url, "GET", "/v2")
+        assert status == 200 and json.loads(body)["name"] == server.server_id

@@ -126,7 +126,13 @@ def served_signature(config: Mapping, guidance_embeds: bool) -> DitSignature:
 
 def describe(client: httpclient.InferenceServerClient, settings: RemoteSettings) -> DitSignature:
     """The served model's signature, honouring ``settings.wire_dtype`` and ``settings.guidance_embeds``."""
-    config = client.get_model_config(settings.model_name, settings.model_version)
+    try:
+        config = client.get_model_config(settings.model_name, settings.model_version)
+    except ValueError as exc:  # no JSON: Triton's metrics service answers 200, empty, to every path
+        raise RemoteDitError(
+            f"{settings.url} answers, but not as a Triton HTTP endpoint (its model config is no JSON: {exc}); "
+            "is it the server's metrics port?"
+        ) from exc
     guidance = settings.guidance_embeds
     if guidance is None:
         guidance = takes_guidance(client, settings, config)

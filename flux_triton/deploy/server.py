@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from flux_triton.deploy.sockets import http_call
 LOOPBACK = "127.0.0.1"
 TRITON_HOME_ENV = "TRITONSERVER_HOME"
 PR_SET_PDEATHSIG = 1
+PORTS = ("http_port", "grpc_port", "metrics_port")
+PORT_ATTEMPTS = 3
 
 
 def triton_home() -> Path:
@@ -105,10 +108,18 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this process: servers started at once never share one
+
+
 def free_port(address: str = LOOPBACK) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
+    """A port free now that this process has not been given before."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((address, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 BACKEND_REGIONS = "triton_python_backend_shm_region_"  # the Python backend's IPC regions in /dev/shm
@@ -172,6 +183,7 @@ class TritonServer:
     cache: Path = Path(".triton")
     model_control: bool = False  # explicit model control: every model loaded at start, reloads by its API
     socket_dir: Path | None = None
+    server_id: str = field(default_factory=lambda: f"flux-triton-{secrets.token_hex(4)}")  # ``--id``: its metadata
     process: subprocess.Popen | None = None
 
     @property
@@ -206,6 +218,7 @@ class TritonServer:
             str(triton_home() / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_directory(self.cache)}",
+            f"--id={self.server_id}",
             *self._bind_args(),
             "--exit-on-error=false",
             *control,
@@ -230,16 +243,26 @@ class TritonServer:
 
     def start(self, timeout_s: float = 180.0, wait_for: str = "ready") -> TritonServer:
         """Start the server and wait until it is ``ready`` (every model loaded) or only ``live``
-        (up and answering, e.g. to ask ``model_states`` why a model did not load)."""
+        (up and answering, e.g. to ask ``model_states`` why a model did not load). Ports it chose itself are
+        chosen again when another process took one before the server bound it."""
         if wait_for not in ("ready", "live"):
             raise ValueError(f"wait_for: expected 'ready' or 'live', got {wait_for!r}")
+        chosen = [] if self.socket_dir is not None else [name for name in PORTS if not getattr(self, name)]
+        for attempt in range(PORT_ATTEMPTS):
+            for name in chosen:
+                setattr(self, name, free_port(LOOPBACK))
+            try:
+                self._launch(timeout_s, wait_for)
+                return self
+            except RuntimeError:
+                if not (chosen and attempt + 1 < PORT_ATTEMPTS and self._lost_a_port()):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _launch(self, timeout_s: float, wait_for: str) -> None:
         if self.socket_dir is not None:
             for path in self._socket_paths():  # a stale socket of an exited server would refuse the bind
                 path.unlink(missing_ok=True)
-        else:
-            for name in ("http_port", "grpc_port", "metrics_port"):
-                if not getattr(self, name):
-                    setattr(self, name, free_port(LOOPBACK))
         log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
@@ -254,7 +277,10 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def _lost_a_port(self) -> bool:
+        """Whether the server exited because a port it was given was taken meanwhile (its log says so)."""
+        return self.log_path is not None and "already in use" in self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float, wait_for: str = "ready") -> None:
         """Wait for the health state; a model that failed to load ends the wait at once, with its reason."""
@@ -262,7 +288,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; log: {self.log_path}")
-            if self._health(wait_for):
+            if self._health(wait_for) and self._answers_as_itself():
                 return
             if wait_for == "ready" and (failed := self.load_failures()):
                 raise ModelLoadError(f"tritonserver is not ready: {failed}; log: {self.log_path}")
@@ -276,6 +302,15 @@ class TritonServer:
         try:
             return http_call(self.url, "GET", f"/v2/health/{state}", timeout_s=2)[0] == 200
         except OSError:
+            return False
+
+    def _answers_as_itself(self) -> bool:
+        """Whether its HTTP endpoint is this server's own: where another process holds the port, this server exits
+        soon, and meanwhile the other answers (a Triton metrics service answers 200, empty, to every path)."""
+        try:
+            status, body = http_call(self.url, "GET", "/v2", timeout_s=2)
+            return status == 200 and json.loads(body).get("name") == self.server_id
+        except (OSError, ValueError):
             return False
 
     def model_states(self) -> dict[str, tuple[str, str]]:
