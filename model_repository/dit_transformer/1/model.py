@@ -70,7 +70,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         names = [spec.name for spec in INPUTS]
-        calls = [(triton.request_tensors(r, names), triton.sequence_step(r)) for r in requests]
+        align = self.service.device.type == "cpu"  # a GPU model's inputs are aligned by their copy to it
+        calls = [(triton.request_tensors(r, names, align), triton.sequence_step(r)) for r in requests]
         return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
 
     def finalize(self):
