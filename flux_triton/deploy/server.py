@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,17 +110,19 @@ def die_with_parent() -> None:
 
 
 _HANDED_OUT: set[int] = set()  # ports free_port gave this process: servers started at once never share one
+_HANDING_OUT = threading.Lock()
 
 
 def free_port(address: str = LOOPBACK) -> int:
-    """A port free now that this process has not been given before."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind((address, 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+    """A port free now that this process has not been given before (from any thread)."""
+    with _HANDING_OUT:
+        while True:
+            with socket.socket() as sock:
+                sock.bind((address, 0))
+                port = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 BACKEND_REGIONS = "triton_python_backend_shm_region_"  # the Python backend's IPC regions in /dev/shm
