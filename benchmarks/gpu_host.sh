@@ -4,7 +4,8 @@
 #   benchmarks/gpu_host.sh pack              # here (with network): writes .gpu/ — the project's wheel, the
 #                                            # wheels it needs beyond PyTorch, the tritonserver tree
 #   source benchmarks/gpu_host.sh install    # there, from the checkout: installs .gpu/ into that Python,
-#                                            # exports TRITONSERVER_HOME
+#                                            # exports TRITONSERVER_HOME (and with PROFILE=1 the
+#                                            # FLUX_TRITON_PROFILE_* of the servers it starts)
 #
 # Then run the scripts of benchmarks/ and `python3 -m pytest -m gpu` with that Python (benchmarks/README.md).
 # Wheels are installed without their dependencies: the host's PyTorch, numpy, onnx and the rest stay.
@@ -36,6 +37,10 @@ install() {
   python3 -m pip install -q --no-index --no-deps --no-compile .gpu/wheels/*.whl || return 1
   mkdir -p /tmp/tritonserver-home && tar -C /tmp/tritonserver-home -xJf .gpu/tritonserver.tar.xz || return 1
   export TRITONSERVER_HOME=/tmp/tritonserver-home/tritonserver PYTHONUNBUFFERED=1
+  if [ -n "${PROFILE:-}" ]; then # the servers' step models profile in place (flux_triton/serving/profiling.py)
+    rm -rf /tmp/profile
+    export FLUX_TRITON_PROFILE_DIR=/tmp/profile FLUX_TRITON_PROFILE_TRACES=${PROFILE_TRACES:-2}
+  fi
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'
 }

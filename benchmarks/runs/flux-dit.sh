@@ -4,6 +4,7 @@
 # shared memory, and the same speed-ups in process. JSON and logs under $OUT. The model and the engine are kept
 # (/tmp/models, the checkout's engines/), so a second call on a warm host skips both. IN_PROCESS= skips the
 # in-process baseline; CACHES=none serves flux_dit without a step cache (whole-step graphs).
+# PROFILE=1: the step models profile each execute in place (PROFILE_TRACES traced, default 2), in $OUT/profile.tgz.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -22,3 +23,4 @@ fi
 python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs on \
   --caches "${CACHES:-none,mag}" --engine "$sidecar" ${IN_PROCESS---in-process} --transport shm \
   --out "$OUT/flux-dit-fp8.json" 2>&1 | tee "$OUT/flux-dit.log" | grep -v "it/s]" | tail -16
+[ -z "${PROFILE:-}" ] || tar -C /tmp -czf "$OUT/profile.tgz" profile

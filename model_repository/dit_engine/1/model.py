@@ -16,6 +16,7 @@ from flux_triton.engines.kinds import check_step_cache, load_engine
 from flux_triton.locations import Locations
 from flux_triton.serving import triton
 from flux_triton.serving.engine_service import EngineService
+from flux_triton.serving.profiling import ExecuteProfiler
 from flux_triton.serving.settings import EngineSettings, check_cache_instances
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
@@ -34,10 +35,13 @@ class TritonPythonModel:
         check_step_cache(sidecar.kind, settings.cache)
         self.service = EngineService(settings, sidecar, engine)
         self.align = device.type == "cpu"  # request_tensors: a GPU engine's inputs are aligned by their copy to it
+        self.profiler = ExecuteProfiler("dit_engine", device)
         cache = f", cache {settings.cache}" if self.service.cache is not None else ""
         triton.log_info(f"dit_engine: {sidecar.kind} {sidecar.precision} {sidecar_path} on {device}{cache}")
 
     def execute(self, requests):
-        batch = [(triton.request_tensors(r, self.input_names, self.align), triton.sequence_step(r)) for r in requests]
-        kind = self.service.sidecar.kind
-        return [triton.result_response(f"dit_engine ({kind})", result) for result in self.service.run(batch)]
+        with self.profiler.execute(len(requests)):
+            batch = [(triton.request_tensors(r, self.input_names, self.align), triton.sequence_step(r))
+                     for r in requests]  # fmt: skip
+            kind = self.service.sidecar.kind
+            return [triton.result_response(f"dit_engine ({kind})", result) for result in self.service.run(batch)]

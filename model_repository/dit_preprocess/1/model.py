@@ -16,6 +16,7 @@ from flux_triton.contract import INPUTS, InputError
 from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.serving import triton
 from flux_triton.serving.preprocess import Preprocessor
+from flux_triton.serving.profiling import ExecuteProfiler
 from flux_triton.serving.settings import PreprocessSettings
 
 
@@ -23,16 +24,17 @@ class TritonPythonModel:
     def initialize(self, args):
         self.preprocessor = Preprocessor(PreprocessSettings.from_config(json.loads(args["model_config"])))
         torch.set_num_threads(1)  # one request's single-pass checks
+        self.profiler = ExecuteProfiler("dit_preprocess", torch.device("cpu"))
 
     def execute(self, requests):
-        responses = []
-        self.preprocessor.sessions.expire()
-        for request in requests:
-            tensors = triton.request_tensors(request, [spec.name for spec in INPUTS])
-            try:
-                outputs = self.preprocessor.run(tensors, triton.sequence_step(request))
-            except InputError as exc:
-                responses.append(triton.error_response(str(exc), invalid_arg=True))
-                continue
-            responses.append(triton.response({engine_tensor_name(name): t for name, t in outputs.items()}))
-        return responses
+        with self.profiler.execute(len(requests)):
+            self.preprocessor.sessions.expire()
+            return [self._answer(request) for request in requests]
+
+    def _answer(self, request):
+        tensors = triton.request_tensors(request, [spec.name for spec in INPUTS])
+        try:
+            outputs = self.preprocessor.run(tensors, triton.sequence_step(request))
+        except InputError as exc:
+            return triton.error_response(str(exc), invalid_arg=True)
+        return triton.response({engine_tensor_name(name): t for name, t in outputs.items()})

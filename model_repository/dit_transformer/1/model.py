@@ -19,6 +19,7 @@ from flux_triton.locations import Locations
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import triton
+from flux_triton.serving.profiling import ExecuteProfiler
 from flux_triton.serving.service import DitService, pick_device, signature_for
 from flux_triton.serving.sessions import HELD
 from flux_triton.serving.settings import TransformerSettings, check_cache_instances
@@ -53,6 +54,7 @@ class TritonPythonModel:
         device = triton.instance_device(args)
         triton.utf8_text()  # before anything compiles
         self.service = DitService(settings, Locations.of_repository(REPOSITORY).model_root, device)
+        self.profiler = ExecuteProfiler("dit_transformer", self.service.device)
         signature = self.service.signature
         cache = self.service.compile_cache or "torch's default"
         triton.log_info(f"dit_transformer: {self.service.model_dir} on {device} as {signature.dtype}, "
@@ -69,10 +71,11 @@ class TritonPythonModel:
             triton.log_info(f"dit_transformer: warmed up {warmed} in {time.perf_counter() - started:.1f} s")
 
     def execute(self, requests):
-        names = [spec.name for spec in INPUTS]
-        align = self.service.device.type == "cpu"  # a GPU model's inputs are aligned by their copy to it
-        calls = [(triton.request_tensors(r, names, align), triton.sequence_step(r)) for r in requests]
-        return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
+        with self.profiler.execute(len(requests)):
+            names = [spec.name for spec in INPUTS]
+            align = self.service.device.type == "cpu"  # a GPU model's inputs are aligned by their copy to it
+            calls = [(triton.request_tensors(r, names, align), triton.sequence_step(r)) for r in requests]
+            return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
 
     def finalize(self):
         self.service.close()
