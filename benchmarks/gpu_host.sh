@@ -39,7 +39,7 @@ install() {
   export TRITONSERVER_HOME=/tmp/tritonserver-home/tritonserver PYTHONUNBUFFERED=1
   if [ -n "${PROFILE:-}" ]; then # the servers' step models profile in place (flux_triton/serving/profiling.py)
     rm -rf /tmp/profile
-    export FLUX_TRITON_PROFILE_DIR=/tmp/profile FLUX_TRITON_PROFILE_TRACES=${PROFILE_TRACES:-2}
+    export FLUX_TRITON_PROFILE_DIR=/tmp/profile FLUX_TRITON_PROFILE_TRACES=${PROFILE_TRACES:-5-8}
   fi
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'

@@ -17,19 +17,19 @@ from flux_triton.deploy.repository import write_repository
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.pipeline import call
 from flux_triton.pipeline.inputs import random_step
-from flux_triton.serving.profiling import LOG_NAME, PROFILE_DIR_ENV, PROFILE_TRACES_ENV
+from flux_triton.serving.profiling import LOG_NAME, PROFILE_DIR_ENV, PROFILE_TRACES_ENV, traced_executes
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory, model_root, onnx_engines):
-    """The server, and the folder its models profile into (two traced executes each)."""
+    """The server, and the folder its models profile into (executes 1 and 2 traced)."""
     folder = tmp_path_factory.mktemp("profiled")
     repository = folder / "model_repository"
     write_repository(onnx_engines["tiny-flux-dev"], repository)
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
-    env = {MODEL_ROOT_ENV: str(model_root), PROFILE_DIR_ENV: str(folder / "profile"), PROFILE_TRACES_ENV: "2"}
+    env = {MODEL_ROOT_ENV: str(model_root), PROFILE_DIR_ENV: str(folder / "profile"), PROFILE_TRACES_ENV: "1-2"}
     server = launch(repository, folder, env).start()
     yield server, folder / "profile"
     server.stop()
@@ -52,8 +52,15 @@ def test_each_execute_is_logged_and_the_first_ones_traced(profiled, http_client,
     engine = [line["execute"] for line in by_model[ENGINE]]  # its config's model_warmup requests come first
     assert engine == list(range(len(engine))) and len(engine) >= 2
     assert all(line["requests"] == 1 and line["wall_ms"] > 0 for line in lines)
-    assert "trace" not in by_model[DIT_TRANSFORMER][2]  # past FLUX_TRITON_PROFILE_TRACES: logged, not traced
-    for line in by_model[DIT_TRANSFORMER][:2]:
+    assert ["trace" in line for line in by_model[DIT_TRANSFORMER]] == [False, True, True]  # the executes named
+    for line in by_model[DIT_TRANSFORMER][1:]:
         events = json.loads((profile / line["trace"]).read_text())["traceEvents"]
         names = {event.get("name", "") for event in events}
         assert any(name.startswith("aten::") for name in names), sorted(names)[:20]  # the forward's ops are in it
+
+
+def test_the_traced_executes_are_named_by_count_or_range():
+    assert traced_executes("8") == range(8)
+    assert traced_executes("6-9") == range(6, 10)
+    with pytest.raises(ValueError, match="FLUX_TRITON_PROFILE_TRACES: expected N or A-B"):
+        traced_executes("six")

@@ -4,7 +4,8 @@
 # shared memory, and the same speed-ups in process. JSON and logs under $OUT. The model and the engine are kept
 # (/tmp/models, the checkout's engines/), so a second call on a warm host skips both. IN_PROCESS= skips the
 # in-process baseline; CACHES=none serves flux_dit without a step cache (whole-step graphs).
-# PROFILE=1: the step models profile each execute in place (PROFILE_TRACES traced, default 2), in $OUT/profile.tgz.
+# PROFILE=1: the step models profile each execute in place (PROFILE_TRACES traced, default 5-8:
+# MagCache's first skipped steps among full ones), in $OUT/profile.tgz.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"

@@ -4,7 +4,8 @@
 # eager pipeline in process as the baseline. JSON and logs under $OUT. Environment: GRAPHS (on,off), CACHES
 # (none,mag,mag-tuned,taylorseer), EAGER= (no eager baseline), IN_PROCESS=1 (the same speed-ups in process),
 # SKIP_TESTS=1 (no GPU tests), RESTART=1 (the last server started again over its compile cache).
-# PROFILE=1: the step models profile each execute in place (PROFILE_TRACES traced, default 2), in $OUT/profile.tgz.
+# PROFILE=1: the step models profile each execute in place (PROFILE_TRACES traced, default 5-8:
+# MagCache's first skipped steps among full ones), in $OUT/profile.tgz.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"

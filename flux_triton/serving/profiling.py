@@ -2,11 +2,12 @@
 
 With ``FLUX_TRITON_PROFILE_DIR`` in the server's environment, each instance of ``dit_transformer``,
 ``dit_preprocess`` and ``dit_engine`` appends one JSON line per ``execute`` (the model, the instance's process, the
-execute's number, its requests and its wall time from the first input read to the last response built) to
-``executes.jsonl`` in that folder, for its first ``MAX_LOGGED`` executes. Its first ``FLUX_TRITON_PROFILE_TRACES``
-executes (default 8) also run under ``torch.profiler`` (the host, and the GPU where the instance has one). Each of
-those is written as a Chrome trace, ``<model>-<pid>-<n>.json``, which Perfetto opens; their lines carry ``"trace"``
-and a wall time that includes the profiler's own cost.
+execute's number from 0, its requests and its wall time from the first input read to the last response built) to
+``executes.jsonl`` in that folder, for its first ``MAX_LOGGED`` executes. The executes that
+``FLUX_TRITON_PROFILE_TRACES`` names (``N``: the first N, default 8; ``A-B``: numbers A to B, e.g. a MagCache
+generation's skipped steps) also run under ``torch.profiler`` (the host, and the GPU where the instance has one).
+Each of those is written as a Chrome trace, ``<model>-<pid>-<n>.json``, which Perfetto opens; their lines carry
+``"trace"`` and a wall time that includes the profiler's own cost.
 
 Together with Triton's statistics (``/v2/models/stats``: each model's queue, input, compute and output time per
 request), this separates our code's time from Triton's: the Python backend's copies, its IPC and the ensemble's
@@ -33,6 +34,15 @@ MAX_LOGGED = 10_000  # executes logged per instance: a long-running server's log
 LOG_NAME = "executes.jsonl"
 
 
+def traced_executes(spec: str) -> range:
+    """The execute numbers ``FLUX_TRITON_PROFILE_TRACES`` names: ``N`` (the first N) or ``A-B`` (A to B)."""
+    first, dash, last = spec.partition("-")
+    try:
+        return range(int(first), int(last) + 1) if dash else range(int(first))
+    except ValueError:
+        raise ValueError(f"{PROFILE_TRACES_ENV}: expected N or A-B (execute numbers), got {spec!r}") from None
+
+
 class ExecuteProfiler:
     """The profiling of one model instance's executes (nothing unless ``FLUX_TRITON_PROFILE_DIR`` is set)."""
 
@@ -40,7 +50,7 @@ class ExecuteProfiler:
         folder = os.environ.get(PROFILE_DIR_ENV)
         self.folder = Path(folder) if folder else None
         self.model, self.device = model, device
-        self.traces = int(os.environ.get(PROFILE_TRACES_ENV) or DEFAULT_TRACES)
+        self.traced = traced_executes(os.environ.get(PROFILE_TRACES_ENV) or str(DEFAULT_TRACES))
         self.count = 0
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -52,7 +62,7 @@ class ExecuteProfiler:
             yield
             return
         index, self.count = self.count, self.count + 1
-        traced = index < self.traces
+        traced = index in self.traced
         with self._profiler() if traced else contextlib.nullcontext() as profiler:
             started = time.perf_counter()
             yield
