@@ -11,7 +11,8 @@ Each of those is written as a Chrome trace, ``<model>-<pid>-<n>.json``, which Pe
 
 Together with Triton's statistics (``/v2/models/stats``: each model's queue, input, compute and output time per
 request), this separates our code's time from Triton's: the Python backend's copies, its IPC and the ensemble's
-scheduling. Unset (the default), an execute pays one attribute test. ``dit_transformer``'s warm-up before READY runs
+scheduling. While it is set, an execute on a GPU also waits for its GPU work before returning. Unset (the
+default), an execute pays one attribute test. ``dit_transformer``'s warm-up before READY runs
 in ``initialize`` and is not counted; the ``model_warmup`` requests of ``dit_engine``'s config are executes, so they
 come first.
 """
@@ -67,7 +68,7 @@ class ExecuteProfiler:
             started = time.perf_counter()
             yield
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the execute's GPU work is done before its responses leave
+                torch.cuda.synchronize(self.device)  # the wall time includes the GPU work the execute launched
             wall_ms = (time.perf_counter() - started) * 1e3
         line = {"model": self.model, "pid": os.getpid(), "execute": index, "requests": requests, "wall_ms": wall_ms}
         if traced:
