@@ -9,7 +9,9 @@ Baselines in the same run: diffusers' eager pipeline in process (``--eager``) an
 Per config: wall time per image (median, min, max of the timed generations), the first generation after READY,
 the steps that ran a full forward (served step latency above half the median uncached step), the final latents'
 rel. L2 against the uncached served run, the server's time per request by model and phase (Triton's statistics; the
-generations' END requests included), and whether the graphed run equals the ungraphed one bitwise. With
+generations' END requests included), each served step's time in the client outside the served call (the pipeline's
+loop and the stand-in's conversions; median in the table), and whether the graphed run equals the ungraphed one
+bitwise. With
 ``--restart`` the last server is started once more over the same compile cache (``compile_cache_dir``, a folder the
 first start filled): its READY time and first generation beside the cold start's.
 
@@ -83,7 +85,9 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, torch.Tensor]:
+def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, torch.Tensor, list[float]]:
+    """One generation: its wall time, its latents and each step's wall time (ms, from the pipeline's step-end
+    callback; the first step's includes the pipeline's preparations)."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(loop.make_scheduler("dev"), None, None, None, None, None, transformer)
@@ -92,24 +96,35 @@ def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, t
     # FluxPipeline's latents take the prompt's dtype: the model's (bfloat16 on a GPU), as its text encoders give it
     dtype = store.default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     prompt = {name: tensor.to(device, dtype) for name, tensor in prompt.items()}
+    ends = []
+
+    def step_ended(pipe, index, timestep, tensors):
+        ends.append(time.perf_counter())
+        return tensors
+
     synchronize()
     started = time.perf_counter()
     latents = pipe(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=3.5,
-                   output_type="latent", generator=torch.Generator().manual_seed(seed), **prompt).images  # fmt: skip
+                   output_type="latent", generator=torch.Generator().manual_seed(seed),
+                   callback_on_step_end=step_ended, **prompt).images  # fmt: skip
     synchronize()
-    return time.perf_counter() - started, latents.float().cpu()
+    steps_ms = [1e3 * (end - begin) for begin, end in zip([started, *ends], ends, strict=False)]
+    return time.perf_counter() - started, latents.float().cpu(), steps_ms
 
 
 def timed(transformer, prompt: dict, args, calls=None) -> dict:
     """One generation (the first: after READY, or after building), then ``args.runs`` timed ones."""
-    first_s, _ = generation(transformer, prompt, args)
+    first_s, _, _ = generation(transformer, prompt, args)
     start = len(calls) if calls is not None else 0
     runs = [generation(transformer, prompt, args) for _ in range(args.runs)]
-    times = [wall for wall, _ in runs]
+    times = [wall for wall, _, _ in runs]
     row = {"first_s": first_s, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-           "latents": runs[-1][1]}  # fmt: skip
+           "latents": runs[-1][1], "step_wall_ms": runs[-1][2]}  # fmt: skip
     if calls is not None:
         row["step_latencies_ms"] = [1e3 * t for t in calls[start:][-args.steps :]]
+        # each step's time in the client outside the served call: the pipeline's loop and the stand-in's conversions
+        row["client_ms_per_step"] = [wall - sent for wall, sent in zip(row["step_wall_ms"], row["step_latencies_ms"],
+                                                                         strict=True)]  # fmt: skip
     return row
 
 
@@ -240,7 +255,7 @@ def main() -> None:
 
 
 HEADER = (f"{'config':<34} {'ready':>6} {'s/image':>7} {'min':>6} {'max':>6} {'first':>6} {'fulls':>5} "
-          f"{'full ms':>7} {'rel L2':>8} {'=nograph':>8}")  # fmt: skip
+          f"{'full ms':>7} {'rel L2':>8} {'=nograph':>8} {'client ms':>9}")  # fmt: skip
 
 
 def compare(rows: list[dict]) -> None:
@@ -263,11 +278,12 @@ def compare(rows: list[dict]) -> None:
 
 def print_row(row: dict) -> None:
     full_ms = f"{row['full_step_ms']:.1f}" if row.get("full_step_ms") else ""
+    client = f"{statistics.median(row['client_ms_per_step']):.1f}" if row.get("client_ms_per_step") else ""
     l2 = f"{row['rel_l2_vs_none']:8.2e}" if "rel_l2_vs_none" in row else ""
     ready = f"{row['server_ready_s']:6.1f}" if "server_ready_s" in row else f"{'':6}"
     print(f"{row['config']:<34.34} {ready} {row['median_s']:7.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
           f"{row['first_s']:6.2f} {row.get('full_forwards', ''):>5} {full_ms:>7} {l2:>8} "
-          f"{row.get('bitwise_vs_no_graphs', '')!s:>8}", flush=True)  # fmt: skip
+          f"{row.get('bitwise_vs_no_graphs', '')!s:>8} {client:>9}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
