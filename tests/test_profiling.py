@@ -17,7 +17,13 @@ from flux_triton.deploy.repository import write_repository
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.pipeline import call
 from flux_triton.pipeline.inputs import random_step
-from flux_triton.serving.profiling import LOG_NAME, PROFILE_DIR_ENV, PROFILE_TRACES_ENV, traced_executes
+from flux_triton.serving.profiling import (
+    LOG_NAME,
+    PROFILE_DIR_ENV,
+    PROFILE_TRACES_ENV,
+    ExecuteProfiler,
+    traced_executes,
+)
 
 pytestmark = pytest.mark.server
 
@@ -64,3 +70,14 @@ def test_the_traced_executes_are_named_by_count_or_range():
     assert traced_executes("6-9") == range(6, 10)
     with pytest.raises(ValueError, match="FLUX_TRITON_PROFILE_TRACES: expected N or A-B"):
         traced_executes("six")
+
+
+def test_a_folder_that_cannot_be_written_is_a_warning_and_the_model_serves_on(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(blocked / "profile"))  # a folder under a file cannot be made
+    with pytest.warns(UserWarning, match=f"{PROFILE_DIR_ENV} .*: cannot be written .*dit_transformer is not profiled"):
+        profiler = ExecuteProfiler(DIT_TRANSFORMER, torch.device("cpu"))
+    with profiler.execute(1):  # an execute runs as without profiling
+        answer = 42
+    assert answer == 42 and profiler.folder is None and list(tmp_path.iterdir()) == [blocked]

@@ -12,7 +12,8 @@ Each of those is written as a Chrome trace, ``<model>-<pid>-<n>.json``, which Pe
 Together with Triton's statistics (``/v2/models/stats``: each model's queue, input, compute and output time per
 request), this separates our code's time from Triton's: the Python backend's copies, its IPC and the ensemble's
 scheduling. While it is set, an execute on a GPU also waits for its GPU work before returning. Unset (the
-default), an execute pays one attribute test. ``dit_transformer``'s warm-up before READY runs
+default), an execute pays one attribute test. A folder that cannot be written is a warning, and the model serves
+unprofiled. ``dit_transformer``'s warm-up before READY runs
 in ``initialize`` and is not counted; the ``model_warmup`` requests of ``dit_engine``'s config are executes, so they
 come first.
 """
@@ -23,6 +24,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +56,10 @@ class ExecuteProfiler:
         self.traced = traced_executes(os.environ.get(PROFILE_TRACES_ENV) or str(DEFAULT_TRACES))
         self.count = 0
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self._stop(exc)
 
     @contextlib.contextmanager
     def execute(self, requests: int) -> Iterator[None]:
@@ -71,11 +76,20 @@ class ExecuteProfiler:
                 torch.cuda.synchronize(self.device)  # the wall time includes the GPU work the execute launched
             wall_ms = (time.perf_counter() - started) * 1e3
         line = {"model": self.model, "pid": os.getpid(), "execute": index, "requests": requests, "wall_ms": wall_ms}
-        if traced:
-            line["trace"] = f"{self.model}-{os.getpid()}-{index}.json"
-            profiler.export_chrome_trace(str(self.folder / line["trace"]))
-        with open(self.folder / LOG_NAME, "a") as log:  # one short write per line: instances append side by side
-            log.write(json.dumps(line) + "\n")
+        try:
+            if traced:
+                line["trace"] = f"{self.model}-{os.getpid()}-{index}.json"
+                profiler.export_chrome_trace(str(self.folder / line["trace"]))
+            with open(self.folder / LOG_NAME, "a") as log:  # one short write per line: instances append side by side
+                log.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            self._stop(exc)
+
+    def _stop(self, exc: OSError) -> None:
+        """A folder that cannot be written (or a full disk) stops the profiling with a warning; the model serves on."""
+        warnings.warn(f"{PROFILE_DIR_ENV} {self.folder}: cannot be written ({exc}); {self.model} is not profiled",
+                      stacklevel=3)  # fmt: skip
+        self.folder = None
 
     def _profiler(self):
         from torch.profiler import ProfilerActivity, profile
