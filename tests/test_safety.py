@@ -187,3 +187,12 @@ def test_ports_the_launcher_chose_are_chosen_again_when_one_was_taken(tmp_path, 
         assert taken_port not in (server.http_port, server.grpc_port, server.metrics_port)
         status, body = launcher.http_call(server.url, "GET", "/v2")
         assert status == 200 and json.loads(body)["name"] == server.server_id
+
+
+def test_an_id_given_among_the_arguments_is_the_one_ready_checks_for(tmp_path):
+    """``serve --id=NAME`` passes it on to tritonserver, which takes the last ``--id``: READY must look for it."""
+    server = TritonServer(tmp_path, args=["--id=replica-7"], log_path=tmp_path / "log", cache=tmp_path / "cache")
+    assert server.server_id == "replica-7" and server.command()[-1] == "--id=replica-7"
+    with server:
+        status, body = launcher.http_call(server.url, "GET", "/v2")
+        assert status == 200 and json.loads(body)["name"] == "replica-7"

@@ -189,6 +189,11 @@ class TritonServer:
     server_id: str = field(default_factory=lambda: f"flux-triton-{secrets.token_hex(4)}")  # ``--id``: its metadata
     process: subprocess.Popen | None = None
 
+    def __post_init__(self) -> None:
+        given = [arg.removeprefix("--id=") for arg in self.args if arg.startswith("--id=")]
+        if given:  # the server's own id, as tritonserver takes the last one: READY checks for it
+            self.server_id = given[-1]
+
     @property
     def url(self) -> str:
         return self.endpoints[0]
