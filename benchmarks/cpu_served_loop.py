@@ -19,18 +19,17 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from workload import THIN_BLOCKS, save_thin
 
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, set_parameter
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
-from flux_triton.model.presets import FLUX_DEV_CONFIG, FULL_SIZE_TEXT_TOKENS
+from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS
 from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import build_cache
 
 MODEL = "flux-dev-thin-blocks"
-# FLUX.1-dev's inputs, outputs and block counts; each block 2 heads of 16.
-THIN_BLOCKS = {**FLUX_DEV_CONFIG, "attention_head_dim": 16, "num_attention_heads": 2, "axes_dims_rope": [4, 4, 8]}
 CACHES = {"none": None, "mag": {"kind": "mag"}}
 
 
@@ -109,8 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cpu-served-loop-"))
     root = work / "models"
-    torch.manual_seed(0)
-    FluxTransformer2DModel(**THIN_BLOCKS).eval().save_pretrained(root / MODEL, safe_serialization=True)
+    save_thin(root, MODEL, THIN_BLOCKS)
     repository = work / "model_repository"
     generator = torch.Generator().manual_seed(0)
     prompt = {

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import tritonclient.http as httpclient
 from served_step import measure_served
+from workload import THIN_BLOCKS, save_thin
 
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, set_parameter
 from flux_triton.deploy.repository import write_repository
@@ -26,24 +27,15 @@ from flux_triton.deploy.server import TritonServer
 from flux_triton.engines.build import build_engine
 from flux_triton.engines.kinds import load_engine
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
-from flux_triton.model.presets import FLUX_DEV_CONFIG, full_size_step
+from flux_triton.model.presets import full_size_step
 from flux_triton.serving.merging import run_engine_batched
 from flux_triton.serving.preprocess import preprocess
 from flux_triton.serving.service import DitService
 from flux_triton.serving.settings import TransformerSettings
 
 MODEL = "flux-dev-thin-io"
-# FLUX.1-dev's inputs and outputs; one block of each kind, 2 heads of 16.
-THIN_IO = {**FLUX_DEV_CONFIG, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16}
-THIN_IO |= {"num_attention_heads": 2, "axes_dims_rope": [4, 4, 8]}
+THIN_IO = {**THIN_BLOCKS, "num_layers": 1, "num_single_layers": 1}  # one thin block of each kind
 CPU = torch.device("cpu")
-
-
-def save_thin_model(root: Path) -> None:
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    FluxTransformer2DModel(**THIN_IO).eval().save_pretrained(root / MODEL, safe_serialization=True)
 
 
 def in_process_steps(root: Path, sidecar: Path, wire: dict) -> dict:
@@ -68,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ensemble-hop-"))
     root = work / "models"
-    save_thin_model(root)
+    save_thin(root, MODEL, THIN_IO)
     sidecar = build_engine("onnxruntime", MODEL, engines_dir=work / "engines", model_root=root, verify=False)
     wire = {name: tensor.float() for name, tensor in full_size_step(args.shape, device="cpu").wire().items()}
     local = in_process_steps(root, sidecar, wire)

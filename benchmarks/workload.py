@@ -11,7 +11,19 @@ import torch
 
 from flux_triton.locations import Locations
 from flux_triton.model import store
-from flux_triton.model.presets import RANDOM_MODEL, random_model_root
+from flux_triton.model.presets import FLUX_DEV_CONFIG, RANDOM_MODEL, random_model_root
+
+# The CPU benchmarks' model: FLUX.1-dev's inputs, outputs and block counts, each block 2 heads of 16, so that the
+# wire and Triton's copies are full-size and the compute is small.
+THIN_BLOCKS = {**FLUX_DEV_CONFIG, "attention_head_dim": 16, "num_attention_heads": 2, "axes_dims_rope": [4, 4, 8]}
+
+
+def save_thin(root: Path, name: str, config: dict) -> None:
+    """A random-weight ``FluxTransformer2DModel`` of ``config`` saved under ``root`` as ``name`` (seed 0)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    FluxTransformer2DModel(**config).eval().save_pretrained(root / name, safe_serialization=True)
 
 
 def prepare(args, prefix: str, seed: int) -> tuple[Path, Path, dict[str, torch.Tensor]]:

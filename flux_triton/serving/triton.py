@@ -53,25 +53,22 @@ def utf8_text() -> None:
 
 
 ALIGNMENT = 64  # bytes: torch's CPU allocations; Triton's input buffers may sit at any offset
+CPU = torch.device("cpu")
 
 
-def request_tensors(request, names: Iterable[str], align: bool = True) -> dict[str, torch.Tensor]:
-    """The request's inputs among ``names`` (optional ones left out when absent). With ``align`` (a model that
-    computes on the CPU), a CPU input that Triton's buffer holds at an unaligned address is copied into torch's
-    memory: on CPU a matrix product over misaligned input can round differently, and the answer would then differ
-    from diffusers' by an ulp. A GPU model's copy to the device aligns it anyway."""
+def request_tensors(request, names: Iterable[str], device: torch.device = CPU) -> dict[str, torch.Tensor]:
+    """The request's inputs among ``names`` (optional ones left out when absent), for a model computing on
+    ``device``. On the CPU, an input that Triton's buffer holds at an unaligned address is copied into torch's
+    memory: a matrix product over misaligned input can round differently, and the answer would then differ from
+    diffusers' by an ulp. A GPU model's copy to the device aligns it anyway."""
     tensors = {}
     for name in names:
         tensor = _pb().get_input_tensor_by_name(request, name)
         if tensor is not None:
             found = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
-            tensors[name] = found.clone() if align and unaligned(found) else found
+            unaligned = found.device.type == "cpu" and found.data_ptr() % ALIGNMENT != 0
+            tensors[name] = found.clone() if unaligned and device.type == "cpu" else found
     return tensors
-
-
-def unaligned(tensor: torch.Tensor) -> bool:
-    """A CPU tensor whose data does not start where torch's own allocations would (Triton's buffers often don't)."""
-    return tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT != 0
 
 
 def request_strings(request, names: Iterable[str]) -> dict[str, list[bytes]]:

@@ -30,18 +30,17 @@ class TritonPythonModel:
         self.input_names = [entry["name"] for entry in config["input"]]
         locations = Locations.of_repository(REPOSITORY)
         sidecar_path = locations.engine(settings.engine)
-        device = triton.instance_device(args)
+        self.device = device = triton.instance_device(args)
         sidecar, engine = load_engine(sidecar_path, device, locations.model_root, settings.whole_step_graphs)
         check_step_cache(sidecar.kind, settings.cache)
         self.service = EngineService(settings, sidecar, engine)
-        self.align = device.type == "cpu"  # request_tensors: a GPU engine's inputs are aligned by their copy to it
         self.profiler = ExecuteProfiler("dit_engine", device)
         cache = f", cache {settings.cache}" if self.service.cache is not None else ""
         triton.log_info(f"dit_engine: {sidecar.kind} {sidecar.precision} {sidecar_path} on {device}{cache}")
 
     def execute(self, requests):
         with self.profiler.execute(len(requests)):
-            batch = [(triton.request_tensors(r, self.input_names, self.align), triton.sequence_step(r))
-                     for r in requests]  # fmt: skip
+            names, device = self.input_names, self.device
+            batch = [(triton.request_tensors(r, names, device), triton.sequence_step(r)) for r in requests]
             kind = self.service.sidecar.kind
             return [triton.result_response(f"dit_engine ({kind})", result) for result in self.service.run(batch)]

@@ -73,8 +73,8 @@ class TritonPythonModel:
     def execute(self, requests):
         with self.profiler.execute(len(requests)):
             names = [spec.name for spec in INPUTS]
-            align = self.service.device.type == "cpu"  # a GPU model's inputs are aligned by their copy to it
-            calls = [(triton.request_tensors(r, names, align), triton.sequence_step(r)) for r in requests]
+            device = self.service.device
+            calls = [(triton.request_tensors(r, names, device), triton.sequence_step(r)) for r in requests]
             return [triton.result_response("dit_transformer", result) for result in self.service.run(calls)]
 
     def finalize(self):
