@@ -5,6 +5,8 @@ What each served step costs beyond its forward is then the wire, Triton's copies
 sizes a GPU host moves; the server's per-model phases show where it goes.
 
     python benchmarks/ensemble_hop.py --out benchmarks/results/cpu-ensemble-hop.json
+
+``--holding off,on`` (the default) serves it twice, ``dit_engine`` holding each sequence's prompt or not.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ import tritonclient.http as httpclient
 from served_step import measure_served
 from workload import THIN_BLOCKS, save_thin
 
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENSEMBLE, set_parameter
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, set_parameter
+from flux_triton.deploy.placement import hold_prompts
 from flux_triton.deploy.repository import write_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.engines.build import build_engine
@@ -56,6 +58,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--transports", default="shm,http", help="client transports to measure (client/transport.py)")
+    parser.add_argument(
+        "--holding",
+        default="off,on",
+        help="dit_engine holding each sequence's prompt (off: "
+        "dit_preprocess passes it on every step), a server each; off measures flux_dit with sessions",
+    )
     parser.add_argument("--out", type=Path, default=Path("ensemble-hop.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ensemble-hop-"))
@@ -69,30 +77,33 @@ def main() -> None:
     write_repository(sidecar, repository)
     shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / DIT_TRANSFORMER)
     set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", "model_dir", MODEL)
-    server = TritonServer(
-        repository,
-        env={MODEL_ROOT_ENV: str(root)},
-        log_path=work / "tritonserver.log",
-        cache=work / "triton",
-        args=["--exit-timeout-secs=5", "--backend-config=python,shm-default-byte-size=67108864"],
-    )
     results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "shape": args.shape, "served": {}}
     results["request_mib"] = sum(t.numel() * t.element_size() for t in wire.values()) / 2**20
-    started = time.perf_counter()
-    with server, httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
-        results["server_ready_s"] = time.perf_counter() - started
-        for transport in args.transports.split(","):
-            for model in (DIT_TRANSFORMER, ENSEMBLE):
-                for sessions in (False, True):
-                    row = measure_served(client, transport, model, wire, local[model], args, sessions=sessions)
-                    results["served"][f"{model} {transport}{'+sessions' if sessions else ''}"] = row
+    for holding in args.holding.split(","):
+        hold_prompts(repository / ENGINE / "config.pbtxt", holding == "on")
+        server = TritonServer(
+            repository,
+            env={MODEL_ROOT_ENV: str(root)},
+            log_path=work / f"tritonserver-holding-{holding}.log",
+            cache=work / "triton",
+            args=["--exit-timeout-secs=5", "--backend-config=python,shm-default-byte-size=67108864"],
+        )
+        with server, httpclient.InferenceServerClient(server.url, network_timeout=600) as client:
+            for transport in args.transports.split(","):
+                for model in (DIT_TRANSFORMER, ENSEMBLE):
+                    for sessions in (False, True):
+                        if holding == "off" and not (model == ENSEMBLE and sessions):
+                            continue  # the same as with holding on
+                        row = measure_served(client, transport, model, wire, local[model], args, sessions=sessions)
+                        held = " (engine holds prompts)" if model == ENSEMBLE and sessions and holding == "on" else ""
+                        results["served"][f"{model} {transport}{'+sessions' if sessions else ''}{held}"] = row
     args.out.write_text(json.dumps(results, indent=2))
     print_summary(results)
 
 
 def print_summary(results: dict) -> None:
     print(f"\ncpu ({results['threads']} threads) {results['shape']}, {results['request_mib']:.1f} MiB per request")
-    print(f"{'row':<34} {'served ms':>10} {'in process':>10} {'overhead':>9}   server phases (ms per request)")
+    print(f"{'row':<56} {'served ms':>10} {'in process':>10} {'overhead':>9}   server phases (ms per request)")
     for name, row in results["served"].items():
         served, local = row["served"], row["in_process"]
         phases = "; ".join(
@@ -100,7 +111,7 @@ def print_summary(results: dict) -> None:
             for model, p in row["server_ms_per_request"].items()
         )
         times = f"{served['median_ms']:>10.2f} {local['median_ms']:>10.2f} {row['overhead_ms']:>9.2f}"
-        print(f"{name:<34} {times}   {phases}")
+        print(f"{name:<56} {times}   {phases}")
 
 
 if __name__ == "__main__":

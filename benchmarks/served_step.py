@@ -117,7 +117,7 @@ def generation_steps(wire: dict, count: int) -> list[dict]:
     for index in range(count):
         step = dict(wire)
         step["hidden_states"] = torch.randn_like(wire["hidden_states"].float()).to(wire["hidden_states"].dtype)
-        step["timestep"] = torch.full_like(wire["timestep"], 1000.0 - 30 * index)
+        step["timestep"] = torch.full_like(wire["timestep"], 1000.0 - (30 * index) % 1000)  # any number of steps
         steps.append(step)
     return steps
 

@@ -19,10 +19,12 @@ from flux_triton.client.connection import RemoteDitError
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import Limits, Step
-from flux_triton.contract.protocol import SequenceStep
+from flux_triton.contract.protocol import HELD_BY_ENGINE, SequenceStep
 from flux_triton.pipeline import call, inputs, loop
 from flux_triton.pipeline.caching import build_cache
 from flux_triton.serving.merging import run_engine_requests
+from flux_triton.serving.preprocess import Preprocessor
+from flux_triton.serving.settings import PreprocessSettings
 
 pytestmark = pytest.mark.server
 
@@ -175,3 +177,89 @@ def test_an_end_only_request_reaches_no_engine_forward():
     closing = Step.closing(DEV).engine_tensors(DEV)
     [answer] = run_engine_requests(lambda tensors: calls.append(tensors), [closing], DEV, Limits())
     assert answer.shape == (1, 0, 4) and calls == []
+
+
+def test_dit_engine_holds_each_sequences_prompt(dev_engine_server, http_client):
+    """dit_engine (one instance, ``hold_prompts``) keeps a sequence's prompt from its START: a later step that comes
+    with zero text tokens, as dit_preprocess passes it on, gets bitwise the answer of the whole step; a sequence it
+    does not hold is refused as unknown, which a client answers by starting it again."""
+    client = http_client(dev_engine_server)
+    first, later = (inputs.random_step(DEV, timestep=t, seed=8, **SIZE) for t in (900.0, 450.0))
+    without_prompt = {name: t[:, :0] if name in HELD_BY_ENGINE else t for name, t in engine_request(later).items()}
+    infer_step(client, "dit_engine", engine_request(first), sequence=SequenceStep(41, start=True, key="k"))
+    held = infer_step(client, "dit_engine", without_prompt, sequence=SequenceStep(41, key="k"))
+    assert torch.equal(held, infer_step(client, "dit_engine", engine_request(later)))
+    with pytest.raises(InferenceServerException, match="sequence 42: unknown or expired") as refused:
+        infer_step(client, "dit_engine", without_prompt, sequence=SequenceStep(42, key="k"))
+    assert refused.value.status() == "400"
+    bad = {**without_prompt, "timestep": torch.full_like(without_prompt["timestep"], float("nan"))}
+    with pytest.raises(InferenceServerException, match="timestep: expected finite values"):
+        infer_step(client, "dit_engine", bad, sequence=SequenceStep(41, key="k"))
+    with pytest.raises(InferenceServerException, match="sequence 41: unknown or expired"):  # freed by the failure
+        infer_step(client, "dit_engine", without_prompt, sequence=SequenceStep(41, key="k"))
+
+
+def test_a_generation_goes_on_when_dit_engine_lost_its_prompt(dev_engine_server, http_client):
+    """dit_engine loses a sequence that dit_preprocess still holds (reclaimed, or the engine loaded again; here its
+    END sent to dit_engine alone): the next step is refused as unknown, the client starts the sequence again with the
+    prompt, and the latents are bitwise the stateless ones."""
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, size=256, **embeds(9))
+    closing = Step.closing(DEV).engine_tensors(DEV)
+    with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit") as remote:
+        original, steps = remote.router._on, []
+
+        def losing(endpoint, slot, tensors, sequence=None):
+            steps.append(sequence)
+            if len(steps) == 3:  # before the third step, dit_engine alone ends the sequence
+                ending = SequenceStep(sequence.sequence_id, end=True, key=sequence.key)
+                infer_step(http_client(dev_engine_server), "dit_engine", closing, sequence=ending)
+            return original(endpoint, slot, tensors, sequence)
+
+        remote.router._on = losing
+        with pytest.warns(UserWarning, match="started it again"):
+            served = generate(remote, "dev", seed=9, **kwargs)
+        assert remote.generations.restarted == 1
+    with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit", sessions=False) as stateless:
+        expected = generate(stateless, "dev", seed=9, **kwargs)
+    assert torch.equal(served, expected)
+
+
+def test_dit_preprocess_passes_the_prompt_on_only_with_the_steps_that_carry_it():
+    """With ``engine_holds_prompts``, a sequence's START and a step that sends the prompt again (changed) pass it on
+    whole; the other steps pass it on with zero text tokens. Without, every step passes the held prompt on."""
+    step = inputs.random_step(DEV, seed=10, **SIZE)
+    latents = {name: step.wire()[name] for name in ("hidden_states", "timestep", "img_ids")}
+    changed = {**latents, "encoder_hidden_states": step.wire()["encoder_hidden_states"] * 0.5}
+    for holds in (True, False):
+        settings = PreprocessSettings.of_engine(DEV, Limits(min_image_tokens=1), engine_holds_prompts=holds)
+        preprocessor = Preprocessor(settings)
+        start, later = SequenceStep(5, start=True, key="k"), SequenceStep(5, key="k")
+        text_tokens = [
+            {name: preprocessor.run(tensors, sequence)[name].shape[1] for name in HELD_BY_ENGINE}
+            for tensors, sequence in ((step.wire(), start), (latents, later), (changed, later), (latents, later))
+        ]
+        whole, held = {name: TEXT_TOKENS for name in HELD_BY_ENGINE}, {name: 0 for name in HELD_BY_ENGINE}
+        assert text_tokens == ([whole, held, whole, held] if holds else [whole] * 4)
+
+
+def test_a_prompt_changed_in_place_reaches_dit_engine(dev_engine_server):
+    """A callback that scales ``prompt_embeds`` in place after the first step: the client sends it again, and
+    dit_engine's held prompt follows, so the served loop with sessions is bitwise the stateless one."""
+
+    def halve_prompt(pipe, index, timestep, tensors):
+        if index == 0:
+            tensors["prompt_embeds"].mul_(0.5)
+        return {}
+
+    def run(**settings) -> tuple[torch.Tensor, list[int]]:
+        kwargs = dict(num_inference_steps=4, guidance_scale=3.5, size=256, **embeds(27))
+        with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit", **settings) as remote:
+            latents = generate(remote, "dev", seed=27, callback_on_step_end=halve_prompt,
+                               callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)  # fmt: skip
+            return latents, remote.sent_bytes
+
+    served, sent = run()
+    expected, full = run(sessions=False)
+    assert torch.equal(served, expected)
+    t5 = TEXT_TOKENS * 32 * 4  # the T5 embeddings went with the first step and the one after the change
+    assert [whole - part < t5 for whole, part in zip(full, sent, strict=True)] == [True, True, False, False]

@@ -14,6 +14,7 @@ from flux_triton.contract import DitSignature
 from flux_triton.contract.specs import engine_inputs
 from flux_triton.deploy.check import RepositoryError, check_repository
 from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, model_config_pb2, parse_pbtxt, to_pbtxt
+from flux_triton.deploy.placement import place
 from flux_triton.deploy.repository import engine_config, ensemble_config, preprocess_config, write_repository
 from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.engines.sidecar import EngineSidecar
@@ -67,12 +68,35 @@ def test_generated_repository_passes_the_static_checks(ort_repository, ort_sidec
     assert (preprocess.kind, preprocess.count) == (model_config_pb2().ModelInstanceGroup.KIND_CPU, 1)
 
 
-def test_a_gpu_engine_serving_a_step_cache_is_one_instance(ort_sidecar):
-    """Triton starts a GPU group without ``gpus`` on every GPU; a cached engine's state must live in one instance."""
+def test_a_python_gpu_engine_is_one_instance_that_holds_the_prompts(ort_sidecar):
+    """Triton starts a GPU group without ``gpus`` on every GPU; a cached engine's state and the held prompts must
+    live in one instance, and dit_preprocess leaves the prompt out only where its engine holds it."""
     sidecar = dataclasses.replace(EngineSidecar.read(ort_sidecar), device={"type": "cuda", "gpu": "any"})
-    assert engine_config(sidecar, "e.json")["instance_group"] == [{"kind": "KIND_GPU", "count": 1}]
-    assert engine_config(sidecar, "e.json", cache="mag")["instance_group"] == [{"kind": "KIND_GPU", "count": 1,
-                                                                                  "gpus": [0]}]  # fmt: skip
+    for cache in ("none", "mag"):
+        config = engine_config(sidecar, "e.json", cache=cache)
+        assert config["instance_group"] == [{"kind": "KIND_GPU", "count": 1, "gpus": [0]}]
+        assert config["parameters"]["hold_prompts"] == {"string_value": "true"}
+    preprocess = preprocess_config(sidecar)["parameters"]
+    assert preprocess["engine_holds_prompts"] == {"string_value": "true"}
+
+
+def test_placing_the_engine_on_several_gpus_sends_the_prompt_every_step(ort_repository):
+    """``place dit_engine --gpus 0,1`` starts an instance per GPU; a step may reach either, so neither holds
+    prompts and dit_preprocess passes each step's prompt on; placed back on one GPU, both hold them again."""
+
+    def holding() -> tuple[str, str]:
+        engine, preprocess = (
+            parse_pbtxt(ort_repository / name / "config.pbtxt").parameters for name in (ENGINE, PREPROCESS)
+        )
+        return engine["hold_prompts"].string_value, preprocess["engine_holds_prompts"].string_value
+
+    assert holding() == ("true", "true")
+    place(ort_repository / ENGINE / "config.pbtxt", gpus=[0, 1])
+    assert holding() == ("false", "false")
+    check_repository(ort_repository)
+    place(ort_repository / ENGINE / "config.pbtxt", gpus=[1])
+    assert holding() == ("true", "true")
+    assert parse_pbtxt(ort_repository / ENGINE / "config.pbtxt").parameters["engine"].string_value  # the rest kept
 
 
 @pytest.mark.parametrize(
@@ -126,6 +150,10 @@ def test_tensorrt_plan_config_follows_the_contract(tmp_path, precision, dtype):
     ).resolve() == tmp_path / engine.default_model_filename
     assert not (repository / ENGINE / "1" / "model.py").exists()
     assert engine.max_batch_size == 4 and engine.HasField("dynamic_batching")
+    # Triton's TensorRT backend holds no prompts: dit_preprocess sends it every step, to an instance on every GPU
+    assert "hold_prompts" not in engine.parameters and not engine.instance_group[0].gpus
+    preprocess = parse_pbtxt(repository / PREPROCESS / "config.pbtxt")
+    assert preprocess.parameters["engine_holds_prompts"].string_value == "false"
     DataType = model_config_pb2().DataType
     io = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in [*engine.input, *engine.output]}
     floats = {"bf16": "TYPE_BF16", "fp16": "TYPE_FP16"}[precision]

@@ -17,9 +17,10 @@ from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
-from flux_triton.contract import PROMPT_INPUTS, Step
+from flux_triton.contract import PROMPT_INPUTS, InputError, Step, validate
 from flux_triton.contract.protocol import SequenceStep
 from flux_triton.pipeline import call, inputs
+from flux_triton.serving.sessions import held_only
 
 pytestmark = pytest.mark.server
 
@@ -284,3 +285,20 @@ def test_a_prompt_is_moved_to_the_host_once_while_the_pipeline_passes_it_unchang
     prompt.mul_(0.5)
     moved = hosted("cond", prompt)
     assert moved is not first and torch.equal(moved, prompt.float())
+
+
+def test_a_held_prompt_is_checked_when_it_comes_not_with_every_step():
+    """The prompt a session fills in was checked with the step that brought it (a step that fails frees its
+    sequence), so a later step checks its shapes against the rest but not its values again."""
+    wire = inputs.random_step(DEV, seed=4).wire()
+    later = {name: wire[name] for name in ("hidden_states", "timestep", "img_ids")}
+    assert held_only(later) == PROMPT_INPUTS and held_only(wire) == ()
+    poisoned = {**wire, "encoder_hidden_states": torch.full_like(wire["encoder_hidden_states"], float("nan"))}
+    with pytest.raises(InputError, match="encoder_hidden_states: expected finite values"):
+        validate(poisoned, DEV)
+    validate(poisoned, DEV, checked=held_only(later))  # as held: its values are not checked again
+    with pytest.raises(InputError, match="timestep: expected finite values"):  # the step's own still are
+        validate({**poisoned, "timestep": torch.full_like(wire["timestep"], float("nan"))}, DEV, checked=("txt_ids",))
+    shorter = {**wire, "txt_ids": wire["txt_ids"][:, 1:]}
+    with pytest.raises(InputError, match="txt_ids: expected S="):  # and the held ones' shapes
+        validate(shorter, DEV, checked=held_only(later))

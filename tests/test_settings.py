@@ -18,6 +18,7 @@ from flux_triton.serving.settings import (
     PreprocessSettings,
     TransformerSettings,
     check_cache_instances,
+    check_prompt_instances,
     instance_count,
 )
 
@@ -84,7 +85,7 @@ def test_the_speedups_are_parameters_of_their_own():
     assert settings.parameters()["compile"] == "regional" and "speedups" not in settings.parameters()
 
 
-def test_a_step_cache_is_served_from_one_instance():
+def test_a_step_cache_and_held_prompts_are_served_from_one_instance():
     gpus = {"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0, 1]}], "name": "dit_engine"}
     cases = [({}, 1), (gpus, 2), ({"instance_group": [{"kind": "KIND_MODEL", "count": 1}]}, 1),
              ({"instance_group": [{"kind": "KIND_CPU", "count": 3}]}, 3)]  # fmt: skip
@@ -93,3 +94,8 @@ def test_a_step_cache_is_served_from_one_instance():
         check_cache_instances(gpus, "mag")
     check_cache_instances(gpus, "none")  # without a cache, any instances
     check_cache_instances({"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [0]}]}, "mag")
+    with pytest.raises(
+        ValueError, match=r"hold_prompts true and instance_group: .* dit_engine's instance_group starts"
+    ):
+        check_prompt_instances(gpus, True)
+    check_prompt_instances(gpus, False)

@@ -25,6 +25,10 @@ CACHE_PARAMETER = "cache"
 # optional (every model does, so that a wrong request gets the contract's message) with one request without it.
 GUIDANCE_REQUIRED = "guidance: required"
 
+# flux_dit's prompt across its two models: where dit_engine holds each sequence's prompt (one instance), dit_preprocess
+# passes these on with zero text tokens on the steps whose request did not carry them; dit_engine fills in its own.
+HELD_BY_ENGINE = ("encoder_hidden_states", "txt_ids")
+
 # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END, as the Python backend's request.flags() gives them.
 START, END = 1, 2
 

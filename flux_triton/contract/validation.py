@@ -3,7 +3,7 @@ every error names the tensor and what was expected."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +84,26 @@ def _check_shape(spec: TensorSpec, tensor: torch.Tensor, signature: DitSignature
             )
 
 
-def validate(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits = Limits()) -> Step:
-    """Check one public request's tensors and return its step."""
-    check(tensors, signature, limits, PUBLIC)
+def validate(
+    tensors: Mapping[str, torch.Tensor],
+    signature: DitSignature,
+    limits: Limits = Limits(),
+    checked: Collection[str] = (),
+) -> Step:
+    """Check one public request's tensors and return its step (``checked``: see ``check``)."""
+    check(tensors, signature, limits, PUBLIC, checked)
     return Step.from_wire(tensors)
 
 
-def check(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: Limits, side: Side = PUBLIC) -> None:
-    """Check one request's tensors against a side of the contract; raises ``InputError``."""
+def check(
+    tensors: Mapping[str, torch.Tensor],
+    signature: DitSignature,
+    limits: Limits,
+    side: Side = PUBLIC,
+    checked: Collection[str] = (),
+) -> None:
+    """Check one request's tensors against a side of the contract; raises ``InputError``. ``checked``: tensors whose
+    values an earlier step checked (a session's held prompt); their shapes are checked again, their values not."""
     # Guidance first: clients learn whether a model takes guidance from this answer to a minimal
     # request (client.connection), whatever else that request lacks.
     if "guidance" in tensors and not signature.guidance_embeds:
@@ -121,7 +133,7 @@ def check(tensors: Mapping[str, torch.Tensor], signature: DitSignature, limits: 
             raise InputError(f"{name}: missing required input, expected shape [{dims}]")
         _check_shape(spec, tensors[name], signature, sizes)
     _check_limits(sizes, limits)
-    _check_values(tensors, side)
+    _check_values({name: tensor for name, tensor in tensors.items() if name not in checked}, side)
 
 
 def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
@@ -150,6 +162,8 @@ def _check_values(tensors: Mapping[str, torch.Tensor], side: Side) -> None:
             names.append(f"{name}: expected {meaning} in [{low:g}, {high:g}]")
             flags.append(outside[name].any())
     for name in ("txt_ids", "img_ids"):
+        if name not in tensors:
+            continue
         ids = tensors[name]
         names.append(f"{name}: rows differ within the request; expected the same ids for every sample")
         flags.append((ids != ids[:1]).any())

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, parse_pbtxt, to_pbtxt
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, PREPROCESS, parse_pbtxt, to_pbtxt
 from flux_triton.locations import Locations
 from flux_triton.model.parallel import NO_PARALLEL, PARALLEL_KINDS, ParallelSettings
-from flux_triton.serving.settings import TransformerSettings
+from flux_triton.serving.settings import EngineSettings, PreprocessSettings, TransformerSettings
 
 
 def instance_groups(gpus: Sequence[int] = (), parallel: ParallelSettings | None = None) -> list[dict]:
@@ -36,21 +36,49 @@ def instance_groups(gpus: Sequence[int] = (), parallel: ParallelSettings | None 
 
 def place(config_path: Path, gpus: Sequence[int] = (), parallel: ParallelSettings | None = None) -> dict:
     """Rewrite the model config at ``config_path`` with its placement; returns the config as a dict.
-    Its leading comment lines are kept (``config.pbtxt`` has no other place for comments that survive)."""
-    config = json_format.MessageToDict(parse_pbtxt(config_path), preserving_proto_field_name=True)
+
+    ``dit_engine``'s runner holds each generation's prompt only where it runs as one instance (``--gpus`` naming one
+    GPU), so its ``hold_prompts`` and ``dit_preprocess``'s ``engine_holds_prompts`` beside it follow the placement."""
+    config = _read(config_path)
     if parallel is not None and "model_dir" not in config.get("parameters", {}):  # not dit_transformer or a copy
         raise ValueError(f"--parallel: only {DIT_TRANSFORMER} runs a step across GPUs, not {config.get('name')}")
     config["instance_group"] = instance_groups(gpus, parallel)
-    if parallel is not None:  # through the model's settings schema: the rest of its parameters as they were
-        settings = TransformerSettings.from_config(config, environment=False)
-        placed = dataclasses.replace(settings, parallel=parallel.kind, parallel_degree=parallel.degree)
-        config.setdefault("parameters", {}).update(
-            {key: {"string_value": value} for key, value in placed.parameters().items()}
-        )
+    if parallel is not None:
+        _replace(config, TransformerSettings, parallel=parallel.kind, parallel_degree=parallel.degree)
+    _write(config_path, config)
+    if "hold_prompts" in config.get("parameters", {}):  # dit_engine's Python runner
+        hold_prompts(config_path, len(gpus) == 1)
+    return _read(config_path)
+
+
+def hold_prompts(engine_config_path: Path, holds: bool) -> None:
+    """Set ``dit_engine``'s ``hold_prompts`` and ``dit_preprocess``'s ``engine_holds_prompts`` beside it together."""
+    for path, schema, setting in ((engine_config_path, EngineSettings, "hold_prompts"),
+                                  (engine_config_path.parents[1] / PREPROCESS / "config.pbtxt", PreprocessSettings,
+                                   "engine_holds_prompts")):  # fmt: skip
+        if path.exists():
+            config = _read(path)
+            _replace(config, schema, **{setting: holds})
+            _write(path, config)
+
+
+def _read(config_path: Path) -> dict:
+    return json_format.MessageToDict(parse_pbtxt(config_path), preserving_proto_field_name=True)
+
+
+def _replace(config: dict, schema, **changes) -> None:
+    """Change settings through the model's schema: the rest of its parameters as they were."""
+    settings = dataclasses.replace(schema.from_config(config, environment=False), **changes)
+    config.setdefault("parameters", {}).update(
+        {key: {"string_value": value} for key, value in settings.parameters().items()}
+    )
+
+
+def _write(config_path: Path, config: dict) -> None:
+    """Its leading comment lines are kept (``config.pbtxt`` has no other place for comments that survive)."""
     lines = config_path.read_text().splitlines(keepends=True)
     header = "".join(line for line in lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("#")), 0)])
     config_path.write_text(to_pbtxt(config, header))
-    return config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,6 +42,12 @@ def _params(**values) -> dict:
     return {key: {"string_value": str(value)} for key, value in values.items()}
 
 
+def holds_prompts(sidecar: EngineSidecar) -> bool:
+    """Whether ``make repo`` has ``dit_engine`` hold each sequence's prompt: this package's runner does, in the one
+    instance it starts; a TensorRT plan served by Triton's own backend keeps no state."""
+    return KINDS[sidecar.kind].platform == "python"
+
+
 def engine_config(sidecar: EngineSidecar, engine_ref: str, cache: str = "none") -> dict:
     signature, limits = sidecar.dit_signature, sidecar.limits
     config = {
@@ -55,17 +61,17 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str, cache: str = "none") 
     platform = KINDS[sidecar.kind].platform
     if platform == "python":
         config["backend"] = "python"
-        config["parameters"] = _params(
-            **EngineSettings(engine=engine_ref, cache=cache).parameters(), FORCE_CPU_ONLY_INPUT_TENSORS="no"
-        )
+        settings = EngineSettings(engine=engine_ref, cache=cache, hold_prompts=holds_prompts(sidecar))
+        config["parameters"] = _params(**settings.parameters(), FORCE_CPU_ONLY_INPUT_TENSORS="no")
     else:
         config["platform"] = platform
         config["default_model_filename"] = sidecar.engine_file
-    if sidecar.device:  # an engine bound to a device type runs only there
-        kind = "KIND_GPU" if sidecar.device["type"] == "cuda" else "KIND_CPU"
-        config["instance_group"] = [{"kind": kind, "count": 1}]
-        if kind == "KIND_GPU" and cache != "none":  # a step cache's state lives in one instance (settings)
-            config["instance_group"][0]["gpus"] = [0]
+    # an engine bound to a device type runs only there; one bound to none (ONNX Runtime, the CPU package) on the CPU
+    on_gpu = bool(sidecar.device) and sidecar.device["type"] == "cuda"
+    config["instance_group"] = [{"kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1}]
+    if on_gpu and (cache != "none" or holds_prompts(sidecar)):
+        # a step cache's state and the held prompts live in one instance (settings); `place --gpus` spreads it
+        config["instance_group"][0]["gpus"] = [0]
     return config
 
 
@@ -102,7 +108,9 @@ def preprocess_config(sidecar: EngineSidecar, cache: str = "none") -> dict:
         "max_batch_size": limits.max_batch,
         "input": _public_inputs(signature),
         "output": [_tensor(s, signature, engine_tensor_name(s.name)) for s in engine_inputs(signature.guidance_embeds)],
-        "parameters": _params(**PreprocessSettings.of_engine(signature, limits, cache).parameters()),
+        "parameters": _params(
+            **PreprocessSettings.of_engine(signature, limits, cache, holds_prompts(sidecar)).parameters()
+        ),
         # one instance holds every generation session (Triton's default would start one per GPU), on the CPU: it
         # runs no GPU work
         "instance_group": [{"kind": "KIND_CPU", "count": 1}],

@@ -7,7 +7,10 @@ request's sequence id, flags and parameters, as it hands them to ``dit_preproces
 checks the START's cache choice. A sequence that chose the cache at its START runs each step in its own cache context
 (``<sequence id>``), merged with other sequences' steps in lockstep where the kind allows it (MagCache), else alone;
 its state is dropped at END, when a step fails and once idle. Other steps still merge, each merged forward in a fresh
-context (it computes every block, as without the cache)."""
+context (it computes every block, as without the cache).
+
+With ``hold_prompts`` (one instance), each sequence's prompt is held here as ``dit_preprocess`` holds it
+(``HeldPrompts``), and steps that come with zero text tokens get it filled in."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from flux_triton.contract import InputError
-from flux_triton.contract.protocol import SequenceStep, SessionSettings
+from flux_triton.contract.protocol import HELD_BY_ENGINE, SequenceStep, SessionSettings
 from flux_triton.contract.validation import ENGINE
 from flux_triton.pipeline.caching import cache_merges, parse_cache_setting
 from flux_triton.serving import caching
@@ -31,7 +34,7 @@ from flux_triton.serving.merging import (
     run_engine_requests,
     run_merged,
 )
-from flux_triton.serving.sessions import closes_only
+from flux_triton.serving.sessions import Sessions, closes_only
 from flux_triton.serving.settings import EngineSettings
 
 Request = tuple[Mapping[str, torch.Tensor], SequenceStep]
@@ -103,12 +106,28 @@ def _touch(used: OrderedDict, sequence_id: int | str, now: float, limit: int) ->
     return list(used)[: len(used) - limit] if len(used) > limit else []
 
 
+class HeldPrompts(Sessions):
+    """Each sequence's prompt, held on the engine's device: ``dit_preprocess`` passes it on with the sequence's START
+    and whenever the client sends it again, and with zero text tokens otherwise. The same sessions as
+    ``dit_preprocess``'s (``serving.sessions``: owner keys, bounds, idle expiry), so that a sequence lost here
+    (reclaimed, or the model loaded again) is refused as "unknown or expired", and the client starts it again."""
+
+    def filled(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep) -> Mapping[str, torch.Tensor]:
+        """A sequence's step with its held prompt filled in (an END-only request frees it); ``InputError`` if none."""
+        if closes_only(tensors, sequence):
+            self.close(sequence)
+            return tensors
+        carried = {name: t for name, t in tensors.items() if name not in HELD_BY_ENGINE or t.shape[1]}
+        return self.step_tensors(sequence, carried)
+
+
 class EngineService:
     """The engine of one ``dit_engine`` instance, its signature and profile, and its cached sequences (with a
     ``cache``, ``engine`` is a runner whose ``transformer`` diffusers' hooks wrap: ``kinds.check_step_cache``)."""
 
     def __init__(self, settings: EngineSettings, sidecar, engine):
         self.sidecar, self.engine, self.cached = sidecar, engine, None
+        self.prompts = HeldPrompts(settings.session_settings) if settings.hold_prompts else None
         self.cache = parse_cache_setting(settings.cache)
         self.merges_cached = cache_merges(self.cache)
         if self.cache is not None:
@@ -121,6 +140,28 @@ class EngineService:
 
     def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
         """One result per request, in order: ``noise_pred`` or the error of its request or forward."""
+        if self.prompts is None:
+            return self._run(requests)
+        self.prompts.expire()
+        results: list[torch.Tensor | Exception | None] = [None] * len(requests)
+        filled = {}
+        for position, (tensors, sequence) in enumerate(requests):
+            try:
+                if sequence.sequence_id:
+                    tensors = self.prompts.filled(tensors, sequence)
+            except InputError as exc:
+                results[position] = detached(exc)
+                continue
+            filled[position] = (tensors, sequence)
+        for position, result in zip(filled, self._run(list(filled.values())), strict=True):
+            results[position] = result
+        for (_, sequence), result in zip(requests, results, strict=True):
+            if sequence.sequence_id:
+                self.prompts.finish(sequence, failed=isinstance(result, Exception))
+        return results  # type: ignore[return-value]
+
+    def _run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
+        """``run``'s work once each step has its prompt."""
         signature, limits = self.sidecar.dit_signature, self.sidecar.limits
         if self.cached is None:
             return run_engine_requests(self.engine, [tensors for tensors, _ in requests], signature, limits)

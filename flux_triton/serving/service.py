@@ -23,7 +23,7 @@ from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import STEP_MERGING, detached, finite_or_error, run_merged
 from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
-from flux_triton.serving.sessions import Sessions, closes_only
+from flux_triton.serving.sessions import Sessions, closes_only, held_only
 from flux_triton.serving.settings import TransformerSettings
 
 Request = tuple[Mapping[str, torch.Tensor], SequenceStep]  # a request's tensors and its place in a sequence
@@ -148,7 +148,7 @@ class DitService:
         try:
             cached = sequence.start and caching.chosen(sequence.cache, self.cache)
             tensors = self.sessions.step_tensors(sequence, moved, cached)
-            return validate(tensors, self.signature, self.limits)
+            return validate(tensors, self.signature, self.limits, checked=held_only(moved))
         except InputError:
             self.sessions.finish(sequence, failed=True)
             raise

@@ -48,6 +48,12 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def held_only(tensors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The prompt's tensors a step of a sequence did not carry: its session fills them in, and their values were
+    checked with the step that brought them (a step that fails its checks frees its sequence)."""
+    return tuple(name for name in HELD if name not in tensors)
+
+
 def closes_only(tensors: Mapping[str, torch.Tensor], sequence: SequenceStep) -> bool:
     """An END step with zero image tokens: it ends its sequence and runs no forward."""
     latents = tensors.get("hidden_states")

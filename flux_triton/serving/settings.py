@@ -185,6 +185,8 @@ class PreprocessSettings(ModelSettings):
     max_sessions_per_client: int = SessionSettings.max_per_client
     session_idle_s: float = SessionSettings.idle_timeout_s
     cache: str = "none"  # the engine's step cache, which a sequence may choose at its START
+    # dit_engine holds each sequence's prompt (its hold_prompts): the prompt then goes to it only when it is new
+    engine_holds_prompts: bool = False
 
     def validate(self) -> None:
         _check_cache(self.cache)
@@ -209,11 +211,13 @@ class PreprocessSettings(ModelSettings):
                       self.min_text_tokens)  # fmt: skip
 
     @classmethod
-    def of_engine(cls, signature: DitSignature, limits: Limits, cache: str = "none") -> PreprocessSettings:
+    def of_engine(cls, signature: DitSignature, limits: Limits, cache: str = "none",
+                  engine_holds_prompts: bool = False) -> PreprocessSettings:  # fmt: skip
         """What ``make repo`` writes for an engine of ``signature`` and profile ``limits`` serving ``cache``
         (default sessions)."""
         return cls(signature.in_channels, signature.pooled_dim, signature.text_dim, signature.guidance_embeds,
-                   signature.dtype, **dataclasses.asdict(limits), cache=cache)  # fmt: skip
+                   signature.dtype, **dataclasses.asdict(limits), cache=cache,
+                   engine_holds_prompts=engine_holds_prompts)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -223,13 +227,17 @@ class EngineSettings(ModelSettings):
     engine: str = ""  # the engine's sidecar, relative to the engines folder
     cuda_graphs: bool = False  # each step shape captured in CUDA graphs (the AOTI kinds; per block with a cache)
     cache: str = "none"  # a step cache generations may choose (the AOTI kinds: diffusers' hooks around the engine)
-    # the cached sequences' bounds, dit_preprocess's own: a sequence it keeps keeps its cache state here
+    # each sequence's prompt held here, so that dit_preprocess sends it only when it is new (one instance only: a
+    # sequence's steps must all reach the instance that holds its prompt)
+    hold_prompts: bool = False
+    # the cached sequences' and held prompts' bounds, dit_preprocess's own: a sequence it keeps keeps its state here
     max_sessions: int = SessionSettings.max_sessions
+    max_sessions_per_client: int = SessionSettings.max_per_client
     session_idle_s: float = SessionSettings.idle_timeout_s
 
     @property
     def session_settings(self) -> SessionSettings:
-        return SessionSettings(self.max_sessions, idle_timeout_s=self.session_idle_s)
+        return SessionSettings(self.max_sessions, self.max_sessions_per_client, self.session_idle_s)
 
     @property
     def whole_step_graphs(self) -> bool:
@@ -263,13 +271,24 @@ def check_cache_instances(config: Mapping, cache: str) -> None:
     """Refuse a step cache served from more than one instance of the model (``ValueError`` naming both settings): a
     generation's cache state lives in the instance that ran its steps, and Triton hands each step to any instance, so
     a step reaching another one would silently run with another state."""
+    if _check_cache(cache) is not None:
+        _check_one_instance(config, f"cache {cache}", "a step cache keeps each generation's state")
+
+
+def check_prompt_instances(config: Mapping, hold_prompts: bool) -> None:
+    """Refuse ``hold_prompts`` on more than one instance (``ValueError`` naming both settings): a step reaching
+    another instance than the one holding its sequence's prompt would find none."""
+    if hold_prompts:
+        _check_one_instance(config, "hold_prompts true", "holding prompts keeps each generation's prompt")
+
+
+def _check_one_instance(config: Mapping, setting: str, why: str) -> None:
     instances = instance_count(config)
-    if _check_cache(cache) is not None and instances > 1:
+    if instances > 1:
         name = config.get("name", "this model")
-        raise ValueError(f"cache {cache} and instance_group: a step cache keeps each generation's state in one "
-                         f"instance, but {name}'s instance_group starts {instances}; serve the cache from one instance "
-                         f"(python -m flux_triton place {name} --gpus 0), or one server per GPU behind the replicas "
-                         f"client")  # fmt: skip
+        raise ValueError(f"{setting} and instance_group: {why} in one instance, but {name}'s instance_group starts "
+                         f"{instances}; serve it from one instance (python -m flux_triton place {name} --gpus 0), or "
+                         f"one server per GPU behind the replicas client")  # fmt: skip
 
 
 def _check_cache(setting: str):

@@ -4,7 +4,8 @@ The runner comes from the engine kind's table (``flux_triton.engines.kinds``) by
 so this file does not change with the engine. Each request is checked against the engine side of the
 contract and the engine's profile; requests that Triton's dynamic batcher lists together run as one
 batch when their shapes and ids agree; every answer is checked finite; with a step cache, each cached
-sequence's steps run in its own cache context (``flux_triton.serving.engine_service``).
+sequence's steps run in its own cache context, and with ``hold_prompts`` each sequence's prompt is held here
+(``flux_triton.serving.engine_service``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flux_triton.locations import Locations
 from flux_triton.serving import triton
 from flux_triton.serving.engine_service import EngineService
 from flux_triton.serving.profiling import ExecuteProfiler
-from flux_triton.serving.settings import EngineSettings, check_cache_instances
+from flux_triton.serving.settings import EngineSettings, check_cache_instances, check_prompt_instances
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 
@@ -27,6 +28,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         settings = EngineSettings.from_config(config)
         check_cache_instances(config, settings.cache)
+        check_prompt_instances(config, settings.hold_prompts)
         self.input_names = [entry["name"] for entry in config["input"]]
         locations = Locations.of_repository(REPOSITORY)
         sidecar_path = locations.engine(settings.engine)
