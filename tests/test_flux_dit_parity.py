@@ -9,6 +9,8 @@ bitwise equal. FP16/BF16/FP8 TensorRT engines are not run here (docs/engines.md 
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 import torch
 import tritonclient.http as httpclient
@@ -18,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from flux_triton.client.connection import RemoteDitError
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.client.wire import infer_step
-from flux_triton.contract import Limits, Step
+from flux_triton.contract import PROMPT_INPUTS, Limits, Step
 from flux_triton.contract.protocol import HELD_BY_ENGINE, SequenceStep
 from flux_triton.pipeline import call, inputs, loop
 from flux_triton.pipeline.caching import build_cache
@@ -263,3 +265,27 @@ def test_a_prompt_changed_in_place_reaches_dit_engine(dev_engine_server):
     assert torch.equal(served, expected)
     t5 = TEXT_TOKENS * 32 * 4  # the T5 embeddings went with the first step and the one after the change
     assert [whole - part < t5 for whole, part in zip(full, sent, strict=True)] == [True, True, False, False]
+
+
+def test_concurrent_generations_each_get_their_own_held_prompt(dev_engine_server, http_client):
+    """Four generations at once through flux_dit with sessions, each with its own prompt: dit_engine fills each
+    step's prompt in before its dynamic batcher's requests merge, so every step answers as the same step sent
+    whole without a session (a prompt filled in from another sequence would be far off)."""
+    prompts = [inputs.random_step(DEV, seed=60 + k, **SIZE) for k in range(4)]
+    steps = [[prompt.replace(hidden_states=inputs.random_step(DEV, seed=70 + 4 * k + i, **SIZE).hidden_states,
+                             timestep=torch.tensor([900.0 - 200 * i])) for i in range(4)]
+             for k, prompt in enumerate(prompts)]  # fmt: skip
+    expected = [[infer_step(http_client(dev_engine_server), "flux_dit", s.wire()) for s in run] for run in steps]
+
+    def generation(k: int) -> list[torch.Tensor]:
+        answers, client = [], http_client(dev_engine_server)
+        for i, step in enumerate(steps[k]):
+            wire = step.wire() if i == 0 else {n: t for n, t in step.wire().items() if n not in PROMPT_INPUTS}
+            answers.append(infer_step(client, "flux_dit", wire, sequence=SequenceStep(500 + k, i == 0, i == 3, "k")))
+        return answers
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        served = list(pool.map(generation, range(4)))
+    for run, wanted in zip(served, expected, strict=True):
+        for answer, reference in zip(run, wanted, strict=True):
+            torch.testing.assert_close(answer, reference, **TOL)
