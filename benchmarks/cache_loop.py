@@ -36,6 +36,7 @@ from workload import prepare
 
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, set_parameter
+from flux_triton.deploy.placement import hold_prompts
 from flux_triton.deploy.repository import write_repository as write_engine_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
@@ -78,6 +79,7 @@ def write_repository(repository: Path, args, speedups: Speedups, with_engine: bo
     if args.engine and with_engine:
         write_engine_repository(args.engine.resolve(), repository, cache="mag" if "mag" in args.caches else NO_CACHE)
         set_parameter(repository / ENGINE / "config.pbtxt", "cuda_graphs", str(speedups.cuda_graphs).lower())
+        hold_prompts(repository / ENGINE / "config.pbtxt", args.engine_holding == "on")
 
 
 def synchronize() -> None:
@@ -210,6 +212,12 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="the same speed-ups in process: none and mag")
     parser.add_argument("--restart", action="store_true", help="the last server started again, its compile cache kept")
     parser.add_argument("--engine", type=Path, help="an AOTI engine's sidecar: flux_dit over it, in the last server")
+    parser.add_argument(
+        "--engine-holding",
+        default="on",
+        choices=["on", "off"],
+        help="dit_engine holding each generation's prompt (off: dit_preprocess sends it every step)",
+    )
     parser.add_argument("--model", default=RANDOM_MODEL, help="a model folder name (the random full-size model)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
@@ -223,7 +231,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"gpu": gpu, "torch": torch.__version__, "size": args.size,
                "steps": args.steps, "fp8": args.fp8, "fp8_scales": args.fp8_scales,
-               "fp8_fast_accum": args.fp8_fast_accum, "transport": args.transport, "rows": rows}  # fmt: skip
+               "fp8_fast_accum": args.fp8_fast_accum, "transport": args.transport,
+               "engine_holding": args.engine_holding, "rows": rows}  # fmt: skip
 
     def save():
         compare(rows)

@@ -5,7 +5,8 @@
 # (/tmp/models, the checkout's engines/), so a second call on a warm host skips both. IN_PROCESS= skips the
 # in-process baseline; CACHES=none serves flux_dit without a step cache (whole-step graphs).
 # PROFILE=1: the step models profile each execute in place (PROFILE_TRACES traced, default 5-8:
-# MagCache's first skipped steps among full ones), in $OUT/profile.tgz.
+# MagCache's first skipped steps among full ones), in $OUT/profile.tgz. HOLDING="off on": a server each, dit_engine
+# holding each generation's prompt or not (default on, as make repo writes it).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -21,7 +22,10 @@ if [ ! -f "$sidecar" ]; then
     --engines-dir "$FLUX_ENGINE_DIR" --no-repo --no-verify 2>&1 | tee "$OUT/engine.log" | tail -3
   echo "engine built in $(($(date +%s) - started)) s"
 fi
-python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs on \
-  --caches "${CACHES:-none,mag}" --engine "$sidecar" ${IN_PROCESS---in-process} --transport shm \
-  --out "$OUT/flux-dit-fp8.json" 2>&1 | tee "$OUT/flux-dit.log" | grep -v "it/s]" | tail -16
+for holding in ${HOLDING:-on}; do
+  python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs on \
+    --caches "${CACHES:-none,mag}" --engine "$sidecar" ${IN_PROCESS---in-process} --transport shm \
+    --engine-holding "$holding" --out "$OUT/flux-dit-fp8-holding-$holding.json" 2>&1 |
+    tee "$OUT/flux-dit-holding-$holding.log" | grep -v "it/s]" | tail -16
+done
 [ -z "${PROFILE:-}" ] || tar -C /tmp -czf "$OUT/profile.tgz" profile
