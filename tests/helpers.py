@@ -200,6 +200,17 @@ def embeds(seed: int, text_tokens: int = TEXT_TOKENS) -> dict[str, torch.Tensor]
     }
 
 
+def halve_prompt(pipe, index, timestep, tensors) -> dict:
+    """A step-end callback that scales ``prompt_embeds`` in place after the first step: the same tensor object with
+    new values (``generate(..., **HALVED_PROMPT)``)."""
+    if index == 0:
+        tensors["prompt_embeds"].mul_(0.5)
+    return {}
+
+
+HALVED_PROMPT = {"callback_on_step_end": halve_prompt, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+
+
 def generate(transformer, preset: str, seed: int, size: int = 64, **kwargs) -> torch.Tensor:
     """``FluxPipeline(output_type="latent")`` with ``transformer`` (local or remote) and the preset's scheduler."""
     from diffusers import FluxPipeline

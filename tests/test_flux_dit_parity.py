@@ -14,7 +14,7 @@ import concurrent.futures
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import BUSY_SIZE, DEV, SCHNELL, TEXT_TOKENS, embeds, generate, infer_concurrently
+from helpers import BUSY_SIZE, DEV, HALVED_PROMPT, SCHNELL, TEXT_TOKENS, embeds, generate, infer_concurrently
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.connection import RemoteDitError
@@ -248,17 +248,10 @@ def test_a_prompt_changed_in_place_reaches_dit_engine(dev_engine_server):
     """A callback that scales ``prompt_embeds`` in place after the first step: the client sends it again, and
     dit_engine's held prompt follows, so the served loop with sessions is bitwise the stateless one."""
 
-    def halve_prompt(pipe, index, timestep, tensors):
-        if index == 0:
-            tensors["prompt_embeds"].mul_(0.5)
-        return {}
-
     def run(**settings) -> tuple[torch.Tensor, list[int]]:
-        kwargs = dict(num_inference_steps=4, guidance_scale=3.5, size=256, **embeds(27))
+        kwargs = dict(num_inference_steps=4, guidance_scale=3.5, size=256, **embeds(27), **HALVED_PROMPT)
         with RemoteFluxTransformer(url=dev_engine_server.url, model_name="flux_dit", **settings) as remote:
-            latents = generate(remote, "dev", seed=27, callback_on_step_end=halve_prompt,
-                               callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)  # fmt: skip
-            return latents, remote.sent_bytes
+            return generate(remote, "dev", seed=27, **kwargs), remote.sent_bytes
 
     served, sent = run()
     expected, full = run(sessions=False)

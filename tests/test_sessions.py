@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import DEV, TEXT_TOKENS, embeds, generate, start_server
+from helpers import DEV, HALVED_PROMPT, TEXT_TOKENS, embeds, generate, start_server
 from tritonclient.utils import InferenceServerException
 
 from flux_triton.client.remote import RemoteFluxTransformer
@@ -246,15 +246,9 @@ def test_a_prompt_changed_in_place_between_steps_is_sent_again(dev_server, tiny_
     """A callback that scales ``prompt_embeds`` in place after the first step: the same tensor object with new
     values goes to the server again, and the served loop equals local diffusers doing the same."""
 
-    def halve_prompt(pipe, index, timestep, tensors):
-        if index == 0:
-            tensors["prompt_embeds"].mul_(0.5)
-        return {}
-
     def run(transformer) -> torch.Tensor:
-        kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeds(26))
-        return generate(transformer, "dev", seed=26, callback_on_step_end=halve_prompt,
-                        callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)  # fmt: skip
+        return generate(transformer, "dev", seed=26, num_inference_steps=4, guidance_scale=3.5, **embeds(26),
+                        **HALVED_PROMPT)  # fmt: skip
 
     expected = run(tiny_dev)
     with RemoteFluxTransformer(url=dev_server.url) as remote:
