@@ -107,8 +107,10 @@ def test_placing_the_engine_on_several_gpus_sends_the_prompt_every_step(ort_repo
         (PREPROCESS, 'name: "engine_hidden_states"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: 4',
          'name: "engine_hidden_states"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: 8', "engine_hidden_states"),
         (ENSEMBLE, 'key: "guidance"\n      value: "guidance"', 'key: "guidance"\n      value: "guidanse"', "guidanse"),
+        (ENGINE, 'key: "hold_prompts"\n  value {\n    string_value: "true"',
+         'key: "hold_prompts"\n  value {\n    string_value: "false"', "engine_holds_prompts is true, but dit_engine"),
     ],
-    ids=["engine-dtype", "swapped-map", "dims", "unknown-tensor"],
+    ids=["engine-dtype", "swapped-map", "dims", "unknown-tensor", "prompt-holding"],
 )  # fmt: skip
 def test_static_checks_catch_mismatches(ort_repository, model, old, new, message):
     path = ort_repository / model / "config.pbtxt"

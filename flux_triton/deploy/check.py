@@ -1,6 +1,6 @@
 """Static checks of a generated ``flux_dit`` repository: every ensemble ``input_map``/``output_map``
-tensor against the composing model's name, dtype and dims, and every config against the IO
-contract (``INPUTS``/``OUTPUTS`` publicly, ``engine_inputs`` for the engine)."""
+tensor against the composing model's name, dtype and dims, every config against the IO
+contract (``INPUTS``/``OUTPUTS`` publicly, ``engine_inputs`` for the engine), and the two models' prompt holding."""
 
 from __future__ import annotations
 
@@ -83,6 +83,19 @@ def contract_problems(repository: Path, signature: DitSignature) -> list[str]:
     return problems
 
 
+def holding_problems(repository: Path) -> list[str]:
+    """``dit_preprocess`` leaves the prompt out of a sequence's later steps only for a ``dit_engine`` that holds it."""
+    preprocess, engine = (parse_pbtxt(repository / name / "config.pbtxt").parameters for name in (PREPROCESS, ENGINE))
+
+    def on(parameters, key: str) -> bool:
+        return key in parameters and parameters[key].string_value == "true"
+
+    if on(preprocess, "engine_holds_prompts") and not on(engine, "hold_prompts"):
+        return [f"{PREPROCESS}: engine_holds_prompts is true, but {ENGINE} does not hold prompts (its hold_prompts); "
+                f"`python -m flux_triton place {ENGINE} --gpus 0` sets both"]  # fmt: skip
+    return []
+
+
 def check_repository(repository: Path, engines_dir: Path | None = None) -> EngineSidecar:
     """Raise ``RepositoryError`` listing every problem; return the engine's sidecar."""
     engine = parse_pbtxt(repository / ENGINE / "config.pbtxt")
@@ -101,6 +114,7 @@ def check_repository(repository: Path, engines_dir: Path | None = None) -> Engin
     if not (sidecar_path.parent / sidecar.engine_file).exists():
         problems.append(f"{ENGINE}: engine file {sidecar.engine_file} named by {sidecar_path} does not exist")
     problems += ensemble_problems(repository) + contract_problems(repository, sidecar.dit_signature)
+    problems += holding_problems(repository)
     if problems:
         raise RepositoryError(f"{repository}:\n  " + "\n  ".join(problems))
     return sidecar
