@@ -66,12 +66,14 @@ def engine_config(sidecar: EngineSidecar, engine_ref: str, cache: str = "none") 
     else:
         config["platform"] = platform
         config["default_model_filename"] = sidecar.engine_file
-    # an engine bound to a device type runs only there; one bound to none (ONNX Runtime, the CPU package) on the CPU
-    on_gpu = bool(sidecar.device) and sidecar.device["type"] == "cuda"
-    config["instance_group"] = [{"kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1}]
-    if on_gpu and (cache != "none" or holds_prompts(sidecar)):
-        # a step cache's state and the held prompts live in one instance (settings); `place --gpus` spreads it
-        config["instance_group"][0]["gpus"] = [0]
+    if sidecar.device or platform == "python":
+        # an engine bound to a device type runs only there; our runner of one bound to none (ONNX Runtime, whose
+        # CPU package the project installs) on the CPU
+        on_gpu = bool(sidecar.device) and sidecar.device["type"] == "cuda"
+        config["instance_group"] = [{"kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1}]
+        if on_gpu and (cache != "none" or holds_prompts(sidecar)):
+            # a step cache's state and the held prompts live in one instance (settings); `place --gpus` spreads it
+            config["instance_group"][0]["gpus"] = [0]
     return config
 
 
