@@ -7,6 +7,7 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 source benchmarks/gpu_host.sh install
+export CXX=/usr/bin/g++ # the test compiles an AOTI engine: see flux-dit.sh
 [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu_aoti.py -k holds 2>&1 |
   tee "$OUT/gpu-test.log" | tail -4
 bash benchmarks/runs/flux-dit.sh
