@@ -48,7 +48,9 @@ def _tensors_mergeable(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tens
 # Engine inputs (``Step.engine_tensors``), as dit_engine receives them.
 ENGINE_MERGING: Merging[Mapping[str, torch.Tensor]] = Merging(
     mergeable=_tensors_mergeable,
-    merge=lambda requests: {name: torch.cat([r[name] for r in requests]) for name in requests[0]},
+    merge=lambda requests: (
+        requests[0] if len(requests) == 1 else {name: torch.cat([r[name] for r in requests]) for name in requests[0]}
+    ),  # one request: as it is, not a copy
     batch_size=lambda tensors: tensors["hidden_states"].shape[0],
 )
 
