@@ -59,9 +59,9 @@ CPU = torch.device("cpu")
 def request_tensors(request, names: Iterable[str], device: torch.device = CPU) -> dict[str, torch.Tensor]:
     """The request's inputs among ``names`` (optional ones left out when absent), on the ``device`` its model
     computes on. A GPU model's inputs go to the device here, first, so that its checks, merging and held prompts
-    run there, not on the host ahead of every step's GPU work. On the CPU, an input that
-    Triton's buffer holds at an unaligned address is copied into torch's memory: a matrix product over misaligned
-    input can round differently, and the answer would then differ from diffusers' by an ulp."""
+    run there, not on the host ahead of every step's GPU work. On the CPU, an input that Triton's buffer holds at an
+    unaligned address is copied into torch's memory: a matrix product over misaligned input can round differently,
+    and the answer would then differ from diffusers' by an ulp."""
     tensors = {}
     for name in names:
         tensor = _pb().get_input_tensor_by_name(request, name)
