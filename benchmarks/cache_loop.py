@@ -137,7 +137,8 @@ def in_process(models: Path, prompt: dict, args, speedups: Speedups | None, labe
         transformer = build_random()
     else:
         model_dir = store.resolve_model_dir(args.model, models)
-        transformer = load_with_speedups(model_dir, torch.bfloat16, torch.device("cuda"), speedups,
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke run
+        transformer = load_with_speedups(model_dir, store.default_dtype(device), device, speedups,
                                           build_cache(CACHES[label]))  # fmt: skip
         if isinstance(transformer, GraphedTransformer):  # the pipeline needs the module (its device, hooks)
             module = transformer.transformer

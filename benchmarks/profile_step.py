@@ -4,6 +4,10 @@ the full-size model (random weights).
 
     python benchmarks/profile_step.py --out profile.json
     python benchmarks/profile_step.py --paths fp8-static-fast,fp8-attn-static-fast --out profile-fp8-attn.json
+    python benchmarks/profile_step.py --paths fp8-static-fast,aoti-fp8,aoti-fp8-opt --out profile-aoti.json
+
+The ``aoti-fp8`` paths compile the ``aoti-fp8`` engine's block packages here (static scales, fast accumulation):
+over the default profile's batch and token ranges, and (``-opt``) for the profiled shape alone.
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from flux_triton.engines import aoti
+from flux_triton.engines.aoti import AotiProfile
+from flux_triton.engines.aoti_engine import fixed_text
+from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.model.fp8 import set_fp8_options
 from flux_triton.model.fp8_scales import Calibration, calibrate
 from flux_triton.model.presets import build_random, full_size_step
@@ -38,6 +48,7 @@ PATHS = {
     "fp8-static-fast": (True, True, True, CUDNN),
     "fp8-attn-static-fast": (True, True, True, "fp8_cudnn"),
 }
+AOTI_PATHS = ("aoti-fp8", "aoti-fp8-opt")  # after the regional ones: they replace the blocks' forwards
 
 
 def category(kernel: str) -> str:
@@ -65,14 +76,41 @@ def breakdown(fn, step, steps: int = 3) -> dict:
         kind = category(event.key)
         totals[kind] = totals.get(kind, 0.0) + device_us / 1e3 / steps
         kernels[event.key] = device_us / 1e3 / steps
-    top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
+    top = sorted(kernels.items(), key=lambda item: -item[1])
     return {"ms_per_step": totals, "total_ms": sum(totals.values()), "top_kernels_ms": dict(top)}
+
+
+def aoti_profile(name: str, shape: str) -> AotiProfile:
+    """The default engine profile, or (``-opt``) one fixed at the profiled shape (every dimension static)."""
+    default = PROFILE_PRESETS["default"]
+    if not name.endswith("-opt"):
+        return AotiProfile.from_profile(fixed_text(default))
+    size, batch = shape.split("-b")
+    height, width = (int(side) for side in size.split("x"))
+    fixed = replace(default, batch=(int(batch),) * 3, min_size=(height, width), opt_size=(height, width),
+                    max_size=(height, width))  # fmt: skip
+    return AotiProfile.from_profile(fixed_text(fixed))
+
+
+def profile_aoti(model, name: str, scales: dict, step, shape: str) -> dict:
+    """The ``aoti-fp8`` engine's blocks compiled for ``aoti_profile(name)`` and attached to ``model``; its step
+    profiled, then the blocks' own forwards restored."""
+    for block in model.modules():
+        block._compiled_call_impl = None  # export the eager blocks, not an earlier path's regional compile
+    set_fp8_options(model, scales, True)
+    apply_speedups(model, Speedups(attention_backend=CUDNN, fp8=True, fp8_fast_accum=True), fp8_scales=scales)
+    with tempfile.TemporaryDirectory() as folder:
+        record = aoti.build(model, Path(folder), aoti_profile(name, shape))
+        aoti.attach(model, Path(folder), record["packages"])
+        row = breakdown(lambda s: transformer_call(model, s), step)
+    aoti.detach(model)
+    return {**row, "compile_s": record["compile_s"], "profile": record["profile"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1024x1024-b1")
-    parser.add_argument("--paths", default=",".join(PATHS), help=f"in this order: {', '.join(PATHS)}")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"in this order: {', '.join((*PATHS, *AOTI_PATHS))}")
     parser.add_argument("--out", type=Path, default=Path("profile.json"))
     args = parser.parse_args()
     model = build_random()
@@ -81,6 +119,9 @@ def main() -> None:
     static = {name: scale.item() for name, scale in calibrate(model, Calibration()).items()}  # on bf16 weights
     with torch.inference_mode():
         for name in args.paths.split(","):
+            if name in AOTI_PATHS:
+                results["paths"][name] = profile_aoti(model, name, static, step, args.shape)
+                continue
             fp8, static_scales, fast, attention = PATHS[name]
             scales = static if static_scales else None
             torch._dynamo.reset()
@@ -93,7 +134,7 @@ def main() -> None:
     for name, row in results["paths"].items():
         parts = "  ".join(f"{kind} {ms:6.1f}" for kind, ms in sorted(row["ms_per_step"].items()))
         print(f"{name:<20} total {row['total_ms']:6.1f}  {parts}")
-        for kernel, ms in list(row["top_kernels_ms"].items())[:6]:
+        for kernel, ms in list(row["top_kernels_ms"].items())[:8]:
             print(f"      {ms:6.2f} ms  {kernel[:110]}")
 
 

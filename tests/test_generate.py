@@ -6,13 +6,14 @@ tiny-flux-dev)."""
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import time
 
 import numpy
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import embeds, generate, load_tiny, start_server
+from helpers import REPOSITORY, embeds, generate, launch, load_tiny, start_server
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -22,6 +23,9 @@ from flux_triton.client import generate_images as served_generate_images
 from flux_triton.client.cli import main
 from flux_triton.contract import InputError
 from flux_triton.deploy import health
+from flux_triton.deploy.pbtxt import set_parameter
+from flux_triton.deploy.placement import transformer_in_process
+from flux_triton.locations import MODEL_ROOT_ENV
 from flux_triton.pipeline.caching import build_cache
 
 pytestmark = pytest.mark.server
@@ -131,6 +135,35 @@ def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, m
     local.enable_cache(config)
     assert torch.equal(served, generate(local, "dev", seed=36, **kwargs))
     assert not torch.equal(served, uncached)
+
+
+def test_a_generation_with_its_transformer_in_process_equals_local_diffusers(tmp_path, model_root, tiny_dev):
+    """flux_generate placed --in-process: dit_transformer's parameters (MagCache) copied in, dit_transformer itself
+    not served. Its generations equal local diffusers bitwise, cached and uncached; the supervisor's probe sizes its
+    request by the dims place wrote; bad input is a 400 and the model keeps serving."""
+    repository = tmp_path / "model_repository"
+    for name in ("dit_transformer", "flux_generate"):
+        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    set_parameter(repository / "dit_transformer" / "config.pbtxt", "cache", "mag")
+    config = transformer_in_process(repository / "flux_generate" / "config.pbtxt", model_root=model_root)
+    assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+    shutil.rmtree(repository / "dit_transformer")
+    server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}).start()
+    try:
+        kwargs = dict(num_inference_steps=28, guidance_scale=3.5, **embeds(37))
+        cache = build_cache({"kind": "mag"})
+        uncached, cached = _served(server, 37, **kwargs), _served(server, 37, **kwargs, cache=cache)
+        assert health.probe_model(server.url, "flux_generate", None, 30.0) == health.Outcome(None)
+        with pytest.raises(RemoteDitError, match="height: expected a positive multiple of 16, got 50") as refused:
+            _served(server, 37, **embeds(37), num_inference_steps=2, height=50)
+        assert refused.value.__cause__.status() == "400"
+        again = _served(server, 37, **kwargs)
+    finally:
+        server.stop()
+    assert torch.equal(uncached, generate(tiny_dev, "dev", seed=37, **kwargs)) and torch.equal(again, uncached)
+    local = load_tiny(model_root, "tiny-flux-dev")
+    local.enable_cache(cache)
+    assert torch.equal(cached, generate(local, "dev", seed=37, **kwargs)) and not torch.equal(cached, uncached)
 
 
 def test_prompt_strings_in_images_out_equal_local_diffusers_with_the_same_encoders_and_vae(generate_server, tiny_dev,

@@ -4,6 +4,7 @@ against the IO contract, the tensorrt_plan config, and the committed default rep
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,18 @@ from helpers import CHECKOUT, REPOSITORY
 from flux_triton.contract import DitSignature
 from flux_triton.contract.specs import engine_inputs
 from flux_triton.deploy.check import RepositoryError, check_repository
-from flux_triton.deploy.pbtxt import ENGINE, ENSEMBLE, PREPROCESS, model_config_pb2, parse_pbtxt, to_pbtxt
-from flux_triton.deploy.placement import place
+from flux_triton.deploy.pbtxt import (
+    DIT_TRANSFORMER,
+    ENGINE,
+    ENSEMBLE,
+    GENERATE,
+    PREPROCESS,
+    model_config_pb2,
+    parse_pbtxt,
+    set_parameter,
+    to_pbtxt,
+)
+from flux_triton.deploy.placement import place, transformer_in_process
 from flux_triton.deploy.repository import engine_config, ensemble_config, preprocess_config, write_repository
 from flux_triton.engines.profiles import PROFILE_PRESETS
 from flux_triton.engines.sidecar import EngineSidecar
@@ -97,6 +108,41 @@ def test_placing_the_engine_on_several_gpus_sends_the_prompt_every_step(ort_repo
     place(ort_repository / ENGINE / "config.pbtxt", gpus=[1])
     assert holding() == ("true", "true")
     assert parse_pbtxt(ort_repository / ENGINE / "config.pbtxt").parameters["engine"].string_value  # the rest kept
+
+
+def test_in_process_placement_copies_the_transformers_settings_and_dims(tmp_path, model_root):
+    """``place flux_generate --in-process --gpus 0,1``: an instance per GPU, each running the transformer with
+    dit_transformer's parameters (its speed-ups, its cache), the transformer's dims in the generation's tensors."""
+    repository = tmp_path / "repo"
+    for name in (DIT_TRANSFORMER, GENERATE):
+        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", "cache", "first_block")
+    set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", "fuse_qkv", "true")
+    config = transformer_in_process(repository / GENERATE / "config.pbtxt", [0, 1], model_root)
+    assert config["instance_group"] == [{"kind": "KIND_GPU", "count": 1, "gpus": [g]} for g in (0, 1)]
+    parameters = {key: value.get("string_value", "") for key, value in config["parameters"].items()}
+    assert (parameters["in_process"], parameters["cache"], parameters["fuse_qkv"]) == ("true", "first_block", "true")
+    dims = {tensor["name"]: tensor["dims"] for tensor in (*config["input"], *config["output"])}
+    assert dims["prompt_embeds"] == ["-1", "-1", "32"] and dims["pooled_prompt_embeds"] == ["-1", "32"]
+    assert dims["latents"] == ["-1", "-1", "4"] and dims["height"] == ["1"]
+
+
+@pytest.mark.parametrize(
+    ("model", "change", "message"),
+    [
+        (PREPROCESS, {}, "--in-process: only flux_generate and flux_generate_stream run a transformer in process"),
+        (GENERATE, {"parallel": "ulysses", "parallel_degree": "2"}, "dit_transformer runs across GPUs"),
+    ],
+    ids=["not-a-generation-model", "parallel-transformer"],
+)
+def test_in_process_placement_refuses_what_cannot_run_a_transformer_in_process(tmp_path, model, change, message):
+    repository = tmp_path / "repo"
+    for name in (DIT_TRANSFORMER, model):
+        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for key, value in change.items():
+        set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", key, value)
+    with pytest.raises(ValueError, match=message):
+        transformer_in_process(repository / model / "config.pbtxt", gpus=[0])
 
 
 @pytest.mark.parametrize(

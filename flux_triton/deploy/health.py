@@ -28,6 +28,7 @@ from flux_triton.contract.served import signature_from_config
 from flux_triton.contract.specs import engine_tensor_name
 from flux_triton.deploy import pbtxt
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, GENERATE, GENERATE_STREAM, PREPROCESS
+from flux_triton.deploy.placement import TRANSFORMER_DIMS
 from flux_triton.deploy.server import TritonServer
 from flux_triton.deploy.sockets import http_call
 from flux_triton.serving.settings import GenerateSettings, PreprocessSettings
@@ -77,9 +78,17 @@ def make_probe(client: httpclient.InferenceServerClient, model: str, headers: di
 
 def _steps_signature(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None):
     """The signature of the transformer whose steps the generation model ``model`` runs."""
-    settings = GenerateSettings.from_config(client.get_model_config(model, headers=headers), environment=False)
-    target = client.get_model_config(settings.transformer_model, headers=headers)
-    return signature_from_config(target, guidance_embeds=False)
+    config = client.get_model_config(model, headers=headers)
+    settings = GenerateSettings.from_config(config, environment=False)
+    if not settings.in_process:
+        target = client.get_model_config(settings.transformer_model, headers=headers)
+        return signature_from_config(target, guidance_embeds=False)
+    dims = {tensor["name"]: int(tensor["dims"][-1]) for tensor in (*config["input"], *config["output"])}
+    found = {field: dims[name] for name, field in TRANSFORMER_DIMS.items()}
+    if min(found.values()) < 1:  # its transformer runs in process: its config carries the dims
+        raise ValueError(f"{model} runs its transformer in process but its config lacks the transformer's dims; "
+                         f"write them with python -m flux_triton place {model} --in-process")  # fmt: skip
+    return DitSignature(**found, guidance_embeds=False, dtype="FP32")
 
 
 def _generate_probe(client: httpclient.InferenceServerClient, model: str, headers: dict[str, str] | None) -> Probe:

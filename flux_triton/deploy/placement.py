@@ -3,9 +3,12 @@
 - data parallel: one instance per listed GPU (``instance_group`` entries with ``gpus: [g]``), each a whole model
   serving its own requests - throughput;
 - context parallel (``dit_transformer`` only): one ``KIND_MODEL`` instance whose step runs across GPUs 0..N-1
-  (``serving.ranks``) - latency.
+  (``serving.ranks``) - latency;
+- in process (``flux_generate``, ``flux_generate_stream``): each instance runs the transformer itself, with
+  ``dit_transformer``'s parameters, instead of sending every step to it - no hop between models, no merging.
 
-``python -m flux_triton place MODEL --gpus 0,1`` or ``... place dit_transformer --parallel ulysses --degree 2``."""
+``python -m flux_triton place MODEL --gpus 0,1``, ``... place dit_transformer --parallel ulysses --degree 2`` or
+``... place flux_generate --in-process --gpus 0``."""
 
 from __future__ import annotations
 
@@ -16,10 +19,18 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, PREPROCESS, parse_pbtxt, to_pbtxt
+from flux_triton.contract import DitSignature
+from flux_triton.contract.generation import LATENTS
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, GENERATE, GENERATE_STREAM, PREPROCESS, parse_pbtxt, to_pbtxt
 from flux_triton.locations import Locations
+from flux_triton.model import store
 from flux_triton.model.parallel import NO_PARALLEL, PARALLEL_KINDS, ParallelSettings
-from flux_triton.serving.settings import EngineSettings, PreprocessSettings, TransformerSettings
+from flux_triton.serving.settings import EngineSettings, GenerateSettings, PreprocessSettings, TransformerSettings
+
+# the last dim of each of flux_generate's tensors that is the transformer's: what its probe sizes a request by
+TRANSFORMER_DIMS = {"prompt_embeds": "text_dim", "negative_prompt_embeds": "text_dim",
+                    "pooled_prompt_embeds": "pooled_dim", "negative_pooled_prompt_embeds": "pooled_dim",
+                    LATENTS: "in_channels"}  # fmt: skip
 
 
 def instance_groups(gpus: Sequence[int] = (), parallel: ParallelSettings | None = None) -> list[dict]:
@@ -62,6 +73,34 @@ def hold_prompts(engine_config_path: Path, holds: bool) -> None:
             _write(path, config)
 
 
+def transformer_in_process(config_path: Path, gpus: Sequence[int] = (), model_root: Path | None = None) -> dict:
+    """Rewrite ``flux_generate``'s (or ``flux_generate_stream``'s) config at ``config_path`` so that each instance
+    runs the transformer itself: ``dit_transformer``'s parameters beside it copied in, ``in_process`` true, the
+    transformer's dims (from its model folder under ``model_root``, default the repository's) written into its tensors'
+    last dims, one instance per GPU of ``gpus`` (none: one on the CPU). Returns the config as a dict."""
+    config = _read(config_path)
+    if "transformer_model" not in config.get("parameters", {}):  # not flux_generate, flux_generate_stream or a copy
+        raise ValueError(f"--in-process: only {GENERATE} and {GENERATE_STREAM} run a transformer in process, "
+                         f"not {config.get('name')}")  # fmt: skip
+    repository = config_path.parents[1]
+    transformer = TransformerSettings.from_config(_read(repository / DIT_TRANSFORMER / "config.pbtxt"), False)
+    if transformer.parallel_settings.enabled:
+        raise ValueError(f"--in-process: {DIT_TRANSFORMER} runs across GPUs (parallel {transformer.parallel}); "
+                         f"a generation model runs its transformer on one device")  # fmt: skip
+    model_dir = store.resolve_model_dir(
+        transformer.model_dir, model_root or Locations.of_repository(repository).model_root
+    )
+    signature = DitSignature.from_config(store.read_config(model_dir), "FP32")
+    config["parameters"].update({key: {"string_value": value} for key, value in transformer.parameters().items()})
+    _replace(config, GenerateSettings, in_process=True)
+    for tensor in (*config.get("input", []), *config.get("output", [])):
+        if tensor["name"] in TRANSFORMER_DIMS:
+            tensor["dims"] = [*tensor["dims"][:-1], str(getattr(signature, TRANSFORMER_DIMS[tensor["name"]]))]
+    config["instance_group"] = instance_groups(gpus) or [{"kind": "KIND_CPU", "count": 1}]
+    _write(config_path, config)
+    return _read(config_path)
+
+
 def _read(config_path: Path) -> dict:
     return json_format.MessageToDict(parse_pbtxt(config_path), preserving_proto_field_name=True)
 
@@ -88,6 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", default="", help="one instance per GPU, e.g. 0,1")
     parser.add_argument("--parallel", choices=[NO_PARALLEL, *PARALLEL_KINDS], default=None)
     parser.add_argument("--degree", type=int, default=2, help="GPUs per context-parallel step")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help=f"{GENERATE}: each instance runs the transformer "
+        f"itself, with {DIT_TRANSFORMER}'s parameters, one per GPU of --gpus (none: one on the CPU)",
+    )
     args = parser.parse_args(argv)
     gpus = [int(gpu) for gpu in args.gpus.split(",") if gpu.strip()]
     parallel = None
@@ -95,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         parallel = ParallelSettings(args.parallel, args.degree if args.parallel != NO_PARALLEL else 1)
     path = (args.repository or Locations.here().repository) / args.model / "config.pbtxt"
     try:
-        config = place(path, gpus, parallel)
+        if args.in_process and parallel is not None:
+            raise ValueError("--in-process and --parallel: a generation model runs its transformer on one device")
+        config = transformer_in_process(path, gpus) if args.in_process else place(path, gpus, parallel)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"place: {exc}\n")
     print(f"{path}: instance_group {config['instance_group'] or 'Triton default (one instance per GPU)'}")

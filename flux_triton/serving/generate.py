@@ -5,10 +5,12 @@ diffusers' own ``FluxPipeline`` runs on the server around a stand-in transformer
 steps go to the served transformer model (``dit_transformer``) in process, through Triton's BLS, exactly as a
 client's steps would; prompt strings go to the served text encoders first and the latents to the served VAE last
 (``flux_text_encoder``, ``flux_vae``: ``serving.encode_decode``), one copy for every instance. So the latents equal
-a client-driven generation's bit for bit, the served model's speed-ups,
-step caches and sessions apply, and steps of concurrent generations merge in its batcher. Each cache context of
-the generation ("cond", "uncond") is one sequence: its first step carries the prompt (and the chosen step cache),
-later steps only the latents, the timestep and the ids; every sequence ends when the generation does, or fails.
+a client-driven generation's bit for bit, the served model's speed-ups, step caches and sessions apply, and steps of
+concurrent generations merge in its batcher. Or each instance runs the transformer itself (the ``in_process``
+setting, ``in_process()``): the same steps without the hop between models, but no merging across generations. Each
+cache context of the generation ("cond", "uncond") is one sequence: its first step carries the prompt (and the
+chosen step cache), later steps only the latents, the timestep and the ids; every sequence ends when the generation
+does, or fails.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from flux_triton.pipeline.caching import build_cache, describe_cache, parse_cach
 from flux_triton.pipeline.inputs import image_tokens
 from flux_triton.pipeline.stand_in import StandInTransformer
 from flux_triton.serving import caching
+from flux_triton.serving.service import DitService
 from flux_triton.serving.settings import GenerateSettings
 
 
@@ -164,6 +167,19 @@ def _cache(parameter: str, settings: GenerateSettings) -> str:
         raise InputError(f"cache: {exc}") from None
     spec = json.dumps(describe_cache(config)) if config is not None else ""
     return spec if caching.chosen(spec, parse_cache_setting(settings.cache)) else ""
+
+
+def in_process(service: DitService) -> Infer:
+    """Steps run by ``service`` in this process (the ``in_process`` setting): as the served transformer runs them, its
+    sessions and step cache included, without the hop to another model; its error raised as the step's."""
+
+    def infer(tensors: dict[str, torch.Tensor], sequence: SequenceStep) -> torch.Tensor:
+        (result,) = service.run([({name: t.to(service.device) for name, t in tensors.items()}, sequence)])
+        if isinstance(result, Exception):
+            raise result
+        return result.cpu()
+
+    return infer
 
 
 class ServedSteps(StandInTransformer):

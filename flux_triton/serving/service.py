@@ -5,6 +5,7 @@ tensors; the same object runs standalone."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -236,3 +237,23 @@ class DitService:
             if sequence.sequence_id:
                 self.sessions.finish(sequence, failed=isinstance(result, Exception))
         return results
+
+
+def warm_service(settings: TransformerSettings, model_root: Path, device: torch.device, name: str, log) -> DitService:
+    """A ``DitService`` that has run its warm-up shapes (``settings.warmup``) before its model reports READY; a
+    failure closes it and raises naming the shape. ``log``: where the model's lines go, named ``name``."""
+    service = DitService(settings, model_root, device)
+    cache = service.compile_cache or "torch's default"
+    log(f"{name}: {service.model_dir} on {service.device} as {service.signature.dtype}, "
+        f"guidance_embeds={service.signature.guidance_embeds}, compile caches in {cache}")  # fmt: skip
+    shapes = settings.warmup(service.device.type)
+    started = time.perf_counter()
+    try:
+        service.warm_up(shapes)
+    except Exception:
+        service.close()
+        raise
+    if shapes:
+        warmed = ", ".join(f"{h}x{w} b{b} ({t} text tokens)" for h, w, b, t in shapes)
+        log(f"{name}: warmed up {warmed} in {time.perf_counter() - started:.1f} s")
+    return service

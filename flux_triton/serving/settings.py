@@ -310,6 +310,9 @@ class GenerateSettings(ModelSettings):
 
     model_dir: str = "tiny-flux-dev"  # as dit_transformer's: the signature and the scheduler come from it
     transformer_model: str = "dit_transformer"  # the served model each step goes to, in process (BLS)
+    # each instance runs the transformer itself, with dit_transformer's parameters in this config, instead of sending
+    # the steps to transformer_model (python -m flux_triton place flux_generate --in-process)
+    in_process: bool = False
     # the served models that encode prompt strings and decode images (serving.encode_decode); one not loaded: none
     text_encoder_model: str = "flux_text_encoder"
     vae_model: str = "flux_vae"

@@ -20,7 +20,7 @@ from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import triton
 from flux_triton.serving.profiling import ExecuteProfiler
-from flux_triton.serving.service import DitService, pick_device, signature_for
+from flux_triton.serving.service import DitService, pick_device, signature_for, warm_service
 from flux_triton.serving.sessions import HELD
 from flux_triton.serving.settings import TransformerSettings, check_cache_instances
 
@@ -53,22 +53,9 @@ class TritonPythonModel:
                              f"so its instance_group must be KIND_MODEL (python -m flux_triton place)")  # fmt: skip
         device = triton.instance_device(args)
         triton.utf8_text()  # before anything compiles
-        self.service = DitService(settings, Locations.of_repository(REPOSITORY).model_root, device)
+        root = Locations.of_repository(REPOSITORY).model_root
+        self.service = warm_service(settings, root, device, "dit_transformer", triton.log_info)  # before READY
         self.profiler = ExecuteProfiler("dit_transformer", self.service.device)
-        signature = self.service.signature
-        cache = self.service.compile_cache or "torch's default"
-        triton.log_info(f"dit_transformer: {self.service.model_dir} on {device} as {signature.dtype}, "
-                        f"guidance_embeds={signature.guidance_embeds}, compile caches in {cache}")  # fmt: skip
-        shapes = settings.warmup(self.service.device.type)
-        started = time.perf_counter()
-        try:  # before READY: a failure keeps the model unavailable, naming the shape
-            self.service.warm_up(shapes)
-        except Exception:
-            self.service.close()
-            raise
-        if shapes:
-            warmed = ", ".join(f"{h}x{w} b{b} ({t} text tokens)" for h, w, b, t in shapes)
-            triton.log_info(f"dit_transformer: warmed up {warmed} in {time.perf_counter() - started:.1f} s")
 
     def execute(self, requests):
         with self.profiler.execute(len(requests)):

@@ -1,7 +1,8 @@
 """Triton Python-backend model ``flux_generate``: a whole FLUX generation per request (prompt strings or embeddings
 in; latents, and PNG images where the server has a VAE, out), diffusers' ``FluxPipeline`` running here with every
-step sent to the served transformer model in process, prompt strings to the served text encoder model and latents to
-the served VAE model (``flux_triton.serving.generate``). Configured by its parameters (``GenerateSettings``).
+step sent to the served transformer model in process (or, ``in_process``, run by this instance itself),
+prompt strings to the served text encoder model and latents to the served VAE model
+(``flux_triton.serving.generate``). Configured by its parameters (``GenerateSettings``).
 
 The same file serves ``flux_generate_stream``, whose config is decoupled: each request then gets a ``progress``
 response after every step and its answer last, and a request cancelled (the client stopped its stream, or
@@ -28,9 +29,17 @@ from flux_triton.contract.protocol import CACHE_PARAMETER
 from flux_triton.locations import Locations
 from flux_triton.model import store
 from flux_triton.serving import triton
-from flux_triton.serving.generate import Generation, GenerationCancelled, Parts, ServedSteps, generate, scheduler_for
-from flux_triton.serving.service import model_dtype, pick_device
-from flux_triton.serving.settings import GenerateSettings
+from flux_triton.serving.generate import (
+    Generation,
+    GenerationCancelled,
+    Parts,
+    ServedSteps,
+    generate,
+    in_process,
+    scheduler_for,
+)
+from flux_triton.serving.service import model_dtype, pick_device, warm_service
+from flux_triton.serving.settings import GenerateSettings, TransformerSettings
 
 REPOSITORY = Path(__file__).resolve().parents[2]  # this model's repository
 
@@ -42,12 +51,21 @@ class TritonPythonModel:
         self.name, self.streams = config["name"], triton.decoupled(config)
         root = Locations.of_repository(REPOSITORY).model_root
         self.model_dir = store.resolve_model_dir(self.settings.model_dir, root)
-        device = pick_device()
+        self.service = None
+        if not self.settings.in_process:
+            device, target = pick_device(), self.settings.transformer_model
+            self._infer = self._bls_infer
+        else:  # the transformer runs here, with dit_transformer's parameters in this config
+            device, target = triton.instance_device(args), "this instance"
+            triton.utf8_text()  # before anything compiles
+            transformer = TransformerSettings.from_config(config)
+            self.service = warm_service(transformer, root, device, self.name, triton.log_info)  # before READY
+            self._infer = in_process(self.service)
         self.dtype = model_dtype(self.settings, device)  # the transformer's and the encoders', wherever they run
         self.signature = DitSignature.from_config(store.read_config(self.model_dir), self.dtype)
-        torch.set_num_threads(1)  # the loop's own work is small; the forwards run in the served models
-        triton.log_info(f"{self.name}: {self.model_dir}, steps to {self.settings.transformer_model} as "
-                        f"{self.signature.dtype}")  # fmt: skip
+        if self.service is None:
+            torch.set_num_threads(1)  # the loop's own work is small; the forwards run in the served models
+        triton.log_info(f"{self.name}: {self.model_dir}, steps to {target} as {self.signature.dtype}")
 
     def execute(self, requests):
         if not self.streams:
@@ -89,8 +107,13 @@ class TritonPythonModel:
         return Parts(self._encode if encoder and triton.model_ready(encoder) else None,
                      self._decode if vae and triton.model_ready(vae) else None)  # fmt: skip
 
-    def _infer(self, tensors, sequence):
+    def _bls_infer(self, tensors, sequence):
         return triton.bls_infer(self.settings.transformer_model, tensors, sequence)
+
+    def finalize(self):
+        if self.service is not None:
+            self.service.close()
+            self.service = None
 
     def _encode(self, prompts: list[str], max_sequence_length: int):
         """The served encoders' embeddings, back in their dtype (FP32 on the wire holds bfloat16 exactly)."""

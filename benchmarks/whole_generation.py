@@ -1,0 +1,115 @@
+"""One whole generation at a time, three ways with the same speed-ups, in one run: ``FluxPipeline`` with the
+transformer in this process (the baseline), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), and
+``flux_generate`` placed ``--in-process`` (each instance runs the transformer itself). Prompt embeddings in, latents
+out, one server with both generation models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
+regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation).
+
+    python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
+        --out whole-generation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from cache_loop import in_process
+from workload import prepare
+
+from flux_triton.client import RemoteSettings, generate
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, GENERATE, set_parameter
+from flux_triton.deploy.placement import transformer_in_process
+from flux_triton.deploy.server import TritonServer
+from flux_triton.locations import MODEL_ROOT_ENV, Locations
+from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL
+from flux_triton.model.speedups import Speedups
+from flux_triton.pipeline.caching import NO_CACHE
+
+IN_PROCESS_MODEL = "flux_generate_in_process"  # flux_generate's copy placed --in-process
+
+
+def speedups_of(args) -> Speedups:
+    """The served speed-ups (on a GPU), the same in process; none on the CPU (a smoke run)."""
+    if not torch.cuda.is_available():
+        return Speedups()
+    return Speedups(args.attention, fp8=args.fp8, fp8_scales=args.fp8_scales, fp8_fast_accum=args.fp8_fast_accum,
+                    compile="regional", cuda_graphs=True)  # fmt: skip
+
+
+def write_repository(repository: Path, args, models: Path) -> None:
+    """dit_transformer with the speed-ups, flux_generate sending it the steps, and a copy running them itself."""
+    speedups = speedups_of(args)
+    source = Locations.here().repository
+    for name, folder in ((DIT_TRANSFORMER, DIT_TRANSFORMER), (GENERATE, GENERATE), (GENERATE, IN_PROCESS_MODEL)):
+        shutil.copytree(source / name, repository / folder)
+    for key, value in {"model_dir": args.model, **speedups.parameters()}.items():
+        set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", key, str(value))
+    set_parameter(repository / GENERATE / "config.pbtxt", "model_dir", args.model)
+    copy = repository / IN_PROCESS_MODEL / "config.pbtxt"
+    copy.write_text(copy.read_text().replace(f'name: "{GENERATE}"', f'name: "{IN_PROCESS_MODEL}"', 1))
+    transformer_in_process(copy, [0] if torch.cuda.is_available() else [], models)
+
+
+def timed(run, runs: int) -> dict:
+    """The first generation (after READY), then ``runs`` timed ones."""
+    started = time.perf_counter()
+    run()
+    first_s, times = time.perf_counter() - started, []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return {"first_s": first_s, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--runs", type=int, default=3, help="timed generations of each way, after one")
+    parser.add_argument("--attention", default="_native_cudnn")
+    parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--fp8-scales", default="")
+    parser.add_argument("--fp8-fast-accum", action="store_true")
+    parser.add_argument("--model", default=RANDOM_MODEL)
+    parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
+    parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
+    args = parser.parse_args()
+    work, models, prompt = prepare(args, "whole-generation-", seed=2)
+    repository = work / "repository"
+    write_repository(repository, args, models)
+    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "size": args.size,
+               "steps": args.steps, "fp8": args.fp8, "rows": []}  # fmt: skip
+
+    def record(row: dict) -> None:
+        results["rows"].append(row)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"{row['config']:<34} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f}), "
+              f"first {row['first_s']:.3f} s", flush=True)  # fmt: skip
+
+    server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / "tritonserver.log",
+                          cache=work / "triton", args=["--exit-timeout-secs=5"])  # fmt: skip
+    with server.start(timeout_s=900):
+        for config, model in (("flux_generate, steps over BLS", GENERATE), ("flux_generate --in-process",
+                                                                             IN_PROCESS_MODEL)):  # fmt: skip
+            settings = RemoteSettings(url=server.url, model_name=model, network_timeout_s=900)
+            run = lambda s=settings: generate(**prompt, height=args.size, width=args.size,  # noqa: E731
+                                              num_inference_steps=args.steps, settings=s)  # fmt: skip
+            record({"config": config, **timed(run, args.runs)})
+    row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
+    record({key: value for key, value in row.items() if key.endswith("_s") or key == "config"})
+    baseline = results["rows"][-1]["median_s"]
+    print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}; median of {args.runs}")
+    print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7}")
+    for row in results["rows"]:
+        print(f"{row['config']:<34} {row['median_s']:>9.3f} {row['median_s'] / baseline - 1:>+12.1%} "
+              f"{row['first_s']:>7.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
