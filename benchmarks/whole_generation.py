@@ -1,7 +1,8 @@
-"""One whole generation at a time, three ways with the same speed-ups, in one run: ``FluxPipeline`` with the
-transformer in this process (the baseline), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), and
-``flux_generate`` placed ``--in-process`` (each instance runs the transformer itself). Prompt embeddings in, latents
-out, one server with both generation models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
+"""One whole generation at a time, four ways with the same speed-ups, in one run: ``FluxPipeline`` with the
+transformer in this process (the baseline), ``FluxPipeline`` here with ``RemoteFluxTransformer`` over shared memory
+(the client-driven loop), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), and ``flux_generate``
+placed ``--in-process`` (each instance runs the transformer itself). Prompt embeddings in, latents out, one server
+with both generation models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
 regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation).
 
     python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
@@ -18,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from cache_loop import in_process
+from cache_loop import generation, in_process
 from workload import prepare
 
-from flux_triton.client import RemoteSettings, generate
+from flux_triton.client import RemoteFluxTransformer, RemoteSettings, generate
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, GENERATE, set_parameter
 from flux_triton.deploy.placement import transformer_in_process
 from flux_triton.deploy.server import TritonServer
@@ -101,6 +102,10 @@ def main() -> None:
             run = lambda s=settings: generate(**prompt, height=args.size, width=args.size,  # noqa: E731
                                               num_inference_steps=args.steps, settings=s)  # fmt: skip
             record({"config": config, **timed(run, args.runs)})
+        with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
+            record(
+                {"config": "client loop, shared memory", **timed(lambda: generation(remote, prompt, args), args.runs)}
+            )
     row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
     record({key: value for key, value in row.items() if key.endswith("_s") or key == "config"})
     baseline = results["rows"][-1]["median_s"]

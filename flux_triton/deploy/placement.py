@@ -127,12 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", default="", help="one instance per GPU, e.g. 0,1")
     parser.add_argument("--parallel", choices=[NO_PARALLEL, *PARALLEL_KINDS], default=None)
     parser.add_argument("--degree", type=int, default=2, help="GPUs per context-parallel step")
-    parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help=f"{GENERATE}: each instance runs the transformer "
-        f"itself, with {DIT_TRANSFORMER}'s parameters, one per GPU of --gpus (none: one on the CPU)",
-    )
+    in_process = f"{GENERATE}: each instance runs the transformer itself with {DIT_TRANSFORMER}'s parameters"
+    parser.add_argument("--in-process", action="store_true", help=f"{in_process}, one per GPU of --gpus (none: CPU)")
     args = parser.parse_args(argv)
     gpus = [int(gpu) for gpu in args.gpus.split(",") if gpu.strip()]
     parallel = None
