@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--fp8-fast-accum", action="store_true")
     parser.add_argument("--model", default=RANDOM_MODEL)
     parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
+    parser.add_argument("--ways", default="bls,in-process,client,pipeline", help="which of the four, in this order")
     parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
     args = parser.parse_args()
     work, models, prompt = prepare(args, "whole-generation-", seed=2)
@@ -93,22 +94,25 @@ def main() -> None:
         print(f"{row['config']:<34} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f}), "
               f"first {row['first_s']:.3f} s", flush=True)  # fmt: skip
 
+    ways = args.ways.split(",")
     server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / "tritonserver.log",
                           cache=work / "triton", args=["--exit-timeout-secs=5"])  # fmt: skip
     with server.start(timeout_s=900):
-        for config, model in (("flux_generate, steps over BLS", GENERATE), ("flux_generate --in-process",
-                                                                             IN_PROCESS_MODEL)):  # fmt: skip
+        for way, config, model in (("bls", "flux_generate, steps over BLS", GENERATE),
+                                   ("in-process", "flux_generate --in-process", IN_PROCESS_MODEL)):  # fmt: skip
             settings = RemoteSettings(url=server.url, model_name=model, network_timeout_s=900)
             run = lambda s=settings: generate(**prompt, height=args.size, width=args.size,  # noqa: E731
                                               num_inference_steps=args.steps, settings=s)  # fmt: skip
-            record({"config": config, **timed(run, args.runs)})
-        with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
-            record(
-                {"config": "client loop, shared memory", **timed(lambda: generation(remote, prompt, args), args.runs)}
-            )
-    row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
-    record({key: value for key, value in row.items() if key.endswith("_s") or key == "config"})
-    baseline = results["rows"][-1]["median_s"]
+            if way in ways:
+                record({"config": config, **timed(run, args.runs)})
+        if "client" in ways:
+            with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
+                run = lambda: generation(remote, prompt, args)  # noqa: E731
+                record({"config": "client loop, shared memory", **timed(run, args.runs)})
+    if "pipeline" in ways:
+        row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
+        record({key: value for key, value in row.items() if key.endswith("_s") or key == "config"})
+    baseline = results["rows"][-1]["median_s"]  # the last way: the pipeline in process, where it ran
     print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}; median of {args.runs}")
     print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7}")
     for row in results["rows"]:
