@@ -1,12 +1,20 @@
-"""GPU checks (skipped without CUDA): the served code path in bf16 on the GPU, and each fast path
-of the full-size FLUX.1-dev architecture (random weights) against an fp32 reference of the same
-weights, next to eager bf16's own error."""
+"""GPU checks (skipped without CUDA): the served code path in bf16 on the GPU, each fast path of the full-size
+FLUX.1-dev architecture (random weights) against an fp32 reference of the same weights, next to eager bf16's own
+error, and flux_generate on the GPU, its steps over BLS and in process."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from helpers import REPOSITORY, embeds, launch
 
+from flux_triton.client import RemoteSettings
+from flux_triton.client import generate as served_generate
+from flux_triton.deploy.pbtxt import set_parameter
+from flux_triton.deploy.placement import transformer_in_process
+from flux_triton.locations import MODEL_ROOT_ENV
 from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline.call import reference_call
 from flux_triton.pipeline.inputs import random_step, rel_l2
@@ -50,3 +58,28 @@ def test_fast_paths_are_as_accurate_as_eager(full_size, speedups, allowed):
     fast = apply_speedups(full_size.model, speedups)
     error = rel_l2(reference_call(fast, full_size.step), full_size.expected)
     assert error <= allowed * full_size.eager_error, f"{error:.3e} vs eager {full_size.eager_error:.3e}"
+
+
+def test_flux_generate_on_the_gpu_answers_the_same_latents_over_bls_and_in_process(tmp_path, model_root):
+    """flux_generate sending its steps to dit_transformer on GPU 0 (the BLS answer that once crashed tritonserver
+    when handed over in GPU memory), and a copy placed --in-process on GPU 0 with the same settings: the same
+    generation, bitwise, both ways."""
+    repository = tmp_path / "model_repository"
+    for name, folder in (("dit_transformer",) * 2, ("flux_generate",) * 2, ("flux_generate", "flux_generate_local")):
+        shutil.copytree(REPOSITORY / name, repository / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    local = repository / "flux_generate_local" / "config.pbtxt"
+    local.write_text(local.read_text().replace('name: "flux_generate"', 'name: "flux_generate_local"', 1))
+    transformer_in_process(local, [0], model_root)
+    set_parameter(repository / "dit_transformer" / "config.pbtxt", "warmup_shapes", "256x256x1x8")
+    set_parameter(local, "warmup_shapes", "256x256x1x8")
+    server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}).start()
+    try:
+        answers = []
+        for model in ("flux_generate", "flux_generate_local"):
+            settings = RemoteSettings(url=server.url, model_name=model)
+            answers.append(served_generate(**embeds(5), height=256, width=256, num_inference_steps=4, seed=5,
+                                           settings=settings))  # fmt: skip
+    finally:
+        server.stop()
+    assert answers[0].shape == (1, 256, 4) and bool(torch.isfinite(answers[0]).all())
+    assert torch.equal(answers[0], answers[1])
