@@ -62,6 +62,17 @@ def load_tiny(model_root: Path, name: str):
     return store.load_transformer(store.resolve_model_dir(name, model_root), torch.float32, "cpu")
 
 
+def copy_model(repository: Path, model: str, name: str | None = None) -> Path:
+    """The committed repository's ``model`` copied into ``repository`` under ``name`` (default its own, else renamed in
+    its config); returns the copy's ``config.pbtxt``."""
+    name = name or model
+    shutil.copytree(REPOSITORY / model, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repository / name / "config.pbtxt"
+    if name != model:
+        config.write_text(config.read_text().replace(f'name: "{model}"', f'name: "{name}"', 1))
+    return config
+
+
 def start_server(
     tmp_path: Path,
     model_root: Path,
@@ -76,9 +87,9 @@ def start_server(
     models are loaded (to check why one does not load); ``model_control``: explicit, to reload models."""
     repository = tmp_path / "model_repository"
     for name in models:
-        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+        config = copy_model(repository, name)
         for key, value in (parameters or {}).get(name, {}).items():
-            set_parameter(repository / name / "config.pbtxt", key, value)
+            set_parameter(config, key, value)
     server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root), **(env or {})})
     server.model_control = model_control
     return server.start(wait_for=wait_for)
@@ -92,9 +103,7 @@ def start_variants(
     special setting a module tests."""
     repository = folder / "model_repository"
     for name, parameters in variants.items():
-        shutil.copytree(REPOSITORY / "dit_transformer", repository / name, ignore=shutil.ignore_patterns("__pycache__"))
-        config = repository / name / "config.pbtxt"
-        config.write_text(config.read_text().replace('name: "dit_transformer"', f'name: "{name}"', 1))
+        config = copy_model(repository, "dit_transformer", name)
         for key, value in parameters.items():
             set_parameter(config, key, value)
         if parallel is not None:

@@ -13,7 +13,7 @@ import numpy
 import pytest
 import torch
 import tritonclient.http as httpclient
-from helpers import REPOSITORY, embeds, generate, launch, load_tiny, start_server
+from helpers import copy_model, embeds, generate, launch, load_tiny, start_server
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -142,10 +142,8 @@ def test_a_generation_with_its_transformer_in_process_equals_local_diffusers(tmp
     not served. Its generations equal local diffusers bitwise, cached and uncached; the supervisor's probe sizes its
     request by the dims place wrote; bad input is a 400 and the model keeps serving."""
     repository = tmp_path / "model_repository"
-    for name in ("dit_transformer", "flux_generate"):
-        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
-    set_parameter(repository / "dit_transformer" / "config.pbtxt", "cache", "mag")
-    config = transformer_in_process(repository / "flux_generate" / "config.pbtxt", model_root=model_root)
+    set_parameter(copy_model(repository, "dit_transformer"), "cache", "mag")
+    config = transformer_in_process(copy_model(repository, "flux_generate"), model_root=model_root)
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
     shutil.rmtree(repository / "dit_transformer")
     server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}).start()

@@ -4,11 +4,9 @@ error, and flux_generate on the GPU, its steps over BLS and in process."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from helpers import REPOSITORY, embeds, launch
+from helpers import copy_model, embeds, launch
 
 from flux_triton.client import RemoteSettings
 from flux_triton.client import generate as served_generate
@@ -65,12 +63,10 @@ def test_flux_generate_on_the_gpu_answers_the_same_latents_over_bls_and_in_proce
     when handed over in GPU memory), and a copy placed --in-process on GPU 0 with the same settings: the same
     generation, bitwise, both ways."""
     repository = tmp_path / "model_repository"
-    for name, folder in (("dit_transformer",) * 2, ("flux_generate",) * 2, ("flux_generate", "flux_generate_local")):
-        shutil.copytree(REPOSITORY / name, repository / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    local = repository / "flux_generate_local" / "config.pbtxt"
-    local.write_text(local.read_text().replace('name: "flux_generate"', 'name: "flux_generate_local"', 1))
+    set_parameter(copy_model(repository, "dit_transformer"), "warmup_shapes", "256x256x1x8")
+    copy_model(repository, "flux_generate")
+    local = copy_model(repository, "flux_generate", "flux_generate_local")
     transformer_in_process(local, [0], model_root)
-    set_parameter(repository / "dit_transformer" / "config.pbtxt", "warmup_shapes", "256x256x1x8")
     set_parameter(local, "warmup_shapes", "256x256x1x8")
     server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}).start()
     try:

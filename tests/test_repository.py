@@ -4,12 +4,11 @@ against the IO contract, the tensorrt_plan config, and the committed default rep
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CHECKOUT, REPOSITORY
+from helpers import CHECKOUT, REPOSITORY, copy_model
 
 from flux_triton.contract import DitSignature
 from flux_triton.contract.specs import engine_inputs
@@ -114,11 +113,10 @@ def test_in_process_placement_copies_the_transformers_settings_and_dims(tmp_path
     """``place flux_generate --in-process --gpus 0,1``: an instance per GPU, each running the transformer with
     dit_transformer's parameters (its speed-ups, its cache), the transformer's dims in the generation's tensors."""
     repository = tmp_path / "repo"
-    for name in (DIT_TRANSFORMER, GENERATE):
-        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
-    set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", "cache", "first_block")
-    set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", "fuse_qkv", "true")
-    config = transformer_in_process(repository / GENERATE / "config.pbtxt", [0, 1], model_root)
+    transformer = copy_model(repository, DIT_TRANSFORMER)
+    set_parameter(transformer, "cache", "first_block")
+    set_parameter(transformer, "fuse_qkv", "true")
+    config = transformer_in_process(copy_model(repository, GENERATE), [0, 1], model_root)
     assert config["instance_group"] == [{"kind": "KIND_GPU", "count": 1, "gpus": [g]} for g in (0, 1)]
     parameters = {key: value.get("string_value", "") for key, value in config["parameters"].items()}
     assert (parameters["in_process"], parameters["cache"], parameters["fuse_qkv"]) == ("true", "first_block", "true")
@@ -137,12 +135,11 @@ def test_in_process_placement_copies_the_transformers_settings_and_dims(tmp_path
 )
 def test_in_process_placement_refuses_what_cannot_run_a_transformer_in_process(tmp_path, model, change, message):
     repository = tmp_path / "repo"
-    for name in (DIT_TRANSFORMER, model):
-        shutil.copytree(REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    transformer = copy_model(repository, DIT_TRANSFORMER)
     for key, value in change.items():
-        set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", key, value)
+        set_parameter(transformer, key, value)
     with pytest.raises(ValueError, match=message):
-        transformer_in_process(repository / model / "config.pbtxt", gpus=[0])
+        transformer_in_process(copy_model(repository, model), gpus=[0])
 
 
 @pytest.mark.parametrize(

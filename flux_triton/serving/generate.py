@@ -174,7 +174,7 @@ def in_process(service: DitService) -> Infer:
     sessions and step cache included, without the hop to another model; its error raised as the step's."""
 
     def infer(tensors: dict[str, torch.Tensor], sequence: SequenceStep) -> torch.Tensor:
-        (result,) = service.run([({name: t.to(service.device) for name, t in tensors.items()}, sequence)])
+        (result,) = service.run([(tensors, sequence)])  # DitService.prepare moves them to its device
         if isinstance(result, Exception):
             raise result
         return result.cpu()
