@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from cache_loop import generation, in_process
+from cache_loop import generation, in_process, load_threads
 from workload import prepare
 
 from flux_triton.client import RemoteFluxTransformer, RemoteSettings, generate
@@ -56,16 +56,17 @@ def write_repository(repository: Path, args, models: Path) -> None:
     transformer_in_process(copy, [0] if torch.cuda.is_available() else [], models)
 
 
-def timed(run, runs: int) -> dict:
-    """The first generation (after READY), then ``runs`` timed ones."""
+def timed(run, runs: int) -> tuple[dict, torch.Tensor]:
+    """The first generation (after READY), then ``runs`` timed ones; the times and the last one's latents."""
     started = time.perf_counter()
-    run()
+    latents = run()
     first_s, times = time.perf_counter() - started, []
     for _ in range(runs):
         started = time.perf_counter()
-        run()
+        latents = run()
         times.append(time.perf_counter() - started)
-    return {"first_s": first_s, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+    row = {"first_s": first_s, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+    return row, latents.float().cpu()
 
 
 def main() -> None:
@@ -88,15 +89,21 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "size": args.size,
                "steps": args.steps, "fp8": args.fp8, "rows": []}  # fmt: skip
 
-    def record(row: dict) -> None:
+    reference = []  # the first way's latents: each way's max_abs_diff is against them
+
+    def record(config: str, row: dict, latents: torch.Tensor) -> None:
+        reference.append(latents)
+        row = {"config": config, **row, "max_abs_diff": (latents - reference[0]).abs().max().item()}
         results["rows"].append(row)
         args.out.write_text(json.dumps(results, indent=2))
         print(f"{row['config']:<34} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f}), "
-              f"first {row['first_s']:.3f} s", flush=True)  # fmt: skip
+              f"first {row['first_s']:.3f} s, max |diff| {row['max_abs_diff']:.2e}", flush=True)  # fmt: skip
 
     ways = args.ways.split(",")
+    server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}",
+                   "--backend-config=python,shm-default-byte-size=67108864"]  # fmt: skip
     server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / "tritonserver.log",
-                          cache=work / "triton", args=["--exit-timeout-secs=5"])  # fmt: skip
+                          cache=work / "triton", args=server_args)  # fmt: skip
     with server.start(timeout_s=900):
         for way, config, model in (("bls", "flux_generate, steps over BLS", GENERATE),
                                    ("in-process", "flux_generate --in-process", IN_PROCESS_MODEL)):  # fmt: skip
@@ -104,20 +111,20 @@ def main() -> None:
             run = lambda s=settings: generate(**prompt, height=args.size, width=args.size,  # noqa: E731
                                               num_inference_steps=args.steps, settings=s)  # fmt: skip
             if way in ways:
-                record({"config": config, **timed(run, args.runs)})
+                record(config, *timed(run, args.runs))
         if "client" in ways:
             with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
-                run = lambda: generation(remote, prompt, args)  # noqa: E731
-                record({"config": "client loop, shared memory", **timed(run, args.runs)})
+                run = lambda: generation(remote, prompt, args)[1]  # noqa: E731
+                record("client loop, shared memory", *timed(run, args.runs))
     if "pipeline" in ways:
         row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
-        record({key: value for key, value in row.items() if key.endswith("_s") or key == "config"})
+        record(row["config"], {key: value for key, value in row.items() if key.endswith("_s")}, row["latents"])
     baseline = results["rows"][-1]["median_s"]  # the last way: the pipeline in process, where it ran
     print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}; median of {args.runs}")
-    print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7}")
+    print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7} {'max |diff|':>10}")
     for row in results["rows"]:
         print(f"{row['config']:<34} {row['median_s']:>9.3f} {row['median_s'] / baseline - 1:>+12.1%} "
-              f"{row['first_s']:>7.2f}")  # fmt: skip
+              f"{row['first_s']:>7.2f} {row['max_abs_diff']:>10.2e}")  # fmt: skip
 
 
 if __name__ == "__main__":
