@@ -23,7 +23,8 @@ from flux_triton.pipeline.call import transformer_call
 from flux_triton.pipeline.inputs import random_step
 from flux_triton.serving import caching, faults
 from flux_triton.serving.merging import STEP_MERGING, detached, finite_or_error, run_merged
-from flux_triton.serving.ranks import Ranks, RanksFailed, RankSpec, free_port
+from flux_triton.serving.rank_group import RankSpec, free_port
+from flux_triton.serving.ranks import Ranks, RanksFailed
 from flux_triton.serving.sessions import Sessions, closes_only, held_only
 from flux_triton.serving.settings import TransformerSettings
 

@@ -17,7 +17,7 @@ from flux_triton.model.speedups import load_with_speedups
 from flux_triton.pipeline.caching import parse_cache_setting
 from flux_triton.pipeline.call import transformer_call
 from flux_triton.serving import caching, faults
-from flux_triton.serving.ranks import (
+from flux_triton.serving.rank_group import (
     ERROR,
     READY,
     RankSpec,
