@@ -100,8 +100,8 @@ def main() -> None:
               f"first {row['first_s']:.3f} s, max |diff| {row['max_abs_diff']:.2e}", flush=True)  # fmt: skip
 
     ways = args.ways.split(",")
-    server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}",
-                   "--backend-config=python,shm-default-byte-size=67108864"]  # fmt: skip
+    # as `serve` starts it (no backend options), loading as many models at once as the GPU's memory allows
+    server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}"]
     server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / "tritonserver.log",
                           cache=work / "triton", args=server_args)  # fmt: skip
     with server.start(timeout_s=900):
