@@ -136,10 +136,13 @@ def model_ready(model_name: str) -> bool:
 
 
 def output(name: str, value: torch.Tensor | list[bytes]):
-    """An output tensor: a torch tensor (through DLPack), or a list of bytes (a BYTES tensor)."""
+    """An output tensor: a torch tensor (through DLPack, in host memory), or a list of bytes (a BYTES tensor).
+    A GPU tensor is copied to the host here: every reader of these models' answers reads host memory (HTTP bodies,
+    system shared memory, BLS callers asking for it), and a GPU output costs the Python backend one more exchange
+    between its stub and the server for each response, on the path that crashed tritonserver 2.51 (``bls_call``)."""
     if isinstance(value, list):
         return _pb().Tensor(name, numpy.array(value, dtype=numpy.object_))
-    return _pb().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+    return _pb().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous().cpu()))
 
 
 def response(outputs: dict[str, torch.Tensor | list[bytes]]):
