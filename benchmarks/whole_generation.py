@@ -3,7 +3,9 @@ transformer in this process (the baseline), ``FluxPipeline`` here with ``RemoteF
 (the client-driven loop), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), and ``flux_generate``
 placed ``--in-process`` (each instance runs the transformer itself). Prompt embeddings in, latents out, one server
 with both generation models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
-regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation).
+regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation). Each way: s/image, the first
+after READY, its final latents against the first way's; the client loop's median served call and the median step in
+process beside it.
 
     python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
         --out whole-generation.json
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from cache_loop import generation, in_process, load_threads
+from cache_loop import in_process, load_threads, timed
 from workload import prepare
 
 from flux_triton.client import RemoteFluxTransformer, RemoteSettings, generate
@@ -56,8 +58,9 @@ def write_repository(repository: Path, args, models: Path) -> None:
     transformer_in_process(copy, [0] if torch.cuda.is_available() else [], models)
 
 
-def timed(run, runs: int) -> tuple[dict, torch.Tensor]:
-    """The first generation (after READY), then ``runs`` timed ones; the times and the last one's latents."""
+def timed_requests(run, runs: int) -> tuple[dict, torch.Tensor]:
+    """The first whole-generation request (after READY), then ``runs`` timed ones; the times and the last one's
+    latents."""
     started = time.perf_counter()
     latents = run()
     first_s, times = time.perf_counter() - started, []
@@ -91,9 +94,13 @@ def main() -> None:
 
     reference = []  # the first way's latents: each way's max_abs_diff is against them
 
-    def record(config: str, row: dict, latents: torch.Tensor) -> None:
+    def record(config: str, row: dict, latents: torch.Tensor, steps_ms: list[float] | None = None) -> None:
+        """``steps_ms``: each step's time of the last generation (the served call, or the step in process)."""
         reference.append(latents)
+        row = {key: value for key, value in row.items() if key.endswith("_s")}
         row = {"config": config, **row, "max_abs_diff": (latents - reference[0]).abs().max().item()}
+        if steps_ms:  # the first step also holds the pipeline's preparations
+            row["step_ms"] = statistics.median(steps_ms[1:])
         results["rows"].append(row)
         args.out.write_text(json.dumps(results, indent=2))
         print(f"{row['config']:<34} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f}), "
@@ -111,20 +118,21 @@ def main() -> None:
             run = lambda s=settings: generate(**prompt, height=args.size, width=args.size,  # noqa: E731
                                               num_inference_steps=args.steps, settings=s)  # fmt: skip
             if way in ways:
-                record(config, *timed(run, args.runs))
+                record(config, *timed_requests(run, args.runs))
         if "client" in ways:
             with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
-                run = lambda: generation(remote, prompt, args)[1]  # noqa: E731
-                record("client loop, shared memory", *timed(run, args.runs))
+                row = timed(remote, prompt, args, remote.latencies_s)
+                record("client loop, shared memory", row, row["latents"], row["step_latencies_ms"])
     if "pipeline" in ways:
         row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
-        record(row["config"], {key: value for key, value in row.items() if key.endswith("_s")}, row["latents"])
+        record(row["config"], row, row["latents"], row["step_wall_ms"])
     baseline = results["rows"][-1]["median_s"]  # the last way: the pipeline in process, where it ran
     print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}; median of {args.runs}")
-    print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7} {'max |diff|':>10}")
+    print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7} {'max |diff|':>10} {'step ms':>8}")
     for row in results["rows"]:
+        step = f"{row['step_ms']:>8.1f}" if "step_ms" in row else ""
         print(f"{row['config']:<34} {row['median_s']:>9.3f} {row['median_s'] / baseline - 1:>+12.1%} "
-              f"{row['first_s']:>7.2f} {row['max_abs_diff']:>10.2e}")  # fmt: skip
+              f"{row['first_s']:>7.2f} {row['max_abs_diff']:>10.2e} {step}")  # fmt: skip
 
 
 if __name__ == "__main__":
