@@ -58,6 +58,29 @@ def test_a_served_generation_equals_local_diffusers_and_the_client_driven_one(ge
     assert not torch.equal(other_seed, served)
 
 
+def test_a_bfloat16_generation_runs_in_bfloat16_as_the_client_driven_one_does(tmp_path, model_root):
+    """Served in bfloat16 (both models' dtype setting): FP32 embeddings on the wire are taken in the transformer's
+    dtype, as FluxPipeline's text encoders give them, so the loop runs in bfloat16 latents like the client-driven
+    generation and a local bfloat16 pipeline; kept in FP32 its latents would drift from theirs."""
+    repository = tmp_path / "model_repository"
+    for model in ("dit_transformer", "flux_generate"):
+        set_parameter(copy_model(repository, model), "dtype", "bfloat16")
+    server = launch(repository, tmp_path, {MODEL_ROOT_ENV: str(model_root)}).start()
+    try:
+        kwargs = dict(num_inference_steps=8, guidance_scale=3.5)
+        prompt = embeds(41)
+        served = _served(server, 41, **kwargs, **prompt)
+        in_bfloat16 = {name: tensor.to(torch.bfloat16) for name, tensor in prompt.items()}
+        with RemoteFluxTransformer(url=server.url) as remote:
+            driven = generate(remote, "dev", seed=41, **kwargs, **in_bfloat16)
+    finally:
+        server.stop()
+    local = load_tiny(model_root, "tiny-flux-dev").to(torch.bfloat16)
+    assert driven.dtype == torch.bfloat16
+    assert torch.equal(served, driven.float())
+    assert torch.equal(served, generate(local, "dev", seed=41, **kwargs, **in_bfloat16).float())
+
+
 def test_true_cfg_and_two_prompts_equal_local_diffusers(generate_server, tiny_dev):
     negative = embeds(34)
     prompts = {

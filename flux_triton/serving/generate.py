@@ -88,8 +88,8 @@ class Generation:
                 values[name] = utf8_strings(name, value)
             elif dims == (1,):
                 values[name] = _scalar(name, value)
-            else:
-                values[name] = _finite(name, value)
+            else:  # embeddings in the transformer's dtype, as FluxPipeline's text encoders give them
+                values[name] = _finite(name, value, signature.torch_dtype)
         _check_prompt(values, signature, settings, parts)
         for name in ("height", "width"):
             if values[name] < 16 or values[name] % 16:
@@ -120,10 +120,13 @@ def _scalar(name: str, tensor: torch.Tensor) -> float | int:
     return int(value) if not tensor.is_floating_point() else float(value)
 
 
-def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy in ``dtype`` (the request's buffer goes with the request): the pipeline's latents take the prompt's
+    dtype, so a bfloat16 transformer's generation runs in bfloat16 as a local pipeline's does."""
+    tensor = tensor.to(dtype, copy=True)
     if not torch.isfinite(tensor).all():
-        raise InputError(f"{name}: contains NaN or Inf")
-    return tensor.clone()  # the request's buffer goes with the request
+        raise InputError(f"{name}: contains NaN or Inf (as {str(dtype).removeprefix('torch.')})")
+    return tensor
 
 
 def _check_prompt(values: dict, signature: DitSignature, settings: GenerateSettings, parts: Parts) -> None:
