@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from served_step import server_phases
 from workload import prepare
 
 from flux_triton.client.remote import RemoteFluxTransformer
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, set_parameter
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, copy_model, set_parameter
 from flux_triton.deploy.placement import hold_prompts
 from flux_triton.deploy.repository import write_repository as write_engine_repository
 from flux_triton.deploy.server import TritonServer
@@ -69,9 +68,7 @@ def write_repository(repository: Path, args, speedups: Speedups, with_engine: bo
     ones, as a cached dit_transformer's do)."""
     for label in args.caches:
         name = f"dit_{label.replace('-', '_')}"
-        shutil.copytree(Locations.here().repository / DIT_TRANSFORMER, repository / name)
-        config = repository / name / "config.pbtxt"
-        config.write_text(config.read_text().replace(f'name: "{DIT_TRANSFORMER}"', f'name: "{name}"'))
+        config = copy_model(Locations.here().repository / DIT_TRANSFORMER, repository, name)
         setting = json.dumps(CACHES[label]).replace('"', '\\"')  # a pbtxt string
         parameters = {"model_dir": args.model, "cache": setting, "compile_cache_dir": compile_cache}
         for key, value in {**parameters, **speedups.parameters()}.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from cache_loop import in_process, load_threads, timed
 from workload import prepare
 
 from flux_triton.client import RemoteFluxTransformer, RemoteSettings, generate
-from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, GENERATE, set_parameter
+from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, GENERATE, copy_model, set_parameter
 from flux_triton.deploy.placement import transformer_in_process
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
@@ -48,13 +47,11 @@ def write_repository(repository: Path, args, models: Path) -> None:
     """dit_transformer with the speed-ups, flux_generate sending it the steps, and a copy running them itself."""
     speedups = speedups_of(args)
     source = Locations.here().repository
-    for name, folder in ((DIT_TRANSFORMER, DIT_TRANSFORMER), (GENERATE, GENERATE), (GENERATE, IN_PROCESS_MODEL)):
-        shutil.copytree(source / name, repository / folder)
+    transformer = copy_model(source / DIT_TRANSFORMER, repository)
     for key, value in {"model_dir": args.model, **speedups.parameters()}.items():
-        set_parameter(repository / DIT_TRANSFORMER / "config.pbtxt", key, str(value))
-    set_parameter(repository / GENERATE / "config.pbtxt", "model_dir", args.model)
-    copy = repository / IN_PROCESS_MODEL / "config.pbtxt"
-    copy.write_text(copy.read_text().replace(f'name: "{GENERATE}"', f'name: "{IN_PROCESS_MODEL}"', 1))
+        set_parameter(transformer, key, str(value))
+    set_parameter(copy_model(source / GENERATE, repository), "model_dir", args.model)
+    copy = copy_model(source / GENERATE, repository, IN_PROCESS_MODEL)
     transformer_in_process(copy, [0] if torch.cuda.is_available() else [], models)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from flux_triton.client.wire import infer_step
 from flux_triton.contract import DitSignature
 from flux_triton.contract.protocol import ADMIN_KEY_ENV
+from flux_triton.deploy import pbtxt
 from flux_triton.deploy.check import check_repository
 from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.placement import place
@@ -63,14 +63,8 @@ def load_tiny(model_root: Path, name: str):
 
 
 def copy_model(repository: Path, model: str, name: str | None = None) -> Path:
-    """The committed repository's ``model`` copied into ``repository`` under ``name`` (default its own, else renamed in
-    its config); returns the copy's ``config.pbtxt``."""
-    name = name or model
-    shutil.copytree(REPOSITORY / model, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
-    config = repository / name / "config.pbtxt"
-    if name != model:
-        config.write_text(config.read_text().replace(f'name: "{model}"', f'name: "{name}"', 1))
-    return config
+    """The committed repository's ``model`` copied into ``repository`` (``pbtxt.copy_model``)."""
+    return pbtxt.copy_model(REPOSITORY / model, repository, name)
 
 
 def start_server(

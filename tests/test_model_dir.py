@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import REPOSITORY, launch, start_server
+from helpers import REPOSITORY, copy_model, launch, start_server
 
 from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.server import ModelLoadError
@@ -61,11 +61,8 @@ def broken(tmp_path_factory, model_root) -> dict:
     parameters = {"warmup": {"warmup_shapes": "64x48x99x8"}, "cached_instances": {"cache": "mag"}}
     repository = tmp / "model_repository"
     for case, model_dir in cases.items():
-        target = repository / f"dit_{case}"
-        shutil.copytree(REPOSITORY / "dit_transformer", target, ignore=shutil.ignore_patterns("__pycache__"))
-        config = target / "config.pbtxt"
-        text = config.read_text().replace('name: "dit_transformer"', f'name: "dit_{case}"')
-        config.write_text(text.replace('string_value: "tiny-flux-dev"', f'string_value: "{model_dir}"'))
+        config = copy_model(repository, "dit_transformer", f"dit_{case}")
+        set_parameter(config, "model_dir", model_dir)
         for key, value in parameters.get(case, {}).items():
             set_parameter(config, key, value)
         if case == "cached_instances":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def parse_pbtxt(path: Path):
 
 def dtype_enum(name: str) -> int:
     return model_config_pb2().DataType.Value(name)
+
+
+def copy_model(source: Path, repository: Path, name: str | None = None) -> Path:
+    """The model folder ``source`` copied into ``repository`` as ``name`` (default: its own; another name is written
+    into its config too), without Python caches; returns the copy's ``config.pbtxt``."""
+    name = name or source.name
+    shutil.copytree(source, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repository / name / "config.pbtxt"
+    if name != source.name:
+        config.write_text(config.read_text().replace(f'name: "{source.name}"', f'name: "{name}"', 1))
+    return config
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
