@@ -1,8 +1,10 @@
 """One whole generation at a time, four ways with the same speed-ups, in one run: ``FluxPipeline`` with the
 transformer in this process (the baseline), ``FluxPipeline`` here with ``RemoteFluxTransformer`` over shared memory
-(the client-driven loop), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), and ``flux_generate``
-placed ``--in-process`` (each instance runs the transformer itself). Prompt embeddings in, latents out, one server
-with both generation models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
+(the client-driven loop), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), ``flux_generate``
+placed ``--in-process`` (each instance runs the transformer itself), and the ``loop`` way: that model's own code
+(``serving.generate`` over a ``DitService``) called in this process, without Triton, which tells Triton's share of
+the in-process way from the serving code's. Prompt embeddings in, latents out, one server with both generation
+models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
 regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation). Each way: s/image, the first
 after READY, its final latents against the first way's; the client loop's median served call and the median step in
 process beside it.
@@ -14,6 +16,7 @@ process beside it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -31,6 +34,9 @@ from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL
 from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline.caching import NO_CACHE
+from flux_triton.serving import generate as served
+from flux_triton.serving.service import warm_service
+from flux_triton.serving.settings import GenerateSettings, TransformerSettings
 
 IN_PROCESS_MODEL = "flux_generate_in_process"  # flux_generate's copy placed --in-process
 
@@ -69,6 +75,29 @@ def timed_requests(run, runs: int) -> tuple[dict, torch.Tensor]:
     return row, latents.float().cpu()
 
 
+def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
+    """``flux_generate --in-process``'s code in this process: its warmed-up ``DitService`` with the served settings,
+    each request parsed and run by ``serving.generate`` as the model's ``execute`` does, without Triton."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = TransformerSettings.from_parameters({"model_dir": args.model, **speedups_of(args).parameters()})
+    service = warm_service(settings, models, device, "loop", print)
+    generation_settings = GenerateSettings(model_dir=args.model, in_process=True)
+    request = {**prompt, **{name: torch.tensor([args.size]) for name in ("height", "width")},
+               "num_inference_steps": torch.tensor([args.steps])}  # fmt: skip
+
+    def run() -> torch.Tensor:
+        generation = served.Generation.parse(request, "", signature, generation_settings, served.Parts(), set())
+        steps = served.ServedSteps(signature, "this process", infer, generation.cache, service.device)
+        scheduler = served.scheduler_for(generation_settings, service.model_dir, signature)
+        return served.generate(generation, steps, scheduler, served.Parts())[0].float().cpu()
+
+    signature, infer = service.signature, served.in_process(service)
+    try:
+        return timed_requests(run, args.runs)
+    finally:
+        service.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
@@ -80,7 +109,7 @@ def main() -> None:
     parser.add_argument("--fp8-fast-accum", action="store_true")
     parser.add_argument("--model", default=RANDOM_MODEL)
     parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
-    parser.add_argument("--ways", default="bls,in-process,client,pipeline", help="which of the four, in this order")
+    parser.add_argument("--ways", default="bls,in-process,client,loop,pipeline", help="which of the five, in order")
     parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
     args = parser.parse_args()
     work, models, prompt = prepare(args, "whole-generation-", seed=2)
@@ -120,6 +149,10 @@ def main() -> None:
             with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
                 row = timed(remote, prompt, args, remote.latencies_s)
                 record("client loop, shared memory", row, row["latents"], row["step_latencies_ms"])
+    if "loop" in ways:
+        record("flux_generate's loop, no Triton", *loop_here(models, prompt, args))
+        gc.collect()  # its model and CUDA graphs go before the next way loads its own
+        torch.cuda.empty_cache()
     if "pipeline" in ways:
         row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
         record(row["config"], row, row["latents"], row["step_wall_ms"])

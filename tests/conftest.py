@@ -158,21 +158,22 @@ def schnell_engine_server(tmp_path_factory, model_root, onnx_engines, shared_ser
 
 @pytest.fixture(scope="session")
 def aoti_engines(tmp_path_factory, model_root) -> dict[str, Path]:
-    """The ``aoti`` engine (fp32, CPU) of each tiny model, compiled once per session: {model: sidecar}. The
-    schnell one by ``make engine``'s command in another process at the same time (each compile is mostly one
-    core's work)."""
+    """The ``aoti`` engine (fp32, CPU) of each tiny model, compiled once per session: {model: sidecar}. The dev one
+    with opt-shape packages as on a GPU; the schnell one without, by ``make engine``'s command in another process at
+    the same time (each compile is mostly one core's work)."""
     from flux_triton.engines.build import build_engine
     from flux_triton.engines.kinds import kind_named, sidecar_path
 
     engines_dir = tmp_path_factory.mktemp("aoti-engines")
     command = [sys.executable, "-m", "flux_triton", "engine", "--kind", "aoti", "--model", "tiny-flux-schnell",
-               "--engines-dir", str(engines_dir), "--no-repo"]  # fmt: skip
+               "--engines-dir", str(engines_dir), "--no-repo", "--no-opt-packages"]  # fmt: skip
     # its own Inductor cache: the two builds compile blocks of the same shapes, and sharing one cache folder let one
     # read the other's half-written package files (an empty JSON inside double.pt2)
     cache = tmp_path_factory.mktemp("inductor")
     environment = {**os.environ, MODEL_ROOT_ENV: str(model_root), "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     other = subprocess.Popen(command, cwd=CHECKOUT, env=environment, stdout=subprocess.DEVNULL)
-    built = {"tiny-flux-dev": build_engine("aoti", "tiny-flux-dev", engines_dir=engines_dir, model_root=model_root)}
+    built = {"tiny-flux-dev": build_engine("aoti", "tiny-flux-dev", engines_dir=engines_dir, model_root=model_root,
+                                           opt_packages=True)}  # fmt: skip
     assert other.wait(timeout=600) == 0
     precision = kind_named("aoti").precision(None).name
     return {**built, "tiny-flux-schnell": sidecar_path(engines_dir, "tiny-flux-schnell", precision, "aoti")}

@@ -8,6 +8,7 @@ abs), the 4-step schnell loop through the server within 1e-4 of ``FluxPipeline``
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -70,6 +71,8 @@ def test_sidecar_records_the_build_and_round_trips(aoti_engines):
         assert sidecar.device == {"type": "cpu", "gpu": None, "compute_capability": None}
         assert sidecar.build["torch_version"] == torch.__version__
         assert sidecar.dit_signature == SIGNATURES[name]
+        opt = name == "tiny-flux-dev"  # built with opt-shape packages (on a GPU by default), schnell without
+        assert sidecar.build["opt_shape"] == ([profile.batch[1], profile.image_tokens[1]] if opt else None)
         assert sidecar.build["aoti_profile"] == {
             "min_batch": profile.batch[0],
             "max_batch": profile.batch[2],
@@ -81,7 +84,8 @@ def test_sidecar_records_the_build_and_round_trips(aoti_engines):
         assert sidecar.shapes["encoder_hidden_states"] == {"min": [1, 8, 32], "opt": [1, 8, 32], "max": [4, 8, 32]}
         limits = sidecar.limits
         assert (limits.max_batch, limits.max_image_tokens, limits.max_text_tokens) == (4, 7056, 8)
-        assert set(sidecar.artifacts) == set(sidecar.build["compile_s"]) == {"double", "single"}
+        kinds = {"double", "single"} | ({"double-opt", "single-opt"} if opt else set())
+        assert set(sidecar.artifacts) == set(sidecar.build["compile_s"]) == kinds
         for package in sidecar.artifacts.values():
             assert sha256_files(path.parent / package["file"]) == package["sha256"]
         assert EngineSidecar.read(sidecar.write(path.with_name("copy.json"))) == sidecar
@@ -101,6 +105,29 @@ def test_attached_engine_matches_diffusers(aoti_engines, model_root, name, tiny_
     step = inputs.random_step(SIGNATURES[name], text_tokens=16, height=256, width=256)
     with pytest.raises(ValueError, match="compiled for 8 text tokens, got 16"):
         run(validate(step.wire(), SIGNATURES[name]).engine_tensors(SIGNATURES[name]))
+
+
+def test_a_step_of_the_opt_shape_runs_its_own_packages_and_any_other_the_dynamic_ones(aoti_engines, model_root,
+                                                                                        tiny_dev):  # fmt: skip
+    """The dev engine has opt-shape packages: a step of the tiny profile's opt shape (1024² b1) runs them in every
+    block, any other step the profile-wide ones; each within TOL of diffusers."""
+    _, run = load_engine(aoti_engines["tiny-flux-dev"], torch.device("cpu"), model_root)
+    blocks = [*run.transformer.transformer_blocks, *run.transformer.single_transformer_blocks]
+    calls = collections.Counter()
+
+    def counted(runner, name: str):
+        return lambda *args: (calls.update([name]), runner(*args))[1]
+
+    for block in blocks:
+        for attribute in ("runner", "opt_runner"):
+            assert getattr(block.forward, attribute) is not None, attribute
+            setattr(block.forward, attribute, counted(getattr(block.forward, attribute), attribute))
+    cases = (((1, 1024, 1024, 8), "opt_runner"), ((1, 512, 512, 8), "runner"), ((2, 1024, 1024, 8), "runner"))
+    for case, used in cases:
+        calls.clear()
+        (measured,) = measure(run, tiny_dev, DEV, cases=(case,))
+        assert measured.max_abs < TOL["atol"], measured
+        assert calls == {used: len(blocks)}, case
 
 
 def test_runner_refuses_packages_compiled_for_another_device(aoti_engines, model_root):

@@ -163,7 +163,8 @@ def test_a_served_generation_runs_the_served_transformers_step_cache(tmp_path, m
 def test_a_generation_with_its_transformer_in_process_equals_local_diffusers(tmp_path, model_root, tiny_dev):
     """flux_generate placed --in-process: dit_transformer's parameters (MagCache) copied in, dit_transformer itself
     not served. Its generations equal local diffusers bitwise, cached and uncached; the supervisor's probe sizes its
-    request by the dims place wrote; bad input is a 400 and the model keeps serving."""
+    request by the dims place wrote; bad input is a 400, latents that overflow a 500 naming them, and the model keeps
+    serving."""
     repository = tmp_path / "model_repository"
     set_parameter(copy_model(repository, "dit_transformer"), "cache", "mag")
     config = transformer_in_process(copy_model(repository, "flux_generate"), model_root=model_root)
@@ -178,6 +179,10 @@ def test_a_generation_with_its_transformer_in_process_equals_local_diffusers(tmp
         with pytest.raises(RemoteDitError, match="height: expected a positive multiple of 16, got 50") as refused:
             _served(server, 37, **embeds(37), num_inference_steps=2, height=50)
         assert refused.value.__cause__.status() == "400"
+        huge = {name: value * 1e30 for name, value in embeds(37).items()}  # finite, but the forward overflows
+        with pytest.raises(RemoteDitError, match="latents: NaN or Inf after 2 steps") as overflowed:
+            _served(server, 37, **huge, num_inference_steps=2)  # its steps are not read back one by one
+        assert overflowed.value.__cause__.status() == "500"
         again = _served(server, 37, **kwargs)
     finally:
         server.stop()

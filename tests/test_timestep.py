@@ -36,6 +36,7 @@ def test_every_flux_schedule_timestep_round_trips_exactly(dtype):
     back = server_scaling(raw.reshape(-1), dtype)
     assert back.dtype == dtype
     assert torch.equal(back, scaled)
+    assert torch.equal(raw_timestep(scaled, dtype, on_host=False), raw)  # a GPU pipeline's: the same values
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -66,3 +67,4 @@ def test_a_pipeline_in_another_dtype_gets_the_nearest_value():
     expected = scaled.to(torch.bfloat16)
     got = server_scaling(raw.reshape(-1), torch.bfloat16)
     assert ((got.float() - expected.float()).abs() <= 2**-8 * expected.float()).all()
+    assert torch.equal(raw_timestep(scaled, torch.bfloat16, on_host=False), raw)

@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 source benchmarks/gpu_host.sh install
 export FLUX_MODEL_ROOT=/tmp/models
 python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \
-  --runs "${RUNS:-3}" --ways "${WAYS:-bls,in-process,client,pipeline}" --out "$OUT/whole-generation.json" 2>&1 |
+  --runs "${RUNS:-3}" --ways "${WAYS:-bls,in-process,client,loop,pipeline}" --out "$OUT/whole-generation.json" 2>&1 |
   tee "$OUT/whole-generation.log" | grep -v "it/s]" | tail -12
 cp /tmp/whole-generation-*/tritonserver.log "$OUT/" 2>/dev/null
 grep -E "Signal|warmed up" "$OUT/tritonserver.log" | tail -5

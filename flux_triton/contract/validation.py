@@ -150,6 +150,8 @@ def _check_limits(sizes: dict[str, int], limits: Limits) -> None:
 
 def _check_values(tensors: Mapping[str, torch.Tensor], side: Side) -> None:
     """Value checks, gathered into one device-to-host transfer."""
+    if not tensors:
+        return
     names, flags = [], []
     for name, tensor in tensors.items():
         names.append(f"{name}: expected finite values, got NaN or Inf")

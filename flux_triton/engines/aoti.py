@@ -5,7 +5,11 @@ The engine holds code only: one package per block kind (19 double-stream blocks 
 single-stream blocks the other), compiled with the block's weights as inputs. At load each kind's
 package is loaded once and every block calls it with its own weights (the loaded model's tensors,
 not copies), so the server is ready in seconds with no JIT compile, and GPU memory holds the
-weights once. The embedders and the final norm (a few small ops) stay eager."""
+weights once. The embedders and the final norm (a few small ops) stay eager.
+
+Kernels compiled over dynamic ranges run a few percent slower on a GPU than kernels compiled for one shape, so a
+build may add a second package per kind for the profile's opt shape alone (its batch and image tokens; like
+TensorRT's opt-shape tactics): a step of that shape runs it, any other the dynamic one."""
 
 from __future__ import annotations
 
@@ -142,47 +146,69 @@ def export_block(transformer, kind: str, profile: AotiProfile):
         )
 
 
-def build(transformer, engine_dir: Path, profile: AotiProfile | None = None) -> dict:
+def build(transformer, engine_dir: Path, profile: AotiProfile | None = None,
+          opt_shape: tuple[int, int] | None = None) -> dict:  # fmt: skip
     """Compile one package per block kind of ``transformer`` (on its device, speed-ups such as FP8
-    already applied) into ``engine_dir``; returns the build record."""
+    already applied) into ``engine_dir``, and with ``opt_shape`` (batch, image tokens inside the profile) one more
+    per kind for that shape alone; returns the build record."""
     profile = profile or AotiProfile.preset()
     check_compiler_runtime()
     detach(transformer)  # compile the blocks' own forward, not an attached package
     engine_dir.mkdir(parents=True, exist_ok=True)
     record = {"profile": asdict(profile), "packages": {}, "compile_s": {}}
-    for kind in BLOCK_KINDS:
+    compiled = [(kind, kind, profile) for kind in BLOCK_KINDS]
+    if opt_shape is not None:
+        batch, tokens = opt_shape
+        fixed = AotiProfile(batch, batch, tokens, tokens, profile.text_tokens)
+        if fixed != profile:  # a profile of one shape is its own opt shape
+            compiled += [(opt_package(kind), kind, fixed) for kind in BLOCK_KINDS]
+            record["opt_shape"] = [batch, tokens]
+    for name, kind, shapes in compiled:
         started = time.perf_counter()
-        exported = export_block(transformer, kind, profile)
-        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(engine_dir / f"{kind}.pt2"))
-        record["packages"][kind] = Path(path).name
-        record["compile_s"][kind] = time.perf_counter() - started
+        exported = export_block(transformer, kind, shapes)
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(engine_dir / f"{name}.pt2"))
+        record["packages"][name] = Path(path).name
+        record["compile_s"][name] = time.perf_counter() - started
     return record
 
 
 class CompiledBlock:
-    """Stands in for a block's forward: its kind's compiled function with this block's weights."""
+    """Stands in for a block's forward: its kind's compiled function with this block's weights (the opt shape's
+    package for a step of that batch and image tokens, where there is one)."""
 
-    def __init__(self, runner, weights: tuple[torch.Tensor, ...]):
-        self.runner, self.weights = runner, weights
+    def __init__(self, runner, weights: tuple[torch.Tensor, ...], opt_runner=None, opt_shape: tuple = ()):
+        self.runner, self.weights, self.opt_runner, self.opt_shape = runner, weights, opt_runner, tuple(opt_shape)
 
     def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs=None):
         if joint_attention_kwargs:
             raise ValueError("the AOTI engine does not take joint_attention_kwargs")
         cos, sin = image_rotary_emb
-        return tuple(self.runner(self.weights, hidden_states, encoder_hidden_states, temb, cos, sin))
+        opt = self.opt_runner is not None and tuple(hidden_states.shape[:2]) == self.opt_shape
+        runner = self.opt_runner if opt else self.runner
+        return tuple(runner(self.weights, hidden_states, encoder_hidden_states, temb, cos, sin))
 
 
-def attach(transformer, engine_dir: Path, packages: dict[str, str]) -> None:
-    """Route every block's forward through its kind's compiled package (loaded once per kind)."""
-    for kind, attribute in BLOCK_KINDS.items():
-        device_index = transformer.device.index if transformer.device.type == "cuda" else -1
+def opt_package(kind: str) -> str:
+    """The packages' key of a block kind's opt-shape package."""
+    return f"{kind}-opt"
+
+
+def attach(transformer, engine_dir: Path, packages: dict[str, str], opt_shape: tuple[int, int] | None = None) -> None:
+    """Route every block's forward through its kind's compiled package (loaded once per kind), and a step of
+    ``opt_shape`` (batch, image tokens) through the kind's opt-shape package where ``packages`` has one."""
+    device_index = transformer.device.index if transformer.device.type == "cuda" else -1
+
+    def load(file: str):
         # single-threaded: without the runner's own stream synchronization, which a CUDA graph capture refuses
         # (an instance runs one forward at a time)
-        runner = torch._inductor.aoti_load_package(
-            str(engine_dir / packages[kind]), run_single_threaded=True, device_index=device_index or 0
-        )
+        return torch._inductor.aoti_load_package(str(engine_dir / file), run_single_threaded=True,
+                                                 device_index=device_index or 0)  # fmt: skip
+
+    for kind, attribute in BLOCK_KINDS.items():
+        runner = load(packages[kind])
+        opt_runner = load(packages[opt_package(kind)]) if opt_shape and opt_package(kind) in packages else None
         for block in getattr(transformer, attribute):
-            block.forward = CompiledBlock(runner, tuple(block_weights(block).values()))
+            block.forward = CompiledBlock(runner, tuple(block_weights(block).values()), opt_runner, opt_shape or ())
 
 
 def detach(transformer) -> None:

@@ -9,7 +9,9 @@ build device, into ``engines/<model>-<precision>.<kind>/`` with a JSON sidecar.
 The packages hold code only. Loading one means loading the source model's safetensors onto the
 runner's device, applying the speed-ups the packages were compiled with, and routing every block's
 forward through its kind's package with the loaded weights: no JIT, no second copy of the weights.
-A package only runs on the device type (and GPU architecture) it was compiled for.
+A package only runs on the device type (and GPU architecture) it was compiled for. On a GPU the build also compiles
+the profile's opt shape alone (``engines.aoti``: a step of that shape then runs as fast as ``dit_transformer``'s
+regional compile); the ``opt_packages`` option turns that on or off anywhere.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ def build(job, device: torch.device | None = None) -> Path:
     load_s = time.perf_counter() - started
     engine_dir = job.engine_path(f".{job.kind.name}")
     print(f"compiling {job.model} ({job.precision.name}, {job.kind.name}) for {device} into {engine_dir}")
-    record = aoti.build(transformer, engine_dir, aoti_profile)
+    opt_shape = (profile.batch[1], profile.image_tokens[1])
+    record = aoti.build(transformer, engine_dir, aoti_profile,
+                        opt_shape if job.options.get("opt_packages", device.type == "cuda") else None)  # fmt: skip
     sidecar = EngineSidecar.for_build(
         job.kind.name,
         job.precision.name,
@@ -94,6 +98,7 @@ def build(job, device: torch.device | None = None) -> Path:
             "exporter": "torch.export + AOTInductor",
             "torch_version": torch.__version__,
             "aoti_profile": asdict(aoti_profile),
+            "opt_shape": record.get("opt_shape"),  # [batch, image tokens] of the opt-shape packages, or None
             "speedups": asdict(speedups),
             "fp8_scales": scales,
             "load_s": round(load_s, 3),
@@ -118,7 +123,8 @@ def load(sidecar: EngineSidecar, sidecar_path: Path, device: torch.device, model
     check_scales(sidecar, model_dir)
     speedups = Speedups(**sidecar.build["speedups"])  # those the packages were compiled with
     transformer = load_with_speedups(model_dir, sidecar.dit_signature.torch_dtype, device, speedups)
-    aoti.attach(transformer, sidecar_path.parent / sidecar.engine_file, packages(sidecar))
+    aoti.attach(transformer, sidecar_path.parent / sidecar.engine_file, packages(sidecar),
+                sidecar.build.get("opt_shape"))  # fmt: skip
     return AotiEngine(sidecar.kind, transformer, device, sidecar.build["aoti_profile"]["text_tokens"])
 
 

@@ -1,9 +1,9 @@
 """What ``FluxPipeline`` uses of ``FluxTransformer2DModel``, for a transformer that runs elsewhere: ``config``,
-``dtype``, ``cache_context(name)`` and the call, whose arguments become the contract's step (on the host, in the
-model's dtype, with the raw timestep whose server-side scaling gives back the pipeline's). Subclasses say where the
-step goes (``send``): the client's ``RemoteFluxTransformer`` over the network, the server's ``flux_generate`` to the
-served transformer in process. Not an ``nn.Module``: the pipeline's device is then its other modules' (the CPU
-when it has none)."""
+``dtype``, ``cache_context(name)`` and the call, whose arguments become the contract's step (on the host, or on
+the GPU of a server that runs the transformer itself; in the model's dtype, with the raw timestep whose server-side
+scaling gives back the pipeline's). Subclasses say where the step goes (``send``): the client's
+``RemoteFluxTransformer`` over the network, the server's ``flux_generate`` to the served transformer in process.
+Not an ``nn.Module``: the pipeline's device is then its other modules' (the CPU when it has none)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ class StandInTransformer:
     pipeline's cache context ``slot`` ("cond", "uncond", or "call" outside one); ``end_generations()`` is what the
     pipeline's ``_reset_stateful_cache`` at the end of a call does."""
 
-    def __init__(self, signature: DitSignature, model_name: str):
+    def __init__(self, signature: DitSignature, model_name: str, device: torch.device | str = "cpu"):
         self.signature, self.model_name = signature, model_name
+        self.device = torch.device(device)  # where the steps' tensors go
         self.config = FrozenDict(
             in_channels=signature.in_channels,
             out_channels=signature.in_channels,
@@ -33,7 +34,7 @@ class StandInTransformer:
             pooled_projection_dim=signature.pooled_dim,
             joint_attention_dim=signature.text_dim,
         )
-        # per calling thread: the pipeline's cache context (``name``), the prompt tensors last moved to the host
+        # per calling thread: the pipeline's cache context (``name``), the prompt tensors last moved to the device
         self._local = threading.local()
 
     def send(self, slot: str, step: Step) -> torch.Tensor:
@@ -77,8 +78,10 @@ class StandInTransformer:
         img_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> Step:
-        """The pipeline's call arguments as the contract's step, on the host in the model's dtype, with the raw
-        timestep whose server-side scaling gives back the pipeline's (``Step.wire()`` is the request)."""
+        """The pipeline's call arguments as the contract's step, on ``self.device`` in the model's dtype, with the raw
+        timestep whose server-side scaling gives back the pipeline's (``Step.wire()`` is the request). On a GPU nothing
+        is read back on the host (``raw_timestep``), so the pipeline's host runs ahead of its GPU as with a local
+        transformer."""
         sig, batch = self.signature, hidden_states.shape[0]
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != sig.in_channels:
             raise ValueError(f"hidden_states: expected [B, N, {sig.in_channels}], got {list(hidden_states.shape)}")
@@ -87,33 +90,34 @@ class StandInTransformer:
         if guidance is not None and not sig.guidance_embeds:
             raise ValueError(f"guidance: model '{self.model_name}' has no guidance embeddings")
 
-        def host(tensor: torch.Tensor, dtype: torch.dtype = sig.torch_dtype) -> torch.Tensor:
-            return tensor.detach().to("cpu", dtype)
+        def moved(tensor: torch.Tensor, dtype: torch.dtype = sig.torch_dtype) -> torch.Tensor:
+            return tensor.detach().to(self.device, dtype)
 
         def prompt(name: str, tensor: torch.Tensor, dtype: torch.dtype = sig.torch_dtype) -> torch.Tensor:
-            """A prompt tensor on the host, moved once while the pipeline passes the same unchanged tensor (a GPU
+            """A prompt tensor on the device, moved once while the pipeline passes the same unchanged tensor (a GPU
             pipeline's prompt is not copied back every step, and the sessions see the same object again)."""
-            if not hasattr(self._local, "hosted"):
-                self._local.hosted = {}
-            hosted, key = self._local.hosted, (self.cache_name, name)  # per context: cond and uncond alternate
-            last = hosted.get(key)
+            if not hasattr(self._local, "placed"):
+                self._local.placed = {}
+            placed, key = self._local.placed, (self.cache_name, name)  # per context: cond and uncond alternate
+            last = placed.get(key)
             if last is not None and last[0] is tensor and last[1:3] == (tensor._version, batch):
                 return last[3]
-            moved = host(_rows(tensor) if name == "txt_ids" else _batched(name, tensor, batch), dtype)
-            hosted[key] = (tensor, tensor._version, batch, moved)
-            return moved
+            moved_once = moved(_rows(tensor) if name == "txt_ids" else _batched(name, tensor, batch), dtype)
+            placed[key] = (tensor, tensor._version, batch, moved_once)
+            return moved_once
 
+        on_host = self.device.type == "cpu"
         return Step(
-            hidden_states=host(hidden_states),
-            timestep=raw_timestep(timestep.expand(batch), sig.torch_dtype).reshape(-1),
-            guidance=None if guidance is None else host(guidance, torch.float32).expand(batch),
+            hidden_states=moved(hidden_states),
+            timestep=raw_timestep(moved(timestep.expand(batch), timestep.dtype), sig.torch_dtype, on_host).reshape(-1),
+            guidance=None if guidance is None else moved(guidance, torch.float32).expand(batch),
             # Embeddings of batch 1 broadcast over the latents, as in the local transformer (FluxPipeline with
             # num_images_per_prompt > 1 and prompt_embeds passed in does not repeat them).
             pooled_projections=prompt("pooled_projections", pooled_projections),
             encoder_hidden_states=prompt("encoder_hidden_states", encoder_hidden_states),
             # 2-D ids as the pipeline has them (3-D, deprecated in diffusers: the first row).
             txt_ids=prompt("txt_ids", txt_ids, torch.float32),
-            img_ids=host(_rows(img_ids), torch.float32),
+            img_ids=moved(_rows(img_ids), torch.float32),
         )
 
     @torch.no_grad()

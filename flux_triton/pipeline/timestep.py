@@ -47,17 +47,22 @@ def _recover(targets: torch.Tensor, model_dtype: torch.dtype, exact: bool) -> to
         )
     nearest = (scaled.double() - targets.double()[:, None]).abs().argmin(dim=1)
     choice = torch.where(found, matches.int().argmax(dim=1), nearest)
-    return raw[torch.arange(len(targets)), choice]
+    return raw[torch.arange(len(targets), device=raw.device), choice]
 
 
-def raw_timestep(scaled: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
-    """The raw timesteps ``[B, 1]`` (fp32, CPU) for the pipeline's scaled timesteps ``[B]``.
+def raw_timestep(scaled: torch.Tensor, model_dtype: torch.dtype, on_host: bool = True) -> torch.Tensor:
+    """The raw timesteps ``[B, 1]`` (fp32) for the pipeline's scaled timesteps ``[B]``: on the host, or with
+    ``on_host=False`` where ``scaled`` is.
 
     When ``scaled`` already has the server's ``model_dtype`` the result reproduces it exactly
     (``server_scaling(raw, model_dtype) == scaled``) or this raises ``TimestepError``. When the
     pipeline runs in another dtype than the server (say fp32 against a BF16 server), exactness is
     not defined; the raw value whose scaling is nearest to ``scaled`` in the server's dtype is used.
+    ``on_host=False`` (a pipeline on the GPU that runs the transformer itself) reads nothing back, so the host never
+    waits for the GPU: the same values, without the checks (a scaled timestep no raw one gives takes the nearest).
     """
+    if not on_host:
+        return _recover(scaled.detach().reshape(-1).to(model_dtype), model_dtype, exact=False).reshape(-1, 1)
     scaled = scaled.detach().cpu().reshape(-1)
     exact = scaled.dtype == model_dtype
     if not torch.isfinite(scaled).all():

@@ -7,7 +7,9 @@ client's steps would; prompt strings go to the served text encoders first and th
 (``flux_text_encoder``, ``flux_vae``: ``serving.encode_decode``), one copy for every instance. So the latents equal
 a client-driven generation's bit for bit, the served model's speed-ups, step caches and sessions apply, and steps of
 concurrent generations merge in its batcher. Or each instance runs the transformer itself (the ``in_process``
-setting, ``in_process()``): the same steps without the hop between models, but no merging across generations. Each
+setting, ``in_process()``): the same steps without the hop between models, the loop's latents on its GPU and
+never read back on the host until the end (so the host queues each step while the GPU runs the last, as a local
+pipeline does), but no merging across generations. Each
 cache context of the generation ("cond", "uncond") is one sequence: its first step carries the prompt (and the
 chosen step cache), later steps only the latents, the timestep and the ids; every sequence ends when the generation
 does, or fails.
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
-from flux_triton.contract import PROMPT_INPUTS, DitSignature, InputError, Step
+from flux_triton.contract import PROMPT_INPUTS, DitSignature, InputError, OutputError, Step
 from flux_triton.contract.generation import GENERATE_INPUTS, IMAGES, LATENTS, STRING_INPUTS, utf8_strings
 from flux_triton.contract.protocol import SequenceStep
 from flux_triton.pipeline import loop
@@ -174,22 +176,25 @@ def _cache(parameter: str, settings: GenerateSettings) -> str:
 
 def in_process(service: DitService) -> Infer:
     """Steps run by ``service`` in this process (the ``in_process`` setting): as the served transformer runs them, its
-    sessions and step cache included, without the hop to another model; its error raised as the step's."""
+    sessions and step cache included, without the hop to another model; its error raised as the step's. The steps
+    are the pipeline's own (``ServedSteps`` on ``service.device``), so their values are not checked one by one."""
 
     def infer(tensors: dict[str, torch.Tensor], sequence: SequenceStep) -> torch.Tensor:
-        (result,) = service.run([(tensors, sequence)])  # DitService.prepare moves them to its device
+        (result,) = service.run([(tensors, sequence)], trusted=True)
         if isinstance(result, Exception):
             raise result
-        return result.cpu()
+        return result
 
     return infer
 
 
 class ServedSteps(StandInTransformer):
-    """The stand-in transformer of one generation: each step to ``infer``, each cache context one sequence."""
+    """The stand-in transformer of one generation: each step to ``infer``, each cache context one sequence; the
+    pipeline's tensors on ``device`` (where ``infer`` runs the transformer itself; else the host)."""
 
-    def __init__(self, signature: DitSignature, model_name: str, infer: Infer, cache: str):
-        super().__init__(signature, model_name)
+    def __init__(self, signature: DitSignature, model_name: str, infer: Infer, cache: str,
+                 device: torch.device | str = "cpu"):  # fmt: skip
+        super().__init__(signature, model_name, device)
         self.infer, self.cache = infer, cache
         self.key = secrets.token_urlsafe(16)  # this generation's own session key
         self.sequences: dict[str, int] = {}
@@ -227,6 +232,15 @@ def scheduler_for(settings: GenerateSettings, model_dir: Path, signature: DitSig
     return loop.make_scheduler(preset)
 
 
+class _Pipeline(FluxPipeline):
+    """``FluxPipeline`` on its stand-in transformer's device: diffusers takes a pipeline's device from its modules,
+    and a stand-in is none."""
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.transformer.device
+
+
 PROMPT_FIELDS = ("prompt", "negative_prompt", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
                  "negative_pooled_prompt_embeds")  # fmt: skip
 Progress = Callable[[int, int], None]  # (steps done, steps): after each step; raising stops the generation
@@ -243,8 +257,8 @@ def generate(
     """``FluxPipeline``'s packed latents for ``generation`` and, where it asks for images, each image as a base64
     PNG (the VAE's decoding, as ``output_type="pil"``); its sequences end however it ends. Prompt strings are
     encoded first, as ``FluxPipeline`` would (the negative prompt only for true CFG)."""
-    pipe = FluxPipeline(scheduler, transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None)  # fmt: skip
+    pipe = _Pipeline(scheduler, transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
+                     text_encoder_2=None, tokenizer_2=None)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     prompt = {name: getattr(generation, name) for name in PROMPT_FIELDS if getattr(generation, name) is not None}
     for text, prefix in (("prompt", ""), ("negative_prompt", "negative_")):
@@ -272,5 +286,9 @@ def generate(
         ).images
     finally:
         transformer.end_generations()
+    if not torch.isfinite(latents).all():  # the one value read back from a GPU loop (``in_process``)
+        dtype = str(transformer.dtype).removeprefix("torch.")
+        raise OutputError(f"{LATENTS}: NaN or Inf after {generation.num_inference_steps} steps; inputs this large "
+                          f"overflow the transformer's {dtype} arithmetic")  # fmt: skip
     images = parts.decode(latents, generation.height, generation.width) if generation.images else None
     return latents, images

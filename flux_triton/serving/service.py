@@ -137,20 +137,21 @@ class DitService:
             self.ranks.close()
             self.ranks = None
 
-    def prepare(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS) -> Step | None:
-        """Validate one request, moving its tensors to the model's device; a step of a sequence (non-zero id) gets
-        its held prompt, and at START chooses the step cache (the request's ``cache`` parameter: the model's cache,
-        or none). ``None``: a request that only ends its sequence."""
+    def prepare(self, tensors: Mapping[str, torch.Tensor], sequence: SequenceStep = STATELESS,
+                trusted: bool = False) -> Step | None:  # fmt: skip
+        """Validate one request, moving its tensors to the model's device (``trusted``: its shapes, not its values);
+        a step of a sequence (non-zero id) gets its held prompt, and at START chooses the step cache (the request's
+        ``cache`` parameter: the model's cache, or none). ``None``: a request that only ends its sequence."""
         moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in tensors.items()}
         if not sequence.sequence_id:
-            return validate(moved, self.signature, self.limits)
+            return validate(moved, self.signature, self.limits, checked=moved if trusted else ())
         if closes_only(moved, sequence):
             self.sessions.close(sequence)
             return None
         try:
             cached = sequence.start and caching.chosen(sequence.cache, self.cache)
             tensors = self.sessions.step_tensors(sequence, moved, cached)
-            return validate(tensors, self.signature, self.limits, checked=held_only(moved))
+            return validate(tensors, self.signature, self.limits, checked=tensors if trusted else held_only(moved))
         except InputError:
             self.sessions.finish(sequence, failed=True)
             raise
@@ -178,8 +179,10 @@ class DitService:
             f"retry with fewer samples or image tokens"
         )
 
-    def execute(self, steps: Sequence[Step], contexts: Sequence[str | None] = ()) -> list[torch.Tensor | Exception]:
-        """One result per step: ``noise_pred``, or the error of its merged forward or of its answer. Steps without
+    def execute(self, steps: Sequence[Step], contexts: Sequence[str | None] = (),
+                trusted: bool = False) -> list[torch.Tensor | Exception]:  # fmt: skip
+        """One result per step: ``noise_pred`` (checked finite unless ``trusted``), or the error of its merged
+        forward or of its answer. Steps without
         a cache context merge as their shapes allow; steps with one (``contexts``) run in their context, merged
         with others whose shapes agree and whose contexts are in lockstep where the cache kind allows it
         (``caching.in_lockstep``: MagCache, whose decisions follow the step count), else alone."""
@@ -195,6 +198,8 @@ class DitService:
         for i, result in zip(cached, run_merged(lambda item: self.forward(*item), items, max_batch, in_lockstep),
                              strict=True):  # fmt: skip
             results[i] = result
+        if trusted:
+            return results
         return [finite_or_error(result, step.tensors()) for result, step in zip(results, steps, strict=True)]
 
     def warm_up(self, shapes: Sequence[tuple[int, int, int, int]]) -> None:
@@ -213,15 +218,18 @@ class DitService:
                 raise RuntimeError(f"warm-up at {height}x{width}, batch {batch}, {text_tokens} text tokens failed: "
                                    f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
 
-    def run(self, requests: Sequence[Request]) -> list[torch.Tensor | Exception]:
+    def run(self, requests: Sequence[Request], trusted: bool = False) -> list[torch.Tensor | Exception]:
         """Triton's batch of requests (``Request``): one result per request, in order
-        (a request that only ends its sequence answers its empty latents); sequences are freed at END or error."""
+        (a request that only ends its sequence answers its empty latents); sequences are freed at END or error.
+        ``trusted``: steps that diffusers' own loop made on this server from a checked request (``flux_generate`` in
+        process); their values are not read back on the host, which then runs ahead of the GPU as with a local
+        transformer (a generation checks its final latents instead)."""
         self.sessions.expire()  # also when only stateless requests come
         results: list[torch.Tensor | Exception] = [None] * len(requests)  # type: ignore[list-item]
         steps, contexts, positions = [], [], []
         for position, (tensors, sequence) in enumerate(requests):
             try:
-                step = self.prepare(tensors, sequence)
+                step = self.prepare(tensors, sequence, trusted)
             except InputError as exc:
                 results[position] = detached(exc)
                 continue
@@ -232,7 +240,7 @@ class DitService:
             steps.append(step)
             contexts.append(str(sequence.sequence_id) if session is not None and session.cached else None)
             positions.append(position)
-        for position, result in zip(positions, self.execute(steps, contexts), strict=True):
+        for position, result in zip(positions, self.execute(steps, contexts, trusted), strict=True):
             results[position] = result
             sequence = requests[position][1]
             if sequence.sequence_id:

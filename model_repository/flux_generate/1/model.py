@@ -51,7 +51,7 @@ class TritonPythonModel:
         self.name, self.streams = config["name"], triton.decoupled(config)
         root = Locations.of_repository(REPOSITORY).model_root
         self.model_dir = store.resolve_model_dir(self.settings.model_dir, root)
-        self.service = None
+        self.service, self.steps_device = None, torch.device("cpu")
         if not self.settings.in_process:
             device, target = pick_device(), self.settings.transformer_model
             self._infer = self._bls_infer
@@ -60,7 +60,7 @@ class TritonPythonModel:
             triton.utf8_text()  # before anything compiles
             transformer = TransformerSettings.from_config(config)
             self.service = warm_service(transformer, root, device, self.name, triton.log_info)  # before READY
-            self._infer = in_process(self.service)
+            self._infer, self.steps_device = in_process(self.service), self.service.device
         self.dtype = model_dtype(self.settings, device)  # the transformer's and the encoders', wherever they run
         self.signature = DitSignature.from_config(store.read_config(self.model_dir), self.dtype)
         if self.service is None:
@@ -93,7 +93,8 @@ class TritonPythonModel:
             generation = Generation.parse(inputs, cache if isinstance(cache, str) else json.dumps(cache),
                                           self.signature, self.settings, parts,
                                           triton.requested_outputs(request))  # fmt: skip
-            steps = ServedSteps(self.signature, self.settings.transformer_model, self._infer, generation.cache)
+            steps = ServedSteps(self.signature, self.settings.transformer_model, self._infer, generation.cache,
+                                self.steps_device)  # fmt: skip
             scheduler = scheduler_for(self.settings, self.model_dir, self.signature)
             latents, images = generate(generation, steps, scheduler, parts, min(512, self.settings.max_text_tokens),
                                        progress)  # fmt: skip
