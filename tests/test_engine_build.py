@@ -185,3 +185,14 @@ def test_every_profile_builds_a_fixed_dimension_included(tmp_path, model_root, t
                                               model_root=model_root))  # fmt: skip
     assert sidecar.limits.max_batch == 1
     assert [line.split(":")[0] for line in sidecar.build["verification"]] == ["B=1 256x256 S=8"]  # within it
+
+
+def test_engine_options_of_another_kind_or_precision_are_refused_before_anything_is_built(tmp_path):
+    from flux_triton.deploy.commands import engine
+
+    common = ["--engines-dir", str(tmp_path), "--no-repo"]
+    with pytest.raises(SystemExit, match="--opt-packages: opt-shape packages are for the aoti kinds, not onnxruntime"):
+        engine(["--kind", "onnxruntime", "--opt-packages", *common])
+    with pytest.raises(SystemExit, match="--fp8-scales: static scales are for PRECISION fp8, not fp32"):
+        engine(["--kind", "aoti", "--fp8-scales", "fp8_scales.safetensors", *common])
+    assert list(tmp_path.iterdir()) == []
