@@ -7,7 +7,7 @@ the in-process way from the serving code's. Prompt embeddings in, latents out, o
 models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
 regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation). Each way: s/image, the first
 after READY, its final latents against the first way's; the client loop's median served call and the median step in
-process beside it.
+process beside it. ``--cache`` (a label of ``cache_loop.CACHES``) runs every way with that step cache.
 
     python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
         --out whole-generation.json
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from cache_loop import in_process, load_threads, timed
+from cache_loop import CACHES, in_process, load_threads, timed
 from workload import prepare
 
 from flux_triton.client import RemoteFluxTransformer, RemoteSettings, generate
@@ -33,7 +33,7 @@ from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL
 from flux_triton.model.speedups import Speedups
-from flux_triton.pipeline.caching import NO_CACHE
+from flux_triton.pipeline.caching import NO_CACHE, build_cache, describe_cache
 from flux_triton.serving import generate as served
 from flux_triton.serving.service import warm_service
 from flux_triton.serving.settings import GenerateSettings, TransformerSettings
@@ -49,14 +49,24 @@ def speedups_of(args) -> Speedups:
                     compile="regional", cuda_graphs=True)  # fmt: skip
 
 
+def cache_setting(args) -> str:
+    """``--cache``'s spec as the models' ``cache`` parameter and a generation's choice ("": none)."""
+    config = build_cache(CACHES[args.cache])
+    return json.dumps(describe_cache(config)) if config is not None else ""
+
+
 def write_repository(repository: Path, args, models: Path) -> None:
-    """dit_transformer with the speed-ups, flux_generate sending it the steps, and a copy running them itself."""
+    """dit_transformer with the speed-ups (and ``--cache``), flux_generate sending it the steps, and a copy running
+    them itself."""
     speedups = speedups_of(args)
+    cache = {"cache": cache_setting(args).replace('"', '\\"')} if args.cache != NO_CACHE else {}  # a pbtxt string
     source = Locations.here().repository
     transformer = copy_model(source / DIT_TRANSFORMER, repository)
-    for key, value in {"model_dir": args.model, **speedups.parameters()}.items():
+    for key, value in {"model_dir": args.model, **speedups.parameters(), **cache}.items():
         set_parameter(transformer, key, str(value))
-    set_parameter(copy_model(source / GENERATE, repository), "model_dir", args.model)
+    generation = copy_model(source / GENERATE, repository)
+    for key, value in {"model_dir": args.model, **cache}.items():
+        set_parameter(generation, key, value)
     copy = copy_model(source / GENERATE, repository, IN_PROCESS_MODEL)
     transformer_in_process(copy, [0] if torch.cuda.is_available() else [], models)
 
@@ -79,14 +89,15 @@ def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
     """``flux_generate --in-process``'s code in this process: its warmed-up ``DitService`` with the served settings,
     each request parsed and run by ``serving.generate`` as the model's ``execute`` does, without Triton."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    settings = TransformerSettings.from_parameters({"model_dir": args.model, **speedups_of(args).parameters()})
-    service = warm_service(settings, models, device, "loop", print)
-    generation_settings = GenerateSettings(model_dir=args.model, in_process=True)
+    cache = cache_setting(args)
+    parameters = {"model_dir": args.model, "cache": cache, **speedups_of(args).parameters()}
+    service = warm_service(TransformerSettings.from_parameters(parameters), models, device, "loop", print)
+    generation_settings = GenerateSettings(model_dir=args.model, in_process=True, cache=cache or NO_CACHE)
     request = {**prompt, **{name: torch.tensor([args.size]) for name in ("height", "width")},
                "num_inference_steps": torch.tensor([args.steps])}  # fmt: skip
 
     def run() -> torch.Tensor:
-        generation = served.Generation.parse(request, "", signature, generation_settings, served.Parts(), set())
+        generation = served.Generation.parse(request, cache, signature, generation_settings, served.Parts(), set())
         steps = served.ServedSteps(signature, "this process", infer, generation.cache, service.device)
         scheduler = served.scheduler_for(generation_settings, service.model_dir, signature)
         return served.generate(generation, steps, scheduler, served.Parts())[0].float().cpu()
@@ -109,6 +120,7 @@ def main() -> None:
     parser.add_argument("--fp8-fast-accum", action="store_true")
     parser.add_argument("--model", default=RANDOM_MODEL)
     parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
+    parser.add_argument("--cache", default=NO_CACHE, choices=sorted(CACHES), help="every way's step cache")
     parser.add_argument("--ways", default="bls,in-process,client,loop,pipeline", help="which of the five, in order")
     parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
     args = parser.parse_args()
@@ -116,7 +128,7 @@ def main() -> None:
     repository = work / "repository"
     write_repository(repository, args, models)
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "size": args.size,
-               "steps": args.steps, "fp8": args.fp8, "rows": []}  # fmt: skip
+               "steps": args.steps, "fp8": args.fp8, "cache": args.cache, "rows": []}  # fmt: skip
 
     reference = []  # the first way's latents: each way's max_abs_diff is against them
 
@@ -142,11 +154,14 @@ def main() -> None:
                                    ("in-process", "flux_generate --in-process", IN_PROCESS_MODEL)):  # fmt: skip
             settings = RemoteSettings(url=server.url, model_name=model, network_timeout_s=900)
             run = lambda s=settings: generate(**prompt, height=args.size, width=args.size,  # noqa: E731
-                                              num_inference_steps=args.steps, settings=s)  # fmt: skip
+                                              num_inference_steps=args.steps, settings=s,
+                                              cache=build_cache(CACHES[args.cache]))  # fmt: skip
             if way in ways:
                 record(config, *timed_requests(run, args.runs))
         if "client" in ways:
             with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
+                if args.cache != NO_CACHE:
+                    remote.enable_cache(build_cache(CACHES[args.cache]))
                 row = timed(remote, prompt, args, remote.latencies_s)
                 record("client loop, shared memory", row, row["latents"], row["step_latencies_ms"])
     if "loop" in ways:
@@ -154,10 +169,11 @@ def main() -> None:
         gc.collect()  # its model and CUDA graphs go before the next way loads its own
         torch.cuda.empty_cache()
     if "pipeline" in ways:
-        row = in_process(models, prompt, args, speedups_of(args), NO_CACHE)
+        row = in_process(models, prompt, args, speedups_of(args), args.cache)
         record(row["config"], row, row["latents"], row["step_wall_ms"])
     baseline = results["rows"][-1]["median_s"]  # the last way: the pipeline in process, where it ran
-    print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}; median of {args.runs}")
+    print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}, cache {args.cache}; median of "
+          f"{args.runs}")  # fmt: skip
     print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7} {'max |diff|':>10} {'step ms':>8}")
     for row in results["rows"]:
         step = f"{row['step_ms']:>8.1f}" if "step_ms" in row else ""
