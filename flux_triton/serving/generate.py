@@ -177,12 +177,21 @@ def _cache(parameter: str, settings: GenerateSettings) -> str:
 def in_process(service: DitService) -> Infer:
     """Steps run by ``service`` in this process (the ``in_process`` setting): as the served transformer runs them, its
     sessions and step cache included, without the hop to another model; its error raised as the step's. The steps
-    are the pipeline's own (``ServedSteps`` on ``service.device``), so their values are not checked one by one."""
+    are the pipeline's own (``ServedSteps`` on ``service.device``), so their values are not checked one by one. On a
+    GPU the host stays at most one step ahead: each step is queued while the GPU runs the one before, and returns once
+    that one is done, so progress reports and cancelling follow the GPU."""
+    running: list[torch.cuda.Event] = []  # the last step's end, on a GPU
 
     def infer(tensors: dict[str, torch.Tensor], sequence: SequenceStep) -> torch.Tensor:
         (result,) = service.run([(tensors, sequence)], trusted=True)
         if isinstance(result, Exception):
             raise result
+        if result.is_cuda:
+            queued = torch.cuda.Event()
+            queued.record()
+            if running:
+                running.pop().synchronize()
+            running.append(queued)
         return result
 
     return infer
