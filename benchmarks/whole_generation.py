@@ -35,6 +35,7 @@ from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL
 from flux_triton.model.speedups import Speedups
 from flux_triton.pipeline.caching import NO_CACHE, build_cache, describe_cache
 from flux_triton.serving import generate as served
+from flux_triton.serving.generation_request import Generation, Parts
 from flux_triton.serving.service import warm_service
 from flux_triton.serving.settings import GenerateSettings, TransformerSettings
 
@@ -97,10 +98,10 @@ def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
                "num_inference_steps": torch.tensor([args.steps])}  # fmt: skip
 
     def run() -> torch.Tensor:
-        generation = served.Generation.parse(request, cache, signature, generation_settings, served.Parts(), set())
+        generation = Generation.parse(request, cache, signature, generation_settings, Parts(), set())
         steps = served.ServedSteps(signature, "this process", infer, generation.cache, service.device)
         scheduler = served.scheduler_for(generation_settings, service.model_dir, signature)
-        return served.generate(generation, steps, scheduler, served.Parts())[0].float().cpu()
+        return served.generate(generation, steps, scheduler, Parts())[0].float().cpu()
 
     signature, infer = service.signature, served.in_process(service)
     try:

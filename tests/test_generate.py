@@ -298,7 +298,7 @@ def test_the_supervisors_probes_run_a_one_step_generation_an_encoding_and_a_deco
 def test_what_the_server_lacks_is_refused_naming_the_field(request_inputs, outputs, message):
     """A server without text encoder or VAE models refuses prompt strings and images."""
     from flux_triton.contract import DitSignature
-    from flux_triton.serving.generate import Generation, Parts
+    from flux_triton.serving.generation_request import Generation, Parts
     from flux_triton.serving.settings import GenerateSettings
 
     signature = DitSignature(4, 32, 32, True, "FP32")

@@ -1,8 +1,8 @@
 """Triton Python-backend model ``flux_generate``: a whole FLUX generation per request (prompt strings or embeddings
 in; latents, and PNG images where the server has a VAE, out), diffusers' ``FluxPipeline`` running here with every
 step sent to the served transformer model in process (or, ``in_process``, run by this instance itself),
-prompt strings to the served text encoder model and latents to the served VAE model
-(``flux_triton.serving.generate``). Configured by its parameters (``GenerateSettings``).
+prompt strings to the served text encoder model and latents to the served VAE model (``flux_triton.serving.generate``;
+the request checked by ``flux_triton.serving.generation_request``). Configured by its parameters (``GenerateSettings``).
 
 The same file serves ``flux_generate_stream``, whose config is decoupled: each request then gets a ``progress``
 response after every step and its answer last, and a request cancelled (the client stopped its stream, or
@@ -29,15 +29,8 @@ from flux_triton.contract.protocol import CACHE_PARAMETER
 from flux_triton.locations import Locations
 from flux_triton.model import store
 from flux_triton.serving import triton
-from flux_triton.serving.generate import (
-    Generation,
-    GenerationCancelled,
-    Parts,
-    ServedSteps,
-    generate,
-    in_process,
-    scheduler_for,
-)
+from flux_triton.serving.generate import ServedSteps, generate, in_process, scheduler_for
+from flux_triton.serving.generation_request import Generation, GenerationCancelled, Parts
 from flux_triton.serving.service import model_dtype, pick_device, warm_service
 from flux_triton.serving.settings import GenerateSettings, TransformerSettings
 
