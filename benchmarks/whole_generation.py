@@ -1,13 +1,13 @@
-"""One whole generation at a time, four ways with the same speed-ups, in one run: ``FluxPipeline`` with the
+"""One whole generation at a time, five ways with the same speed-ups, in one run: ``FluxPipeline`` with the
 transformer in this process (the baseline), ``FluxPipeline`` here with ``RemoteFluxTransformer`` over shared memory
 (the client-driven loop), ``flux_generate`` sending each step to ``dit_transformer`` (BLS), ``flux_generate``
 placed ``--in-process`` (each instance runs the transformer itself), and the ``loop`` way: that model's own code
 (``serving.generate`` over a ``DitService``) called in this process, without Triton, which tells Triton's share of
 the in-process way from the serving code's. Prompt embeddings in, latents out, one server with both generation
-models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention,
-regional compile, CUDA graphs, optionally FP8 with static scales and fast accumulation). Each way: s/image, the first
-after READY, its final latents against the first way's; the client loop's median served call and the median step in
-process beside it. ``--cache`` (a label of ``cache_loop.CACHES``) runs every way with that step cache.
+models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention, regional compile, CUDA graphs, optionally FP8
+with static scales and fast accumulation). Each way: s/image, the first after READY, its final latents against the
+first way's; the client loop's median served call and the median step in process beside it. ``--cache`` (a label of
+``cache_loop.CACHES``) runs every way with that step cache.
 
     python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
         --out whole-generation.json
