@@ -69,8 +69,7 @@ def write_repository(repository: Path, args, speedups: Speedups, with_engine: bo
     for label in args.caches:
         name = f"dit_{label.replace('-', '_')}"
         config = copy_model(Locations.here().repository / DIT_TRANSFORMER, repository, name)
-        setting = json.dumps(CACHES[label]).replace('"', '\\"')  # a pbtxt string
-        parameters = {"model_dir": args.model, "cache": setting, "compile_cache_dir": compile_cache}
+        parameters = {"model_dir": args.model, "cache": json.dumps(CACHES[label]), "compile_cache_dir": compile_cache}
         for key, value in {**parameters, **speedups.parameters()}.items():
             set_parameter(config, key, str(value))
     if args.engine and with_engine:

@@ -60,7 +60,7 @@ def write_repository(repository: Path, args, models: Path) -> None:
     """dit_transformer with the speed-ups (and ``--cache``), flux_generate sending it the steps, and a copy running
     them itself."""
     speedups = speedups_of(args)
-    cache = {"cache": cache_setting(args).replace('"', '\\"')} if args.cache != NO_CACHE else {}  # a pbtxt string
+    cache = {"cache": cache_setting(args)} if args.cache != NO_CACHE else {}
     source = Locations.here().repository
     transformer = copy_model(source / DIT_TRANSFORMER, repository)
     for key, value in {"model_dir": args.model, **speedups.parameters(), **cache}.items():
@@ -96,6 +96,7 @@ def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
     generation_settings = GenerateSettings(model_dir=args.model, in_process=True, cache=cache or NO_CACHE)
     request = {**prompt, **{name: torch.tensor([args.size]) for name in ("height", "width")},
                "num_inference_steps": torch.tensor([args.steps])}  # fmt: skip
+    signature, infer = service.signature, served.in_process(service)
 
     def run() -> torch.Tensor:
         generation = Generation.parse(request, cache, signature, generation_settings, Parts(), set())
@@ -103,7 +104,6 @@ def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
         scheduler = served.scheduler_for(generation_settings, service.model_dir, signature)
         return served.generate(generation, steps, scheduler, Parts())[0].float().cpu()
 
-    signature, infer = service.signature, served.in_process(service)
     try:
         return timed_requests(run, args.runs)
     finally:

@@ -41,7 +41,7 @@ SCHNELL_KINDS = ("first_block", "taylorseer")  # schnell-like 4 steps: MagCache'
 
 
 def _setting(spec: dict) -> str:
-    return spec["kind"] if len(spec) == 1 else json.dumps(spec).replace('"', '\\"')
+    return spec["kind"] if len(spec) == 1 else json.dumps(spec)
 
 
 @pytest.fixture(scope="module")

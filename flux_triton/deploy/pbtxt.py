@@ -59,8 +59,10 @@ def copy_model(source: Path, repository: Path, name: str | None = None) -> Path:
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
-    """Set (or add) one string parameter of a config.pbtxt."""
-    entry = f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-    pattern = rf'parameters: {{ key: "{key}" value: {{ string_value: "[^"]*" }} }}'
-    text, count = re.subn(pattern, entry, config.read_text())
+    """Set (or add) one string parameter of a config.pbtxt; ``value`` as it is meant (a JSON cache spec, say), its
+    quotes and backslashes escaped here as the text format wants them."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    entry = f'parameters: {{ key: "{key}" value: {{ string_value: "{escaped}" }} }}'
+    pattern = rf'parameters: {{ key: "{key}" value: {{ string_value: "(?:[^"\\]|\\.)*" }} }}'
+    text, count = re.subn(pattern, lambda _: entry, config.read_text())
     config.write_text(text if count else f"{text.rstrip()}\n{entry}\n")
