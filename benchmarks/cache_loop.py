@@ -83,14 +83,22 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, torch.Tensor, list[float]]:
+def generation(
+    transformer, prompt: dict, args, seed: int = 0, device: torch.device | None = None
+) -> tuple[float, torch.Tensor, list[float]]:
     """One generation: its wall time, its latents and each step's wall time (ms, from the pipeline's step-end
-    callback; the first step's includes the pipeline's preparations)."""
+    callback; the first step's includes the pipeline's preparations). ``device``: where the pipeline runs, as its
+    text encoders' device would set it (default: the transformer's; a served model's stand-in: the host)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline(loop.make_scheduler("dev"), None, None, None, None, None, transformer)
+    class Pipeline(FluxPipeline):  # diffusers takes a pipeline's device from its modules; here there may be none
+        @property
+        def _execution_device(self) -> torch.device:
+            return device
+
     weight = next(transformer.parameters(), None) if hasattr(transformer, "parameters") else None
-    device = weight.device if weight is not None else torch.device("cpu")  # a served model's stand-in: the host
+    device = device or (weight.device if weight is not None else torch.device("cpu"))
+    pipe = Pipeline(loop.make_scheduler("dev"), None, None, None, None, None, transformer)
     # FluxPipeline's latents take the prompt's dtype: the model's (bfloat16 on a GPU), as its text encoders give it
     dtype = store.default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     prompt = {name: tensor.to(device, dtype) for name, tensor in prompt.items()}
@@ -110,11 +118,11 @@ def generation(transformer, prompt: dict, args, seed: int = 0) -> tuple[float, t
     return time.perf_counter() - started, latents.float().cpu(), steps_ms
 
 
-def timed(transformer, prompt: dict, args, calls=None) -> dict:
+def timed(transformer, prompt: dict, args, calls=None, device: torch.device | None = None) -> dict:
     """One generation (the first: after READY, or after building), then ``args.runs`` timed ones."""
-    first_s, _, _ = generation(transformer, prompt, args)
+    first_s, _, _ = generation(transformer, prompt, args, device=device)
     start = len(calls) if calls is not None else 0
-    runs = [generation(transformer, prompt, args) for _ in range(args.runs)]
+    runs = [generation(transformer, prompt, args, device=device) for _ in range(args.runs)]
     times = [wall for wall, _, _ in runs]
     row = {"first_s": first_s, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
            "latents": runs[-1][1], "step_wall_ms": runs[-1][2]}  # fmt: skip

@@ -7,7 +7,10 @@ the in-process way from the serving code's. Prompt embeddings in, latents out, o
 models. Full-size FLUX.1-dev with random bf16 weights (cuDNN attention, regional compile, CUDA graphs, optionally FP8
 with static scales and fast accumulation). Each way: s/image, the first after READY, its final latents against the
 first way's; the client loop's median served call and the median step in process beside it. ``--cache`` (a label of
-``cache_loop.CACHES``) runs every way with that step cache.
+``cache_loop.CACHES``) runs every way with that step cache. ``--trace`` has the server trace every request
+(``triton_trace.py``) and reports where the served ways' requests spent their time. ``--queue-delays 100,0`` runs the
+client loop once per dynamic-batcher delay (µs), each against its own copy of ``dit_transformer``.
+``--client-variants`` runs the client loop once per variant of the client's host (``CLIENT_VARIANTS``).
 
     python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
         --out whole-generation.json
@@ -16,13 +19,18 @@ first way's; the client loop's median served call and the median step in process
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import json
+import re
 import statistics
 import time
 from pathlib import Path
 
+import host_idle
 import torch
+import triton_trace
 from cache_loop import CACHES, in_process, load_threads, timed
 from workload import prepare
 
@@ -33,6 +41,7 @@ from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL
 from flux_triton.model.speedups import Speedups
+from flux_triton.pipeline import loop
 from flux_triton.pipeline.caching import NO_CACHE, build_cache, describe_cache
 from flux_triton.serving import generate as served
 from flux_triton.serving.generation_request import Generation, Parts
@@ -56,15 +65,37 @@ def cache_setting(args) -> str:
     return json.dumps(describe_cache(config)) if config is not None else ""
 
 
+# How the client's process runs its pipeline: (its label, what holds around the loop, the pipeline's device)
+CLIENT_VARIANTS = {
+    "host": ("", contextlib.nullcontext, None),  # the pipeline on the host, as with no other modules
+    # the host's CPUs kept out of idle states that are slow to leave (host_idle.py)
+    "idle-held": (", idle latency held", host_idle.shallow, None),
+    # the pipeline's host work (the scheduler's step on the latents) without waking torch's thread pool
+    "one-thread": (", one intra-op thread", loop.one_intra_op_thread, None),
+    # latents on the GPU, as a pipeline whose text encoders run there has them
+    "gpu": (", pipeline on the GPU", contextlib.nullcontext, "cuda"),
+}
+
+
+def transformer_names(args) -> dict[str, int]:
+    """The served ``dit_transformer`` copies, each with its dynamic-batcher delay (µs): the first is the model."""
+    delays = [int(delay) for delay in args.queue_delays.split(",")]
+    return {DIT_TRANSFORMER if n == 0 else f"{DIT_TRANSFORMER}_delay{delay}": delay for n, delay in enumerate(delays)}
+
+
 def write_repository(repository: Path, args, models: Path) -> None:
-    """dit_transformer with the speed-ups (and ``--cache``), flux_generate sending it the steps, and a copy running
-    them itself."""
+    """dit_transformer with the speed-ups (and ``--cache``; a copy per further queue delay), flux_generate sending it
+    the steps, and a copy running them itself."""
     speedups = speedups_of(args)
     cache = {"cache": cache_setting(args)} if args.cache != NO_CACHE else {}
     source = Locations.here().repository
-    transformer = copy_model(source / DIT_TRANSFORMER, repository)
-    for key, value in {"model_dir": args.model, **speedups.parameters(), **cache}.items():
-        set_parameter(transformer, key, str(value))
+    for name, delay in transformer_names(args).items():
+        transformer = copy_model(source / DIT_TRANSFORMER, repository, name)
+        text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {delay}",
+                      transformer.read_text())  # fmt: skip
+        transformer.write_text(text)
+        for key, value in {"model_dir": args.model, **speedups.parameters(), **cache}.items():
+            set_parameter(transformer, key, str(value))
     generation = copy_model(source / GENERATE, repository)
     for key, value in {"model_dir": args.model, **cache}.items():
         set_parameter(generation, key, value)
@@ -123,15 +154,27 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=FULL_SIZE_TEXT_TOKENS)
     parser.add_argument("--cache", default=NO_CACHE, choices=sorted(CACHES), help="every way's step cache")
     parser.add_argument("--ways", default="bls,in-process,client,loop,pipeline", help="which of the five, in order")
+    parser.add_argument("--queue-delays", default="100", help="dit_transformer's batcher delays (µs) to compare")
+    parser.add_argument("--client-variants", default="host", help=f"of {', '.join(CLIENT_VARIANTS)}")
+    parser.add_argument("--trace", action="store_true", help="trace every served request (triton_trace.py)")
     parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
     args = parser.parse_args()
     work, models, prompt = prepare(args, "whole-generation-", seed=2)
     repository = work / "repository"
     write_repository(repository, args, models)
     results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "size": args.size,
-               "steps": args.steps, "fp8": args.fp8, "cache": args.cache, "rows": []}  # fmt: skip
+               "steps": args.steps, "fp8": args.fp8, "cache": args.cache, "host": host_idle.describe(),
+               "rows": []}  # fmt: skip
 
     reference = []  # the first way's latents: each way's max_abs_diff is against them
+
+    windows = {}  # each served way's label: (the model its requests went to, the way's first and last ns)
+
+    @contextlib.contextmanager
+    def traced(config: str, model: str):
+        started = time.monotonic_ns()
+        yield
+        windows[config] = (model, started, time.monotonic_ns())
 
     def record(config: str, row: dict, latents: torch.Tensor, steps_ms: list[float] | None = None) -> None:
         """``steps_ms``: each step's time of the last generation (the served call, or the step in process)."""
@@ -142,12 +185,14 @@ def main() -> None:
             row["step_ms"] = statistics.median(steps_ms[1:])
         results["rows"].append(row)
         args.out.write_text(json.dumps(results, indent=2))
-        print(f"{row['config']:<34} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f}), "
+        print(f"{row['config']:<50} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f}), "
               f"first {row['first_s']:.3f} s, max |diff| {row['max_abs_diff']:.2e}", flush=True)  # fmt: skip
 
-    ways = args.ways.split(",")
+    ways, transformers = args.ways.split(","), transformer_names(args)
     # as `serve` starts it (no backend options), loading as many models at once as the GPU's memory allows
     server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}"]
+    trace = work / "trace.json"
+    server_args += triton_trace.server_args(trace) if args.trace else []  # tritonserver 2.51 traces no BLS request
     server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=work / "tritonserver.log",
                           cache=work / "triton", args=server_args)  # fmt: skip
     with server.start(timeout_s=900):
@@ -158,13 +203,25 @@ def main() -> None:
                                               num_inference_steps=args.steps, settings=s,
                                               cache=build_cache(CACHES[args.cache]))  # fmt: skip
             if way in ways:
-                record(config, *timed_requests(run, args.runs))
-        if "client" in ways:
-            with RemoteFluxTransformer(url=server.url, transport="shm", network_timeout_s=900) as remote:
+                with traced(config, model):
+                    found = timed_requests(run, args.runs)
+                record(config, *found)
+        variants = [CLIENT_VARIANTS[name] for name in args.client_variants.split(",")]
+        clients = itertools.product(transformers.items() if "client" in ways else (), variants)
+        for (name, delay), (label, holding, device) in clients:
+            settings = dict(url=server.url, model_name=name, transport="shm", network_timeout_s=900)
+            config = "client loop, shared memory" + (f", delay {delay} µs" if len(transformers) > 1 else "") + label
+            with RemoteFluxTransformer(**settings) as remote, holding():
                 if args.cache != NO_CACHE:
                     remote.enable_cache(build_cache(CACHES[args.cache]))
-                row = timed(remote, prompt, args, remote.latencies_s)
-                record("client loop, shared memory", row, row["latents"], row["step_latencies_ms"])
+                with traced(config, name):
+                    row = timed(remote, prompt, args, remote.latencies_s, device and torch.device(device))
+            record(config, row, row["latents"], row["step_latencies_ms"])
+    if args.trace:  # written as the server stopped; each way's first generation is left out
+        first_requests = {model: args.steps for model in transformers}  # a first generation's: steps, else one
+        results["trace"] = {config: triton_trace.summary(trace, model, window, first_requests.get(model, 1))
+                            for config, (model, *window) in windows.items()}  # fmt: skip
+        args.out.write_text(json.dumps(results, indent=2))
     if "loop" in ways:
         record("flux_generate's loop, no Triton", *loop_here(models, prompt, args))
         gc.collect()  # its model and CUDA graphs go before the next way loads its own
@@ -173,12 +230,14 @@ def main() -> None:
         row = in_process(models, prompt, args, speedups_of(args), args.cache)
         record(row["config"], row, row["latents"], row["step_wall_ms"])
     baseline = results["rows"][-1]["median_s"]  # the last way: the pipeline in process, where it ran
+    for config, phases in results.get("trace", {}).items():
+        print(f"\n{config}, {windows[config][0]}'s requests traced by the server:\n{triton_trace.table(phases)}")
     print(f"\n{results['gpu']}, {args.size}², {args.steps} steps, fp8={args.fp8}, cache {args.cache}; median of "
           f"{args.runs}")  # fmt: skip
-    print(f"{'config':<34} {'s / image':>9} {'vs in process':>13} {'first':>7} {'max |diff|':>10} {'step ms':>8}")
+    print(f"{'config':<50} {'s / image':>9} {'vs in process':>13} {'first':>7} {'max |diff|':>10} {'step ms':>8}")
     for row in results["rows"]:
         step = f"{row['step_ms']:>8.1f}" if "step_ms" in row else ""
-        print(f"{row['config']:<34} {row['median_s']:>9.3f} {row['median_s'] / baseline - 1:>+12.1%} "
+        print(f"{row['config']:<50} {row['median_s']:>9.3f} {row['median_s'] / baseline - 1:>+12.1%} "
               f"{row['first_s']:>7.2f} {row['max_abs_diff']:>10.2e} {step}")  # fmt: skip
 
 

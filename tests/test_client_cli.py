@@ -54,9 +54,17 @@ def test_cli_runs_a_loop_with_progress_and_matches_flux_pipeline(dev_server, tin
     assert torch.equal(served, expected)
 
 
-def test_cli_random_smoke_run_with_true_cfg_batch_and_a_vae_png(dev_server, tmp_path, capsys):
-    from diffusers import AutoencoderKL
+def test_cli_random_smoke_run_with_true_cfg_batch_and_a_vae_png(dev_server, tmp_path, capsys, monkeypatch):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from PIL import Image
+
+    threads, step, scheduler_threads = torch.get_num_threads(), FlowMatchEulerDiscreteScheduler.step, []
+
+    def counted_step(self, *args, **kwargs):
+        scheduler_threads.append(torch.get_num_threads())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step", counted_step)
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -84,6 +92,8 @@ def test_cli_random_smoke_run_with_true_cfg_batch_and_a_vae_png(dev_server, tmp_
     out = capsys.readouterr().out
     assert out.count("ms (server calls") == 3
     assert len(re.findall(r"server calls [\d.]+, [\d.]+ ms", out)) == 3  # true CFG: two server calls a step
+    # the loop's host work ran on one intra-op thread (loop.one_intra_op_thread); the process's count came back
+    assert scheduler_threads == [1, 1, 1] and torch.get_num_threads() == threads
 
 
 def test_cli_reports_an_unreachable_server(tmp_path, capsys):

@@ -3,7 +3,8 @@ pipeline itself around a transformer (the parity reference for whole generations
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -67,6 +68,19 @@ def denoise(
         if on_step:
             on_step(index, float(t))
     return latents
+
+
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """torch's CPU ops on one thread while inside. A pipeline on the host whose transformer runs elsewhere does small
+    elementwise steps on the latents between server calls; waking torch's thread pool for each costs more than it
+    saves, and its spinning threads compete with a server on the same host (``benchmarks/README.md``, run AZ)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def flux_pipeline(transformer, preset: str, vae=None):
