@@ -37,9 +37,7 @@ GAPS = {  # (the earlier request's timestamp, the later one's)
     "instance_idle": ("COMPUTE_END", "COMPUTE_START"),
     "queued_after_end": ("COMPUTE_END", "QUEUE_START"),
 }
-
-
-LOG_EVERY = 16
+LOG_EVERY = 16  # traces a file: files fill as the run goes, so a server stopped hard loses at most this many
 
 
 def server_args(path: Path) -> list[str]:

@@ -73,7 +73,7 @@ CLIENT_VARIANTS = {
     # the pipeline's host work (the scheduler's step on the latents) without waking torch's thread pool
     "one-thread": (", one intra-op thread", loop.one_intra_op_thread, None),
     # latents on the GPU, as a pipeline whose text encoders run there has them
-    "gpu": (", pipeline on the GPU", contextlib.nullcontext, "cuda"),
+    "gpu": (", pipeline on the GPU", contextlib.nullcontext, torch.device("cuda")),
 }
 
 
@@ -215,7 +215,7 @@ def main() -> None:
                 if args.cache != NO_CACHE:
                     remote.enable_cache(build_cache(CACHES[args.cache]))
                 with traced(config, name):
-                    row = timed(remote, prompt, args, remote.latencies_s, device and torch.device(device))
+                    row = timed(remote, prompt, args, remote.latencies_s, device)
             record(config, row, row["latents"], row["step_latencies_ms"])
     if args.trace:  # written as the server stopped; each way's first generation is left out
         first_requests = {model: args.steps for model in transformers}  # a first generation's: steps, else one
