@@ -11,6 +11,7 @@ first way's; the client loop's median served call and the median step in process
 (``triton_trace.py``) and reports where the served ways' requests spent their time. ``--queue-delays 100,0`` runs the
 client loop once per dynamic-batcher delay (µs), each against its own copy of ``dit_transformer``.
 ``--client-variants`` runs the client loop once per variant of the client's host (``CLIENT_VARIANTS``).
+``--steps-ahead 1,4,28`` runs the ``loop`` way once per bound on the host's lead over the GPU (``StepsAhead``).
 
     python3 benchmarks/whole_generation.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum \\
         --out whole-generation.json
@@ -117,9 +118,10 @@ def timed_requests(run, runs: int) -> tuple[dict, torch.Tensor]:
     return row, latents.float().cpu()
 
 
-def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
+def loop_here(models: Path, prompt: dict, args) -> list[tuple[str, dict, torch.Tensor]]:
     """``flux_generate --in-process``'s code in this process: its warmed-up ``DitService`` with the served settings,
-    each request parsed and run by ``serving.generate`` as the model's ``execute`` does, without Triton."""
+    each request parsed and run by ``serving.generate`` as the model's ``execute`` does, without Triton; once per
+    bound on the host's lead over the GPU (``--steps-ahead``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = cache_setting(args)
     parameters = {"model_dir": args.model, "cache": cache, **speedups_of(args).parameters()}
@@ -127,18 +129,23 @@ def loop_here(models: Path, prompt: dict, args) -> tuple[dict, torch.Tensor]:
     generation_settings = GenerateSettings(model_dir=args.model, in_process=True, cache=cache or NO_CACHE)
     request = {**prompt, **{name: torch.tensor([args.size]) for name in ("height", "width")},
                "num_inference_steps": torch.tensor([args.steps])}  # fmt: skip
-    signature, infer = service.signature, served.in_process(service)
+    signature, rows = service.signature, []
 
-    def run() -> torch.Tensor:
+    def run(infer) -> torch.Tensor:
         generation = Generation.parse(request, cache, signature, generation_settings, Parts(), set())
         steps = served.ServedSteps(signature, "this process", infer, generation.cache, service.device)
         scheduler = served.scheduler_for(generation_settings, service.model_dir, signature)
         return served.generate(generation, steps, scheduler, Parts())[0].float().cpu()
 
     try:
-        return timed_requests(run, args.runs)
+        for ahead in map(int, args.steps_ahead.split(",")):
+            infer = served.in_process(service, ahead)
+            bound = f", {ahead} steps ahead" if ahead != served.STEPS_AHEAD else ""
+            config = f"flux_generate's loop, no Triton{bound}"
+            rows.append((config, *timed_requests(lambda i=infer: run(i), args.runs)))
     finally:
         service.close()
+    return rows
 
 
 def main() -> None:
@@ -156,6 +163,11 @@ def main() -> None:
     parser.add_argument("--ways", default="bls,in-process,client,loop,pipeline", help="which of the five, in order")
     parser.add_argument("--queue-delays", default="100", help="dit_transformer's batcher delays (µs) to compare")
     parser.add_argument("--client-variants", default="host", help=f"of {', '.join(CLIENT_VARIANTS)}")
+    parser.add_argument(
+        "--steps-ahead",
+        default=str(served.STEPS_AHEAD),
+        help="the loop way's bounds on the host's lead over the GPU (steps), one row each",
+    )
     parser.add_argument("--trace", action="store_true", help="trace every served request (triton_trace.py)")
     parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
     args = parser.parse_args()
@@ -223,7 +235,8 @@ def main() -> None:
                             for config, (model, *window) in windows.items()}  # fmt: skip
         args.out.write_text(json.dumps(results, indent=2))
     if "loop" in ways:
-        record("flux_generate's loop, no Triton", *loop_here(models, prompt, args))
+        for found in loop_here(models, prompt, args):
+            record(*found)
         gc.collect()  # its model and CUDA graphs go before the next way loads its own
         torch.cuda.empty_cache()
     if "pipeline" in ways:

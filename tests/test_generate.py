@@ -27,6 +27,7 @@ from flux_triton.deploy.pbtxt import set_parameter
 from flux_triton.deploy.placement import transformer_in_process
 from flux_triton.locations import MODEL_ROOT_ENV
 from flux_triton.pipeline.caching import build_cache
+from flux_triton.serving.generate import STEPS_AHEAD, StepsAhead
 
 pytestmark = pytest.mark.server
 
@@ -190,6 +191,30 @@ def test_a_generation_with_its_transformer_in_process_equals_local_diffusers(tmp
     local = load_tiny(model_root, "tiny-flux-dev")
     local.enable_cache(cache)
     assert torch.equal(cached, generate(local, "dev", seed=37, **kwargs)) and not torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("limit", [1, STEPS_AHEAD])
+def test_an_in_process_generations_host_waits_for_the_step_limit_steps_before_the_one_it_queued(limit):
+    """The bound on a GPU loop's lead (``StepsAhead``), with events that log what the host waited for: after queuing
+    step n it has waited for steps up to n - limit, and for none after them."""
+    waited: list[int] = []
+
+    class Event:  # a torch.cuda.Event's role: recorded after a step, waited for later
+        count = 0
+
+        def __init__(self):
+            self.step, Event.count = Event.count, Event.count + 1
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            waited.append(self.step)
+
+    ahead = StepsAhead(limit, Event)
+    for step in range(8):
+        ahead.queued()
+        assert waited == list(range(step - limit + 1))
 
 
 def test_prompt_strings_in_images_out_equal_local_diffusers_with_the_same_encoders_and_vae(generate_server, tiny_dev,
