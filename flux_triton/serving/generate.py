@@ -46,7 +46,7 @@ class StepsAhead:
     """The host's lead over the GPU, bounded: once a step is queued, the host waits for the one ``limit`` steps before
     it, so progress reports and cancelling follow the GPU within ``limit`` steps. (One step ahead is enough for
     uncached steps, whose GPU time dwarfs the host's; a step cache's skipped steps are the other way round, and with
-    one step ahead their host work no longer hides behind the full steps: +15% per image with a tuned MagCache.)"""
+    one step ahead their host work no longer hides behind the full steps: benchmarks/README.md, runs BA-BC.)"""
 
     def __init__(self, limit: int = STEPS_AHEAD, event: Callable[[], torch.cuda.Event] = torch.cuda.Event):
         self.limit, self.event = limit, event
