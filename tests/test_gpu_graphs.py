@@ -2,7 +2,8 @@
 Requests sent one at a time (batch 1 and 2, each shape past its two ordinary calls, so both instances replay
 graphs) answer bitwise what the same server answers without graphs; requests sent at once, which the dynamic batcher
 merges into batches of other sizes (other graphs), each get their own answer within bf16's batch-size rounding.
-With a step cache, the blocks the hooks run replay their graphs, and the cached loop is unchanged."""
+With a step cache, the blocks the hooks run and the modules around them replay their graphs, and the cached loop is
+unchanged."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from flux_triton.model.speedups import Speedups, apply_speedups
 from flux_triton.pipeline import inputs
 from flux_triton.pipeline.caching import build_cache
 from flux_triton.pipeline.call import reference_call
-from flux_triton.pipeline.internals import hooked_forward
+from flux_triton.pipeline.internals import hooked_forward, unhooked_step_edges
 
 pytestmark = [pytest.mark.gpu, pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
 TWO_INSTANCES_ON_GPU_0 = "instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0 ] } ]\n"
@@ -78,6 +79,8 @@ def test_a_cached_loop_with_graphs_equals_it_without(model_root, kind, compile):
         hooked = [hooked_forward(m).original_forward for m in transformer.modules() if hooked_forward(m) is not None]
         if graphs:
             assert all(isinstance(f, GraphedForward) for f in hooked) and len(hooked[0].graphs) == 1, kind
+            edges = [module.forward for module in unhooked_step_edges(transformer)]  # embedders, output layers
+            assert len(edges) == 6 and all(isinstance(f, GraphedForward) and len(f.graphs) == 1 for f in edges), kind
     assert torch.equal(latents[True], latents[False]), kind
 
 

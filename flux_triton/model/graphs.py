@@ -12,7 +12,8 @@ and the captured collectives pair up.
 ``GraphedTransformer`` wraps the transformer's keyword call (``dit_transformer``), ``GraphedEngine`` an engine's
 call (``dit_engine``'s AOTI runners). With a step cache the whole step cannot be one graph (the cache hooks decide
 on the host, per step, which blocks run): ``graph_cached_regions`` captures instead each forward a cache hook wraps,
-per input shape, and the hooks run between the replays; a block that runs is a replay, a skipped one costs nothing."""
+per input shape, and each module the step runs around the blocks (embedders, rotary embedding, output layers); the
+hooks run between the replays; a block that runs is a replay, a skipped one costs nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flux_triton.pipeline.internals import flatten, hooked_block_forwards, unflatten
+from flux_triton.pipeline.internals import flatten, hooked_block_forwards, unflatten, unhooked_step_edges
 
 WARMUP_CALLS = 2  # a first call compiles and allocates (neither can be captured); a second settles the allocator
 DEFAULT_MAX_GRAPHS = 16
@@ -138,17 +139,23 @@ class GraphedForward:
 
 def graph_cached_regions(transformer, device: torch.device, max_graphs: int = DEFAULT_MAX_GRAPHS) -> int:
     """Capture each forward that a step cache's hook wraps inside ``transformer``'s repeated blocks (MagCache and
-    first-block caching wrap every block, TaylorSeer the attention modules), per input shape, in one memory pool
-    with shared input buffers; the hooks' decisions stay on the host between replays. Call it after the cache is
-    enabled (and after ``compile_regions``, whose compiled forwards are what is captured). Returns how many forwards
-    it wraps."""
+    first-block caching wrap every block, TaylorSeer the attention modules), and each unhooked module a step runs
+    around the blocks (left eager, their many small kernels would leave the GPU waiting on the host for a few
+    milliseconds a step), per input shape, in one memory pool with shared input buffers; the hooks' decisions stay
+    on the host between replays. Call it after the cache is enabled (and after ``compile_regions``, whose compiled
+    forwards are what is captured). Returns how many forwards it wraps."""
     check_cuda(device)
     pool, shared_inputs = torch.cuda.graph_pool_handle(), {}
-    references = hooked_block_forwards(transformer)
+
+    def graphed(forward: Callable) -> GraphedForward:
+        return GraphedForward(forward, ShapeGraphs(max_graphs, pool=pool, shared_inputs=shared_inputs))
+
+    references, edges = hooked_block_forwards(transformer), unhooked_step_edges(transformer)
     for reference in references:
-        graphs = ShapeGraphs(max_graphs, pool=pool, shared_inputs=shared_inputs)
-        reference.original_forward = GraphedForward(reference.original_forward, graphs)
-    return len(references)
+        reference.original_forward = graphed(reference.original_forward)
+    for module in edges:
+        module.forward = graphed(module.forward)
+    return len(references) + len(edges)
 
 
 def check_cuda(device: torch.device | str) -> None:

@@ -152,6 +152,13 @@ def hooked_block_forwards(transformer) -> list:
     return [reference for _, reference in found if reference is not None]
 
 
+def unhooked_step_edges(transformer) -> list:
+    """The modules a step runs around ``transformer``'s repeated blocks (FLUX's embedders, rotary embedding, output
+    norm and projection) that no diffusers hook wraps (context parallelism's gather wraps the output projection)."""
+    return [module for module in transformer.children()
+            if type(module).__name__ != "ModuleList" and getattr(module, "_diffusers_hook", None) is None]  # fmt: skip
+
+
 def repeated_blocks(transformer) -> tuple[str, ...]:
     """The class names of the blocks diffusers' regional compile compiles once each."""
     return tuple(transformer._repeated_blocks)
