@@ -155,8 +155,8 @@ def hooked_block_forwards(transformer) -> list:
 def unhooked_step_edges(transformer) -> list:
     """The modules a step runs around ``transformer``'s repeated blocks (FLUX's embedders, rotary embedding, output
     norm and projection) that no diffusers hook wraps (context parallelism's gather wraps the output projection)."""
-    return [module for module in transformer.children()
-            if type(module).__name__ != "ModuleList" and getattr(module, "_diffusers_hook", None) is None]  # fmt: skip
+    unhooked = (module for module in transformer.children() if getattr(module, "_diffusers_hook", None) is None)
+    return [module for module in unhooked if not isinstance(module, torch.nn.ModuleList)]
 
 
 def repeated_blocks(transformer) -> tuple[str, ...]:
