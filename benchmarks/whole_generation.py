@@ -163,11 +163,7 @@ def main() -> None:
     parser.add_argument("--ways", default="bls,in-process,client,loop,pipeline", help="which of the five, in order")
     parser.add_argument("--queue-delays", default="100", help="dit_transformer's batcher delays (µs) to compare")
     parser.add_argument("--client-variants", default="host", help=f"of {', '.join(CLIENT_VARIANTS)}")
-    parser.add_argument(
-        "--steps-ahead",
-        default=str(served.STEPS_AHEAD),
-        help="the loop way's bounds on the host's lead over the GPU (steps), one row each",
-    )
+    parser.add_argument("--steps-ahead", default=str(served.STEPS_AHEAD), help="the loop way's leads, in steps")
     parser.add_argument("--trace", action="store_true", help="trace every served request (triton_trace.py)")
     parser.add_argument("--out", type=Path, default=Path("whole-generation.json"))
     args = parser.parse_args()
