@@ -1,8 +1,10 @@
 """The served image: whole 28-step generations of full-size FLUX.1-dev (random bf16 weights, saved and loaded like
 real ones; 1024x1024, 512 text tokens), driven by ``FluxPipeline(output_type="latent")`` through
 ``RemoteFluxTransformer`` against a real tritonserver, per step cache (diffusers' hooks, per generation session) and
-with and without CUDA graphs. One server per graphs setting, holding one ``dit_transformer`` per cache (cuDNN
-attention, regional compile, optionally FP8 with static scales and fast accumulation), each warm before READY.
+with and without CUDA graphs, and on one GPU or across several (``--parallel``: one step's sequence over the GPUs).
+One server per graphs and parallel setting, holding one ``dit_transformer`` per cache (cuDNN attention, regional
+compile, optionally FP8 with static scales and fast accumulation), each warm before READY; across GPUs, each model's
+ranks hold a whole copy of the weights on every GPU, so narrow ``--caches`` to what the GPUs' memory holds.
 Baselines in the same run: diffusers' eager pipeline in process (``--eager``) and the same speed-ups in process
 (``--in-process``).
 
@@ -17,6 +19,8 @@ first start filled): its READY time and first generation beside the cold start's
 
     python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs off,on \
         --transport shm --eager --in-process --out served-image.json
+    python3 benchmarks/cache_loop.py --fp8 --fp8-scales fp8_scales.safetensors --fp8-fast-accum --graphs on \
+        --caches none,mag,mag-tuned --parallel none,ulysses2,ulysses4 --out served-image-parallel.json  # 4 GPUs
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ from workload import prepare
 
 from flux_triton.client.remote import RemoteFluxTransformer
 from flux_triton.deploy.pbtxt import DIT_TRANSFORMER, ENGINE, ENSEMBLE, copy_model, set_parameter
-from flux_triton.deploy.placement import hold_prompts
+from flux_triton.deploy.placement import hold_prompts, place
 from flux_triton.deploy.repository import write_repository as write_engine_repository
 from flux_triton.deploy.server import TritonServer
 from flux_triton.locations import MODEL_ROOT_ENV, Locations
 from flux_triton.model import store
 from flux_triton.model.graphs import GraphedTransformer
+from flux_triton.model.parallel import NO_PARALLEL, ParallelSettings
 from flux_triton.model.presets import FULL_SIZE_TEXT_TOKENS, RANDOM_MODEL, build_random
 from flux_triton.model.speedups import Speedups, load_with_speedups
 from flux_triton.pipeline import loop
@@ -61,17 +66,20 @@ def speedups_of(args, graphs: bool) -> Speedups:
                     compile=args.compile, cuda_graphs=graphs)  # fmt: skip
 
 
-def write_repository(repository: Path, args, speedups: Speedups, with_engine: bool, compile_cache: Path) -> None:
-    """One dit_transformer per cache label, named ``dit_<label>``, its compile caches in ``compile_cache``;
-    ``with_engine``, flux_dit over ``args.engine`` (CUDA graphs as ``speedups``), serving MagCache's defaults where
-    the caches measured include ``mag`` (its uncached steps then replay the hooked blocks' graphs, not whole-step
-    ones, as a cached dit_transformer's do)."""
+def write_repository(repository: Path, args, speedups: Speedups, parallel: ParallelSettings, with_engine: bool,
+                     compile_cache: Path) -> None:  # fmt: skip
+    """One dit_transformer per cache label, named ``dit_<label>``, its compile caches in ``compile_cache``, across
+    GPUs as ``parallel`` says; ``with_engine``, flux_dit over ``args.engine`` (CUDA graphs as ``speedups``), serving
+    MagCache's defaults where the caches measured include ``mag`` (its uncached steps then replay the hooked blocks'
+    graphs, not whole-step ones, as a cached dit_transformer's do)."""
     for label in args.caches:
         name = f"dit_{label.replace('-', '_')}"
         config = copy_model(Locations.here().repository / DIT_TRANSFORMER, repository, name)
         parameters = {"model_dir": args.model, "cache": json.dumps(CACHES[label]), "compile_cache_dir": compile_cache}
         for key, value in {**parameters, **speedups.parameters()}.items():
             set_parameter(config, key, str(value))
+        if parallel.enabled:
+            place(config, parallel=parallel)  # one instance driving its ranks (KIND_MODEL)
     if args.engine and with_engine:
         write_engine_repository(args.engine.resolve(), repository, cache="mag" if "mag" in args.caches else NO_CACHE)
         set_parameter(repository / ENGINE / "config.pbtxt", "cuda_graphs", str(speedups.cuda_graphs).lower())
@@ -164,14 +172,17 @@ def load_threads() -> int:
     return 2 if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30 else 1
 
 
-def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engine: bool, restart=False) -> list[dict]:
+def served(work: Path, models: Path, prompt: dict, args, graphs: bool, parallel: str, with_engine: bool,
+           restart=False) -> list[dict]:  # fmt: skip
     """Each model's rows of one server's run (``restart``: its second start, over the compile caches of its first)."""
-    repository = work / f"repository-graphs-{graphs}"
+    setting = f"graphs-{graphs}-{parallel}"
+    repository = work / f"repository-{setting}"
     if not restart:
-        write_repository(repository, args, speedups_of(args, graphs), with_engine, work / f"compile-cache-{graphs}")
+        write_repository(repository, args, speedups_of(args, graphs), ParallelSettings.named(parallel), with_engine,
+                         work / f"compile-cache-{setting}")  # fmt: skip
     server_args = ["--exit-timeout-secs=5", f"--model-load-thread-count={load_threads()}",
                    "--backend-config=python,shm-default-byte-size=67108864"]  # fmt: skip
-    log = work / f"graphs-{graphs}{'-restart' if restart else ''}.log"
+    log = work / f"{setting}{'-restart' if restart else ''}.log"
     server = TritonServer(repository, env={MODEL_ROOT_ENV: str(models)}, log_path=log, cache=work / "triton",
                           args=server_args)  # fmt: skip
     started = time.perf_counter()
@@ -197,9 +208,10 @@ def served(work: Path, models: Path, prompt: dict, args, graphs: bool, with_engi
                 f"{model} " + ", ".join(f"{phase} {ms:.2f}" for phase, ms in phases.items())
                 for model, phases in row["server_ms_per_request"].items()), flush=True)  # fmt: skip
             model = "" if name.startswith("dit_") else f"{name} "
-            config = f"served {model}{label}{' graphs' if graphs else ''}{' restart' if restart else ''}"
-            rows.append({"config": config, "cache": label, "model": name, "graphs": graphs, "restart": restart,
-                         "server_ready_s": ready_s, **row})  # fmt: skip
+            across = f" {parallel}" if parallel != NO_PARALLEL else ""
+            config = f"served {model}{label}{across}{' graphs' if graphs else ''}{' restart' if restart else ''}"
+            rows.append({"config": config, "cache": label, "model": name, "graphs": graphs, "parallel": parallel,
+                         "restart": restart, "server_ready_s": ready_s, **row})  # fmt: skip
     return rows
 
 
@@ -207,6 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caches", default="none,mag,mag-tuned,taylorseer", help=f"labels among {', '.join(CACHES)}")
     parser.add_argument("--graphs", default="off,on", help="off, on, or both")
+    parser.add_argument("--parallel", default=NO_PARALLEL, help="none and/or dit_transformer across GPUs: ulysses2,...")
     parser.add_argument("--attention", default="_native_cudnn", help="attention backend")
     parser.add_argument("--compile", default="regional", choices=["none", "regional"])
     parser.add_argument("--fp8", action="store_true")
@@ -250,13 +263,17 @@ def main() -> None:
     if args.eager:
         rows.append(in_process(models, prompt, args, None, NO_CACHE))
         save()
-    settings = [setting == "on" for setting in args.graphs.split(",")]
-    for position, graphs in enumerate(settings):
-        for row in served(work, models, prompt, args, graphs, with_engine=position == len(settings) - 1):
+    # flux_dit (--engine) beside the last one-GPU server; --restart starts the last server again
+    servers = [(graphs == "on", parallel) for parallel in args.parallel.split(",") for graphs in args.graphs.split(",")]
+    last_one_gpu = max((i for i, (_, parallel) in enumerate(servers) if parallel == NO_PARALLEL), default=None)
+    for position, (graphs, parallel) in enumerate(servers):
+        for row in served(work, models, prompt, args, graphs, parallel, with_engine=position == last_one_gpu):
             rows.append(row)
             save()
     if args.restart:
-        for row in served(work, models, prompt, args, settings[-1], with_engine=True, restart=True):
+        graphs, parallel = servers[-1]
+        restarted = served(work, models, prompt, args, graphs, parallel, len(servers) - 1 == last_one_gpu, restart=True)
+        for row in restarted:
             rows.append(row)
             save()
     if args.in_process:
@@ -273,19 +290,22 @@ HEADER = (f"{'config':<34} {'ready':>6} {'s/image':>7} {'min':>6} {'max':>6} {'f
 
 
 def compare(rows: list[dict]) -> None:
-    """Against the first served uncached run: each row's rel. L2 and, served, its full forwards (steps slower than
-    half the uncached step) and their median; a row with graphs, whether it equals its twin without bitwise."""
-    reference = next((row for row in rows if row.get("model") == "dit_none"), None)
-    if reference is None:
+    """Against the first served uncached run (one GPU's, where there is one): each row's rel. L2 and, served, its full
+    forwards (steps slower than half the uncached step of its own parallel setting) and their median; a row with
+    graphs, whether it equals its twin without bitwise."""
+    uncached = [row for row in rows if row.get("model") == "dit_none"]
+    if not uncached:
         return
-    uncached_step = statistics.median(reference["step_latencies_ms"])
+    reference = next((row for row in uncached if row["parallel"] == NO_PARALLEL), uncached[0])
     for row in rows:
         row["rel_l2_vs_none"] = float((row["latents"] - reference["latents"]).norm() / reference["latents"].norm())
         if "step_latencies_ms" in row:
-            full = [t for t in row["step_latencies_ms"] if t > 0.5 * uncached_step]
+            alike = next((r for r in uncached if r["parallel"] == row["parallel"]), reference)
+            full = [t for t in row["step_latencies_ms"] if t > 0.5 * statistics.median(alike["step_latencies_ms"])]
             row["full_forwards"], row["full_step_ms"] = len(full), statistics.median(full) if full else None
         twin = next((r for r in rows if r.get("model") == row.get("model") and r.get("cache") == row.get("cache")
-                     and r.get("graphs") is False and not r.get("restart")), None)  # fmt: skip
+                     and r.get("parallel") == row.get("parallel") and r.get("graphs") is False
+                     and not r.get("restart")), None)  # fmt: skip
         if row.get("graphs") and twin is not None:
             row["bitwise_vs_no_graphs"] = bool(torch.equal(row["latents"], twin["latents"]))
 
