@@ -285,7 +285,7 @@ def main() -> None:
         print_row(row)
 
 
-HEADER = (f"{'config':<34} {'ready':>6} {'s/image':>7} {'min':>6} {'max':>6} {'first':>6} {'fulls':>5} "
+HEADER = (f"{'config':<40} {'ready':>6} {'s/image':>7} {'min':>6} {'max':>6} {'first':>6} {'fulls':>5} "
           f"{'full ms':>7} {'rel L2':>8} {'=nograph':>8} {'client ms':>9}")  # fmt: skip
 
 
@@ -315,7 +315,7 @@ def print_row(row: dict) -> None:
     client = f"{statistics.median(row['client_ms_per_step']):.1f}" if row.get("client_ms_per_step") else ""
     l2 = f"{row['rel_l2_vs_none']:8.2e}" if "rel_l2_vs_none" in row else ""
     ready = f"{row['server_ready_s']:6.1f}" if "server_ready_s" in row else f"{'':6}"
-    print(f"{row['config']:<34.34} {ready} {row['median_s']:7.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
+    print(f"{row['config']:<40.40} {ready} {row['median_s']:7.2f} {row['min_s']:6.2f} {row['max_s']:6.2f} "
           f"{row['first_s']:6.2f} {row.get('full_forwards', ''):>5} {full_ms:>7} {l2:>8} "
           f"{row.get('bitwise_vs_no_graphs', '')!s:>8} {client:>9}", flush=True)  # fmt: skip
 
